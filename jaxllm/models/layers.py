@@ -1,0 +1,94 @@
+"""Building blocks of the Llama-family forward: RMSNorm, rotary embeddings, SwiGLU MLP.
+
+All functions are pure jnp; numerics follow transformers so that fp32 parity is tight:
+RMSNorm and RoPE tables are computed in float32 and cast back to the activation dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxllm.models.model_config import RopeConfig
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm over the last axis. x [..., H], weight [H] -> [..., H] in x.dtype.
+
+    As transformers' LlamaRMSNorm: normalise in f32, cast back to x.dtype, *then* multiply by the
+    weight (the order matters for bf16 bit-parity).
+    """
+    xf = x.astype(jnp.float32)
+    var = jnp.mean(xf * xf, axis=-1, keepdims=True)
+    normed = (xf * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+    return weight.astype(x.dtype) * normed
+
+
+@functools.lru_cache(maxsize=None)
+def rope_inv_freq(rope: RopeConfig, head_dim: int) -> np.ndarray:
+    """Inverse frequencies [head_dim // 2] float32, computed once per (rope, head_dim) in numpy.
+
+    Mirrors transformers' default RoPE and `_compute_llama3_parameters` (float32 throughout,
+    like torch there), so the tables match to the last ulp or so.
+    """
+    exponent = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+    inv_freq = (1.0 / (np.float32(rope.theta) ** exponent)).astype(np.float32)
+    if rope.rope_type == "default":
+        return inv_freq
+    if rope.rope_type != "llama3":
+        raise ValueError(f"unsupported rope_type {rope.rope_type!r}")
+    factor = rope.factor
+    old_ctx = rope.original_max_position_embeddings
+    low_freq_wavelen = old_ctx / rope.low_freq_factor
+    high_freq_wavelen = old_ctx / rope.high_freq_factor
+    wavelen = (2 * math.pi / inv_freq).astype(np.float32)
+    # Long wavelengths (low frequencies) are slowed down by `factor`; short ones are kept;
+    # the band in between is interpolated smoothly.
+    inv_freq_llama = np.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq).astype(np.float32)
+    smooth = ((old_ctx / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)).astype(np.float32)
+    smoothed = ((1 - smooth) * inv_freq_llama / factor + smooth * inv_freq_llama).astype(np.float32)
+    is_medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+    return np.where(is_medium, smoothed, inv_freq_llama).astype(np.float32)
+
+
+def rope_cos_sin(positions: jax.Array, rope: RopeConfig, head_dim: int, dtype) -> tuple[jax.Array, jax.Array]:
+    """cos, sin tables [T, head_dim] in `dtype` for positions [T] int32 (HF layout: freqs repeated twice)."""
+    inv_freq = jnp.asarray(rope_inv_freq(rope, head_dim))  # [D/2] f32, a trace-time constant
+    freqs = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [T, D/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)  # [T, D]
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def rotate_half(x: jax.Array) -> jax.Array:
+    """[..., D] -> [..., D]: (x1, x2) -> (-x2, x1), the HF Llama convention (halves, not interleaved)."""
+    half = x.shape[-1] // 2
+    return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x [T, heads, D], cos/sin [T, D] -> [T, heads, D]."""
+    cos = cos[:, None, :]
+    sin = sin[:, None, :]
+    return x * cos + rotate_half(x) * sin
+
+
+def linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:
+    """x [..., IN] @ w [IN, OUT] (+ b [OUT]) -> [..., OUT] in x.dtype.
+
+    Accumulates in f32 (free on CPU/TPU for bf16, exact for f32) and casts back once.
+    """
+    y = jnp.matmul(x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+    if b is not None:
+        y = y + b.astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+def swiglu_mlp(x: jax.Array, gate_w: jax.Array, up_w: jax.Array, down_w: jax.Array) -> jax.Array:
+    """SwiGLU: down(silu(gate(x)) * up(x)). x [T, H], gate/up [H, I], down [I, H] -> [T, H]."""
+    gate = linear(x, gate_w)
+    up = linear(x, up_w)
+    return linear(jax.nn.silu(gate) * up, down_w)
