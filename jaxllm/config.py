@@ -1,0 +1,171 @@
+"""Engine configuration: frozen dataclasses, validated on construction.
+
+Every field is documented where it is declared. Values that depend on the model (max_model_len's
+default, the number of KV blocks from a memory budget) are resolved by `EngineConfig.resolve`,
+so a resolved config fully describes an engine run and can be logged with an experiment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from jaxllm.models.model_config import ModelConfig
+
+DTYPES = ("float32", "bfloat16")
+ATTENTION_BACKENDS = ("reference", "pallas")
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16  # tokens per KV block
+    # Exactly one way to size the cache: a block count, or a byte budget for K and V of all layers.
+    # With neither, the cache holds max_num_seqs full-length sequences, capped at 2 GiB.
+    num_kv_blocks: int | None = None
+    kv_cache_memory_bytes: int | None = None
+
+    def __post_init__(self):
+        _require(
+            isinstance(self.block_size, int) and self.block_size >= 1,
+            f"block_size must be a positive int, got {self.block_size!r}",
+        )
+        _require(
+            self.num_kv_blocks is None or self.kv_cache_memory_bytes is None,
+            f"give num_kv_blocks ({self.num_kv_blocks}) or kv_cache_memory_bytes "
+            f"({self.kv_cache_memory_bytes}), not both",
+        )
+        _require(
+            self.num_kv_blocks is None or (isinstance(self.num_kv_blocks, int) and self.num_kv_blocks >= 2),
+            f"num_kv_blocks must be an int >= 2 (block 0 is a reserved sink), got {self.num_kv_blocks!r}",
+        )
+        _require(
+            self.kv_cache_memory_bytes is None or self.kv_cache_memory_bytes > 0,
+            f"kv_cache_memory_bytes must be > 0, got {self.kv_cache_memory_bytes!r}",
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 64  # requests in one step at most
+    max_num_batched_tokens: int = 512  # tokens (prefill chunks + decodes) in one step at most
+    max_model_len: int | None = None  # prompt + output tokens per request; default: the model's
+    scheduling_policy: object = "fcfs"  # a policy name or a jaxllm.core.policies.SchedulingPolicy
+
+    def __post_init__(self):
+        _require(
+            isinstance(self.max_num_seqs, int) and self.max_num_seqs >= 1,
+            f"max_num_seqs must be a positive int, got {self.max_num_seqs!r}",
+        )
+        _require(
+            isinstance(self.max_num_batched_tokens, int) and self.max_num_batched_tokens >= 1,
+            f"max_num_batched_tokens must be a positive int, got {self.max_num_batched_tokens!r}",
+        )
+        _require(
+            self.max_model_len is None or (isinstance(self.max_model_len, int) and self.max_model_len >= 1),
+            f"max_model_len must be a positive int, got {self.max_model_len!r}",
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelConfig:
+    tensor_parallel_size: int = 1
+
+    def __post_init__(self):
+        _require(
+            isinstance(self.tensor_parallel_size, int) and self.tensor_parallel_size >= 1,
+            f"tensor_parallel_size must be a positive int, got {self.tensor_parallel_size!r}",
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    model: str  # a local HF directory, a .gguf file, or an alias such as "smollm2-135m-instruct"
+    dtype: str = "float32"
+    seed: int = 0  # seeds requests whose SamplingParams.seed is None
+    attention_backend: str = "reference"
+    cache: CacheConfig = CacheConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    parallel: ParallelConfig = ParallelConfig()
+    # Token-count buckets a step is padded to; None derives powers of two up to
+    # max_num_batched_tokens. Each bucket compiles once.
+    token_buckets: tuple[int, ...] | None = None
+    skip_tokenizer_init: bool = False
+
+    def __post_init__(self):
+        _require(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        _require(
+            self.attention_backend in ATTENTION_BACKENDS,
+            f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}",
+        )
+        if self.token_buckets is not None:
+            _require(
+                len(self.token_buckets) > 0 and all(isinstance(b, int) and b > 0 for b in self.token_buckets),
+                f"token_buckets must be positive ints, got {self.token_buckets!r}",
+            )
+
+    def resolve(self, model_config: ModelConfig) -> "ResolvedEngineConfig":
+        """Fill in the model-dependent defaults and check them against the model."""
+        sched = self.scheduler
+        max_model_len = sched.max_model_len or model_config.max_position_embeddings
+        _require(
+            max_model_len <= model_config.max_position_embeddings,
+            f"max_model_len={max_model_len} exceeds the model's max_position_embeddings="
+            f"{model_config.max_position_embeddings}",
+        )
+        block_size = self.cache.block_size
+        max_blocks_per_seq = math.ceil(max_model_len / block_size)
+        bytes_per_block = (
+            2 * model_config.num_layers * block_size * model_config.num_kv_heads
+            * model_config.head_dim * (4 if self.dtype == "float32" else 2)
+        )
+        if self.cache.num_kv_blocks is not None:
+            num_blocks = self.cache.num_kv_blocks
+        elif self.cache.kv_cache_memory_bytes is not None:
+            num_blocks = self.cache.kv_cache_memory_bytes // bytes_per_block
+            _require(
+                num_blocks >= 2,
+                f"kv_cache_memory_bytes={self.cache.kv_cache_memory_bytes} holds {num_blocks} blocks of "
+                f"{bytes_per_block} bytes; at least 2 are needed",
+            )
+        else:
+            # One block beyond what max_num_seqs full-length sequences could use: block 0 is the sink.
+            wanted = sched.max_num_seqs * max_blocks_per_seq + 1
+            num_blocks = max(2, min(wanted, (2 << 30) // bytes_per_block))
+        token_buckets = self.token_buckets or _powers_of_two_up_to(sched.max_num_batched_tokens)
+        _require(
+            max(token_buckets) >= sched.max_num_batched_tokens,
+            f"the largest token bucket {max(token_buckets)} is below max_num_batched_tokens="
+            f"{sched.max_num_batched_tokens}",
+        )
+        return ResolvedEngineConfig(
+            engine=self,
+            max_model_len=max_model_len,
+            num_kv_blocks=num_blocks,
+            max_blocks_per_seq=max_blocks_per_seq,
+            kv_cache_bytes=num_blocks * bytes_per_block,
+            token_buckets=tuple(sorted(set(token_buckets))),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class ResolvedEngineConfig:
+    engine: EngineConfig
+    max_model_len: int
+    num_kv_blocks: int  # including the reserved sink block 0
+    max_blocks_per_seq: int
+    kv_cache_bytes: int
+    token_buckets: tuple[int, ...]
+
+
+def _powers_of_two_up_to(n: int, smallest: int = 8) -> tuple[int, ...]:
+    buckets, b = [], smallest
+    while b < n:
+        buckets.append(b)
+        b *= 2
+    buckets.append(n)
+    return tuple(buckets)

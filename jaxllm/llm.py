@@ -1,0 +1,170 @@
+"""LLM: the offline API, as in vLLM.
+
+    llm = LLM(model="smollm2-135m-instruct")
+    outputs = llm.generate(["Hello"], SamplingParams(max_tokens=32))
+
+Bad prompts: `generate` does not raise for one bad prompt among many. Every prompt is validated
+before any runs; the good ones run to completion and each bad one comes back as a finished
+RequestOutput with `error` set (the message names the bad value) and finish_reason "error", so
+one bad request never costs the others their results. A warning lists the failures.
+Bad engine arguments (LLM(...)) raise ValueError at once.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+from jaxllm.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig
+from jaxllm.engine import Engine
+from jaxllm.request import CompletionOutput, RequestOutput
+from jaxllm.sampling_params import SamplingParams
+
+
+class LLM:
+    def __init__(
+        self,
+        model: str,
+        dtype: str = "float32",
+        block_size: int = 16,
+        num_kv_blocks: int | None = None,
+        kv_cache_memory_bytes: int | None = None,
+        max_num_seqs: int = 64,
+        max_num_batched_tokens: int = 512,
+        max_model_len: int | None = None,
+        scheduling_policy="fcfs",
+        seed: int = 0,
+        attention_backend: str = "reference",
+        tensor_parallel_size: int = 1,
+        token_buckets: tuple[int, ...] | None = None,
+        skip_tokenizer_init: bool = False,
+    ):
+        config = EngineConfig(
+            model=model,
+            dtype=dtype,
+            seed=seed,
+            attention_backend=attention_backend,
+            cache=CacheConfig(
+                block_size=block_size,
+                num_kv_blocks=num_kv_blocks,
+                kv_cache_memory_bytes=kv_cache_memory_bytes,
+            ),
+            scheduler=SchedulerConfig(
+                max_num_seqs=max_num_seqs,
+                max_num_batched_tokens=max_num_batched_tokens,
+                max_model_len=max_model_len,
+                scheduling_policy=scheduling_policy,
+            ),
+            parallel=ParallelConfig(tensor_parallel_size=tensor_parallel_size),
+            token_buckets=token_buckets,
+            skip_tokenizer_init=skip_tokenizer_init,
+        )
+        self.engine = Engine(config)
+        self._next_id = 0
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def get_stats(self) -> dict:
+        return self.engine.get_stats()
+
+    def generate(
+        self,
+        prompts,
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        priority: Sequence[int] | None = None,
+    ) -> list[RequestOutput]:
+        """Generate completions; returns one RequestOutput per prompt, in input order.
+
+        prompts: a string, a list of strings, a dict {"prompt_token_ids": [...]}, or a list of dicts.
+        sampling_params: one SamplingParams for all prompts, or one per prompt.
+        priority: per-prompt priorities for the "priority" policy (lower runs first).
+        """
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        params = self._params_per_prompt(sampling_params, len(prompts))
+        if priority is not None and len(priority) != len(prompts):
+            raise ValueError(f"got {len(priority)} priorities for {len(prompts)} prompts")
+
+        ids, results, errors = [], {}, []
+        for i, (prompt, p) in enumerate(zip(prompts, params)):
+            request_id = str(self._next_id)
+            self._next_id += 1
+            ids.append(request_id)
+            try:
+                self.engine.add_request(
+                    request_id, prompt, p, priority=0 if priority is None else priority[i]
+                )
+            except ValueError as e:
+                results[request_id] = _error_output(request_id, prompt, str(e))
+                errors.append(f"prompt {i}: {e}")
+        if errors:
+            warnings.warn(f"{len(errors)} of {len(prompts)} prompts were refused: " + "; ".join(errors))
+
+        bar = _progress_bar(len(ids) - len(errors), use_tqdm)
+        while self.engine.has_unfinished_requests():
+            for out in self.engine.step():
+                if out.finished:
+                    results[out.request_id] = out
+                    if bar is not None:
+                        bar.update(1)
+        if bar is not None:
+            bar.close()
+        return [results[i] for i in ids]
+
+    def chat(self, messages, sampling_params=None, use_tqdm: bool = True,
+             add_generation_prompt: bool = True) -> list[RequestOutput]:
+        """Generate replies to conversations, formatted by the model's chat template.
+
+        messages: one conversation (a list of {"role", "content"} dicts) or a list of them.
+        """
+        tokenizer = self.engine.tokenizer
+        if tokenizer is None or getattr(tokenizer, "chat_template", None) is None:
+            raise ValueError("this model has no tokenizer with a chat template; use generate()")
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = []
+        for conv in conversations:
+            text = tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=add_generation_prompt)
+            # The template already holds any BOS/special tokens, so don't add them twice.
+            ids = tokenizer(text, add_special_tokens=False).input_ids
+            prompts.append({"prompt": text, "prompt_token_ids": ids})
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    @staticmethod
+    def _params_per_prompt(sampling_params, n: int) -> list[SamplingParams]:
+        if sampling_params is None:
+            return [SamplingParams()] * n
+        if isinstance(sampling_params, SamplingParams):
+            return [sampling_params] * n
+        sampling_params = list(sampling_params)
+        if len(sampling_params) != n:
+            raise ValueError(f"got {len(sampling_params)} SamplingParams for {n} prompts")
+        return sampling_params
+
+
+def _error_output(request_id: str, prompt, message: str) -> RequestOutput:
+    text = prompt if isinstance(prompt, str) else (prompt.get("prompt") if isinstance(prompt, dict) else None)
+    ids = prompt.get("prompt_token_ids") if isinstance(prompt, dict) else None
+    return RequestOutput(
+        request_id=request_id,
+        prompt=text,
+        prompt_token_ids=list(ids) if isinstance(ids, (list, tuple)) else None,
+        prompt_logprobs=None,
+        outputs=[CompletionOutput(index=0, text="", token_ids=[], cumulative_logprob=None,
+                                  logprobs=None, finish_reason="error", stop_reason=None)],
+        finished=True,
+        metrics=None,
+        error=message,
+    )
+
+
+def _progress_bar(total: int, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc="Processed prompts", dynamic_ncols=True)

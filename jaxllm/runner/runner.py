@@ -1,0 +1,127 @@
+"""ModelRunner: the device side of the engine.
+
+It owns the parameters, the paged KV cache and the jitted step (forward + sampling). It is the
+only place that moves data to the device. The KV cache is donated to the step, so XLA updates it
+in place; the runner keeps the returned buffers for the next step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxllm.attention.metadata import AttentionMetadata
+from jaxllm.config import ResolvedEngineConfig
+from jaxllm.models import llama
+from jaxllm.models.model_config import ModelConfig
+from jaxllm.runner.batch import BatchInputs
+from jaxllm import sampling
+
+
+def attention_impl(backend: str):
+    """The ragged paged attention function of a backend (same signature for all)."""
+    if backend == "reference":
+        from jaxllm.attention.reference import ragged_paged_attention
+    elif backend == "pallas":
+        from jaxllm.attention.pallas import ragged_paged_attention
+    else:
+        raise ValueError(f"attention_backend must be 'reference' or 'pallas', got {backend!r}")
+    return ragged_paged_attention
+
+
+def make_paged_attention(config: ModelConfig, metadata: AttentionMetadata, attention_fn):
+    """Build the per-layer attention callable the model forward expects."""
+    from jaxllm.attention.reference import write_kv
+
+    sm_scale = config.head_dim**-0.5
+
+    def attention(layer_idx, q, k, v, kv_cache_layer):
+        k_cache, v_cache = write_kv(kv_cache_layer[0], kv_cache_layer[1], k, v, metadata.slot_mapping)
+        out = attention_fn(
+            q,
+            k_cache,
+            v_cache,
+            metadata.kv_lens,
+            metadata.block_tables,
+            metadata.cu_q_lens,
+            sm_scale=sm_scale,
+            sliding_window=config.layer_sliding_windows[layer_idx],
+        )
+        return out, (k_cache, v_cache)
+
+    return attention
+
+
+def paged_step(params, kv_caches, token_ids, positions, metadata, logits_indices, sampling_inputs, *,
+               config: ModelConfig, attention_fn, flags):
+    """One engine step as a pure function: forward the ragged batch, sample a token per row.
+
+    Args:
+      token_ids, positions: [T] int32.
+      metadata: AttentionMetadata for S rows.
+      logits_indices: [S] int32, the token whose logits each row samples from.
+    Returns:
+      (SamplerOutput with [S]-leading arrays, updated kv_caches).
+    """
+    attention = make_paged_attention(config, metadata, attention_fn)
+    hidden, kv_caches = llama.forward(params, config, token_ids, positions, kv_caches, attention)
+    logits = llama.compute_logits(params, config, hidden[logits_indices])
+    return sampling.sample(logits, sampling_inputs, flags), kv_caches
+
+
+class ModelRunner:
+    """Holds device state and runs jitted steps; counts compilations."""
+
+    def __init__(self, model, resolved: ResolvedEngineConfig, shardings=None):
+        self.model = model
+        self.config: ModelConfig = model.config
+        self.resolved = resolved
+        self.num_compilations = 0
+        self._attention_fn = attention_impl(resolved.engine.attention_backend)
+        self.params = model.params
+        self.kv_caches = self._allocate_kv_cache(shardings)
+        self._jitted = jax.jit(
+            self._traced_step, static_argnames=("flags",), donate_argnames=("kv_caches",)
+        )
+
+    def _allocate_kv_cache(self, shardings):
+        cfg, res = self.config, self.resolved
+        shape = (res.num_kv_blocks, res.engine.cache.block_size, cfg.num_kv_heads, cfg.head_dim)
+        dtype = jnp.dtype(res.engine.dtype)
+        caches = []
+        for _ in range(cfg.num_layers):
+            # One array per layer and per K/V: slicing a stacked [layers, ...] cache makes XLA on
+            # CPU copy the slice every step.
+            if shardings is None:
+                caches.append((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)))
+            else:
+                zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=shardings)
+                caches.append((zeros(), zeros()))
+        return caches
+
+    def _traced_step(self, params, kv_caches, token_ids, positions, metadata, logits_indices,
+                     sampling_inputs, flags):
+        # Runs only while tracing, so it counts compilations, not calls.
+        self.num_compilations += 1
+        return paged_step(
+            params, kv_caches, token_ids, positions, metadata, logits_indices, sampling_inputs,
+            config=self.config, attention_fn=self._attention_fn, flags=flags,
+        )
+
+    def execute(self, batch: BatchInputs, sampling_arrays: dict, flags) -> dict[str, np.ndarray]:
+        """Run one step; returns the sampler's outputs as numpy arrays with S rows."""
+        metadata = AttentionMetadata(
+            slot_mapping=batch.slot_mapping,
+            block_tables=batch.block_tables,
+            kv_lens=batch.kv_lens,
+            cu_q_lens=batch.cu_q_lens,
+        )
+        inputs = sampling.SamplingInputs(**sampling_arrays)
+        out, self.kv_caches = self._jitted(
+            self.params, self.kv_caches, batch.token_ids, batch.positions, metadata,
+            batch.logits_indices, inputs, flags=flags,
+        )
+        return {f.name: np.asarray(getattr(out, f.name)) for f in dataclasses.fields(out)}
