@@ -145,11 +145,13 @@ class GGUFCheckpoint:
         return w
 
 
-def load_gguf_model(path_or_alias: str, dtype=None, place: Callable | None = None):
+def load_gguf_model(path_or_alias: str, dtype="float32", place: Callable | None = None):
     """Build a jaxllm Model from a GGUF file or alias (e.g. "smollm2-135m-instruct").
 
-    dtype: parameter dtype (default float32: the weights were 4-bit, and on CPU f32 matmuls are
-    as fast as bf16). Returns `jaxllm.model.Model` whose `.forward(token_ids [T]) -> logits [T, V]`.
+    dtype: parameter dtype, "float32" (default: the weights were 4-bit anyway, and on CPU f32
+    matmuls are no slower than bf16) or "bfloat16" (a jnp dtype works too). place: optional
+    per-tensor device placement hook, as in `params_from_hf_tensors`.
+    Returns `jaxllm.model.Model`, whose `.forward(token_ids [T]) -> logits [T, V]`.
     """
     import jax.numpy as jnp
 
@@ -157,11 +159,13 @@ def load_gguf_model(path_or_alias: str, dtype=None, place: Callable | None = Non
     from jaxllm.models.model_config import ModelConfig
     from jaxllm.models.weights import params_from_hf_tensors
 
-    dtype = jnp.float32 if dtype is None else dtype
+    dtype_name = jnp.dtype(dtype).name  # Model (like loader.load_model) takes the name
+    if dtype_name not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
     ckpt = GGUFCheckpoint(path_or_alias)
     config = ModelConfig.from_hf(ckpt.hf_config)
-    params = params_from_hf_tensors(config, ckpt.get_tensor, dtype, place=place)
-    return Model(config, params, dtype, ckpt.path)
+    params = params_from_hf_tensors(config, ckpt.get_tensor, jnp.dtype(dtype_name), place=place)
+    return Model(config=config, params=params, dtype=dtype_name, path=ckpt.path)
 
 
 def load_gguf_tokenizer(path_or_alias: str):
