@@ -1,0 +1,207 @@
+"""Device-side sampling: one vectorised, jit-friendly pass over a batch of S rows.
+
+Pipeline (vLLM v1 order):
+  raw logprobs = log_softmax(logits)                      # returned logprobs (vLLM "raw_logprobs")
+  min_tokens: stop ids (incl. EOS unless ignore_eos) -> -inf while outputs < min_tokens
+  penalties: repetition (prompt+output tokens), frequency & presence (output tokens)
+  greedy rows: argmax here
+  random rows: / temperature -> min_p -> top_k -> top_p -> Gumbel-max with the row's own key
+
+Randomness: row r uses key fold_in(PRNGKey(seed_r), step_r) with step_r = number of tokens the
+request has generated, and draws V Gumbels from it. So a request's token depends only on its seed,
+its step and its logits, never on batch composition or row position (tested).
+
+Ties: top_k / top_p / min_p are applied as a threshold on the logit value, so tokens tied with the
+last kept one are kept too (vLLM's top_k does the same; its top_p breaks ties by sort order).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from jaxllm.sampling_params import SAMPLING_EPS, SamplingFlags
+
+__all__ = ["SamplingFlags", "SamplingInputs", "SamplerOutput", "sample", "token_logprobs"]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SamplingInputs:
+    """Per-row sampling parameters of one step, as device arrays (built on host by
+    jaxllm.runner.sampling_inputs.build_sampling_arrays, whose dict keys are these field names).
+
+    Padding rows are greedy no-ops. Histories and stop ids are padded with -1.
+    """
+
+    temperature: jax.Array  # [S] f32; < 1e-5 means greedy
+    top_k: jax.Array  # [S] int32; 0 = off
+    top_p: jax.Array  # [S] f32; 1 = off
+    min_p: jax.Array  # [S] f32; 0 = off
+    repetition_penalty: jax.Array  # [S] f32; 1 = off
+    presence_penalty: jax.Array  # [S] f32; 0 = off
+    frequency_penalty: jax.Array  # [S] f32; 0 = off
+    rng_keys: jax.Array  # [S, 2] uint32: threefry key data of jax.random.PRNGKey(seed)
+    steps: jax.Array  # [S] int32: output tokens generated so far (folded into the key)
+    mask_stop_tokens: jax.Array  # [S] bool: row has fewer than min_tokens outputs
+    stop_token_ids: jax.Array  # [S, M] int32: ids masked while mask_stop_tokens; -1 padded
+    prompt_token_ids: jax.Array  # [S, Lp] int32: for repetition penalty; -1 padded (Lp may be 0)
+    output_token_ids: jax.Array  # [S, Lo] int32: for all penalties; -1 padded (Lo may be 0)
+
+    @classmethod
+    def from_arrays(cls, arrays: dict) -> "SamplingInputs":
+        """From build_sampling_arrays' dict of numpy arrays (uses jnp.asarray: default device)."""
+        return cls(**{f.name: jnp.asarray(arrays[f.name]) for f in dataclasses.fields(cls)})
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SamplerOutput:
+    token_ids: jax.Array  # [S] int32: sampled tokens
+    logprobs: jax.Array  # [S] f32: raw logprob (log_softmax of the input logits) of token_ids
+    top_logprobs: jax.Array  # [S, K] f32: K = flags.num_logprobs largest raw logprobs, descending
+    top_token_ids: jax.Array  # [S, K] int32: their token ids
+
+
+def sample(logits: jax.Array, inputs: SamplingInputs, flags: SamplingFlags) -> SamplerOutput:
+    """Sample one token per row. logits: [S, V] (any float; computed in f32).
+
+    flags is static (pass via jit static_argnames, or close over it); it only skips work, the
+    result for a row never depends on flags beyond what the row itself asks for.
+    """
+    logits = logits.astype(jnp.float32)
+    raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
+
+    if flags.any_min_tokens:
+        logits = _mask_stop_tokens(logits, inputs.mask_stop_tokens, inputs.stop_token_ids)
+    if flags.any_penalties:
+        logits = apply_penalties(
+            logits,
+            inputs.prompt_token_ids,
+            inputs.output_token_ids,
+            inputs.repetition_penalty,
+            inputs.presence_penalty,
+            inputs.frequency_penalty,
+        )
+
+    # Greedy rows see penalties and min_tokens but nothing temperature-dependent (as vLLM).
+    token_ids = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if flags.any_random:
+        is_greedy = inputs.temperature < SAMPLING_EPS
+        temperature = jnp.where(is_greedy, 1.0, inputs.temperature)  # no 0-division in greedy rows
+        scaled = logits / temperature[:, None]
+        if flags.any_min_p:
+            scaled = _min_p_mask(scaled, inputs.min_p)
+        if flags.any_top_k or flags.any_top_p:
+            scaled = _top_k_top_p_mask(
+                scaled, inputs.top_k, inputs.top_p, flags.any_top_k, flags.any_top_p
+            )
+        gumbel = _row_gumbels(inputs.rng_keys, inputs.steps, logits.shape[-1])
+        sampled = jnp.argmax(scaled + gumbel, axis=-1).astype(jnp.int32)
+        token_ids = jnp.where(is_greedy, token_ids, sampled)
+
+    logprobs = jnp.take_along_axis(raw_logprobs, token_ids[:, None], axis=-1)[:, 0]
+    top_logprobs, top_ids = _top_k_static(raw_logprobs, flags.num_logprobs)
+    return SamplerOutput(token_ids, logprobs, top_logprobs, top_ids)
+
+
+def token_logprobs(logits: jax.Array, target_ids: jax.Array, k: int):
+    """Raw logprobs for prompt_logprobs. logits: [N, V]; target_ids: [N] int32; k static.
+
+    Returns (logprob of target [N] f32, top-k logprobs [N, k] f32 descending, top-k ids [N, k] int32).
+    """
+    logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    target = jnp.take_along_axis(logprobs, target_ids[:, None].astype(jnp.int32), axis=-1)[:, 0]
+    top, ids = _top_k_static(logprobs, k)
+    return target, top, ids
+
+
+def apply_penalties(logits, prompt_ids, output_ids, repetition, presence, frequency):
+    """vLLM/HF penalties. logits [S, V] f32; prompt_ids [S, Lp], output_ids [S, Lo] int32 (-1 pad);
+    repetition/presence/frequency [S] f32. Returns [S, V] f32.
+
+    Counts are scatter-added here so the host ships token ids, not dense [S, V] arrays.
+    """
+    s, v = logits.shape
+    rows = jnp.arange(s)[:, None]
+    # -1 padding would wrap to V-1 under jnp indexing; send it out of bounds and drop it instead.
+    out_ids = jnp.where(output_ids >= 0, output_ids, v)
+    prompt_ids = jnp.where(prompt_ids >= 0, prompt_ids, v)
+    out_counts = jnp.zeros((s, v), jnp.int32).at[rows, out_ids].add(1, mode="drop")
+    in_prompt = jnp.zeros((s, v), jnp.bool_).at[rows, prompt_ids].set(True, mode="drop")
+    in_output = out_counts > 0
+
+    rep = repetition[:, None]
+    penalised = jnp.where(logits > 0, logits / rep, logits * rep)
+    logits = jnp.where(in_prompt | in_output, penalised, logits)
+    return (
+        logits
+        - frequency[:, None] * out_counts.astype(jnp.float32)
+        - presence[:, None] * in_output.astype(jnp.float32)
+    )
+
+
+def _mask_stop_tokens(logits, mask_rows, stop_ids):
+    """min_tokens: -inf at stop_ids [S, M] (-1 pad) of rows where mask_rows [S] is set."""
+    s, v = logits.shape
+    ids = jnp.where(mask_rows[:, None] & (stop_ids >= 0), stop_ids, v)
+    return logits.at[jnp.arange(s)[:, None], ids].set(-jnp.inf, mode="drop")
+
+
+def _min_p_mask(logits, min_p):
+    """Drop tokens with prob < min_p * max prob, i.e. logit < max logit + log(min_p).
+
+    Done in log space, so no softmax; min_p = 0 gives log 0 = -inf: nothing dropped.
+    """
+    threshold = jnp.max(logits, axis=-1, keepdims=True) + jnp.log(min_p)[:, None]
+    return jnp.where(logits < threshold, -jnp.inf, logits)
+
+
+def _top_k_top_p_mask(logits, top_k, top_p, do_k: bool, do_p: bool):
+    """top_k [S] int32 (0 = off), then top_p [S] f32 on the top-k survivors (vLLM order).
+
+    One descending sort per row gives a per-row logit threshold; masking by threshold avoids
+    un-sorting (a scatter) and works with per-row k, which lax.top_k (static k) cannot.
+    """
+    v = logits.shape[-1]
+    sorted_desc = jnp.sort(logits, axis=-1, descending=True)
+    threshold = jnp.full((logits.shape[0], 1), -jnp.inf, logits.dtype)
+    if do_k:
+        k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v)
+        threshold = jnp.take_along_axis(sorted_desc, (k - 1)[:, None], axis=-1)
+        sorted_desc = jnp.where(sorted_desc < threshold, -jnp.inf, sorted_desc)
+    if do_p:
+        probs = jax.nn.softmax(sorted_desc, axis=-1)
+        exclusive_cumsum = jnp.cumsum(probs, axis=-1) - probs
+        # Keep a token while the more likely ones hold < top_p (the first is always kept).
+        # top_p = 1 rows skip the test: a cumsum rounding to >= 1 must not cut the tail.
+        keep = (exclusive_cumsum < top_p[:, None]) | (top_p[:, None] >= 1.0)
+        num_keep = jnp.maximum(jnp.sum(keep, axis=-1), 1)
+        p_threshold = jnp.take_along_axis(sorted_desc, (num_keep - 1)[:, None], axis=-1)
+        threshold = jnp.maximum(threshold, p_threshold)
+    return jnp.where(logits < threshold, -jnp.inf, logits)
+
+
+def _row_gumbels(rng_keys, steps, vocab_size: int):
+    """[S, V] f32 Gumbel noise; row r from fold_in(key_r, step_r) only (batch-independent)."""
+
+    def one(key_data, step):
+        key = jax.random.wrap_key_data(key_data, impl="threefry2x32")
+        return jax.random.gumbel(jax.random.fold_in(key, step), (vocab_size,), jnp.float32)
+
+    return jax.vmap(one)(rng_keys, steps)
+
+
+def _top_k_static(logprobs, k: int):
+    if k == 0:
+        s = logprobs.shape[0]
+        return jnp.zeros((s, 0), jnp.float32), jnp.zeros((s, 0), jnp.int32)
+    top, ids = jax.lax.top_k(logprobs, k)
+    return top, ids.astype(jnp.int32)
+
+
+# Convenience for tests and simple callers; the runner fuses sample() into its own jitted step.
+sample_jit = jax.jit(sample, static_argnames=("flags",))
+token_logprobs_jit = jax.jit(token_logprobs, static_argnames=("k",))
