@@ -1,0 +1,363 @@
+"""Scheduler: the mechanism that spends each step's token budget. Host only (no jax).
+
+No prefill or decode phases (vLLM v1): every request has `num_computed_tokens` and each step gets
+`num_new_tokens` to catch up with `num_tokens` (prompt + outputs). A long prompt taking several
+steps is chunked prefill; prefills and decodes share a batch; a preempted request resumes by
+recomputing all its tokens through the same path.
+
+One step:
+  1. Running requests, in admission order, each get min(remaining, budget) tokens (only whole
+     remainders when chunked prefill is off). Blocks are allocated for
+     num_computed_tokens + num_new_tokens slots; the newest sampled token is not in the cache yet
+     (its K/V is written when it is fed), so a decoding request needs exactly one new slot.
+     If blocks run out, the policy picks a victim among the running requests (possibly the
+     requester, possibly one already scheduled this step, which is then unscheduled and its budget
+     refunded). Victims are preempted in recompute mode: blocks freed, num_computed_tokens = 0,
+     status PREEMPTED, pushed to the front of the waiting queue.
+  2. If nothing was preempted this step (a step that preempted has no room to admit; admitting would
+     just thrash), waiting requests are admitted in policy order while seats (max_num_seqs), budget
+     and blocks allow. Head-of-line: admission stops at the first request that does not fit the
+     budget or the free blocks, as in vLLM, so a large request is not starved by a stream of small
+     ones; a request the policy refuses (`can_admit` False) is skipped instead.
+  3. The engine runs the batch and calls `update` with the sampled tokens: num_computed_tokens
+     advances, tokens are appended, stops are checked, finished requests free their blocks.
+
+Capacity: a request is rejected by `add_request` if its prompt alone cannot fit the KV cache, the
+per-sequence block limit or max_model_len. A request that, running alone, needs one more block than
+the whole cache holds is finished with "length" (the cache is then its effective max length).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+from typing import Callable
+
+from jaxllm.core.block_manager import BlockManager, cdiv
+from jaxllm.core.policies import SchedulingPolicy, get_policy
+from jaxllm.request import Request, RequestStatus
+
+
+@dataclasses.dataclass
+class ScheduledRequest:
+    """One request's share of a step: tokens [num_computed_tokens, num_computed_tokens + num_new_tokens)."""
+
+    request: Request
+    num_new_tokens: int
+    samples: bool  # this step reaches num_tokens, so its last logits produce a new token
+    num_computed_tokens: int = -1  # snapshot at schedule time (filled in from the request)
+
+    def __post_init__(self) -> None:
+        if self.num_computed_tokens < 0:
+            self.num_computed_tokens = self.request.num_computed_tokens
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def token_ids(self) -> list[int]:
+        """The num_new_tokens token ids fed this step (positions num_computed_tokens onwards)."""
+        start = self.num_computed_tokens
+        return self.request.all_token_ids[start : start + self.num_new_tokens]
+
+
+@dataclasses.dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest]  # batch order: continuing running requests, then newly admitted
+    preempted: list[Request]  # preempted in this step (now waiting, blocks freed)
+    num_batched_tokens: int  # sum of num_new_tokens
+    # finished during scheduling (cache capacity reached / cannot ever fit); update() returns them too
+    finished: list[Request] = dataclasses.field(default_factory=list)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    """Continuous batching with chunked prefill and recompute preemption.
+
+    Args:
+      block_manager: owns the KV blocks and the block_table rows.
+      policy: a SchedulingPolicy, or a name for `get_policy` ("fcfs", "priority", "sjf", "static").
+      max_num_seqs: max running requests (seats); <= block_manager.max_num_seqs.
+      max_num_batched_tokens: max sum of num_new_tokens per step.
+      max_model_len: max prompt + output tokens of a request.
+      enable_chunked_prefill: if False, a request is only scheduled for all its remaining tokens,
+        which needs max_num_batched_tokens >= max_model_len.
+      clock: time source for the request timings (seconds).
+    """
+
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        policy: SchedulingPolicy | str | None,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_model_len: int,
+        enable_chunked_prefill: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        if max_num_seqs < 1 or max_num_batched_tokens < 1 or max_model_len < 1:
+            raise ValueError(
+                f"max_num_seqs, max_num_batched_tokens, max_model_len must be >= 1, got "
+                f"{max_num_seqs}, {max_num_batched_tokens}, {max_model_len}"
+            )
+        if max_num_seqs > block_manager.max_num_seqs:
+            raise ValueError(
+                f"max_num_seqs={max_num_seqs} exceeds the block manager's {block_manager.max_num_seqs} table rows"
+            )
+        if max_model_len > block_manager.max_tokens_per_seq():
+            raise ValueError(
+                f"max_model_len={max_model_len} exceeds max_blocks_per_seq * block_size = "
+                f"{block_manager.max_tokens_per_seq()}"
+            )
+        if not enable_chunked_prefill and max_num_batched_tokens < max_model_len:
+            raise ValueError(
+                f"without chunked prefill max_num_batched_tokens ({max_num_batched_tokens}) must be >= "
+                f"max_model_len ({max_model_len}), or long prompts could never be scheduled"
+            )
+        self.block_manager = block_manager
+        self.policy = get_policy(policy)
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.enable_chunked_prefill = enable_chunked_prefill
+        self.clock = clock
+
+        self.requests: dict[str, Request] = {}  # unfinished requests by id
+        self.waiting: collections.deque[Request] = collections.deque()  # preempted at the front
+        self.running: list[Request] = []  # admission order
+        self._num_preemptions = 0
+        self._finished_in_schedule: list[Request] = []  # handed back by the next update()
+
+    # -- queries --
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_preemptions(self) -> int:
+        """Total preemptions since construction."""
+        return self._num_preemptions
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    def get_request(self, request_id: str) -> Request | None:
+        return self.requests.get(request_id)
+
+    # -- requests in and out --
+    def add_request(self, request: Request) -> None:
+        """Queue a new request (status WAITING). ValueError if it can never be served."""
+        rid = request.request_id
+        if rid in self.requests:
+            raise ValueError(f"request id {rid!r} is already in the scheduler")
+        n = request.num_tokens
+        if request.num_prompt_tokens == 0:
+            raise ValueError(f"request {rid!r} has an empty prompt")
+        if n > self.max_model_len:
+            raise ValueError(f"request {rid!r}: prompt of {n} tokens exceeds max_model_len={self.max_model_len}")
+        bm = self.block_manager
+        if cdiv(n, bm.block_size) > bm.num_usable_blocks:
+            raise ValueError(
+                f"request {rid!r}: prompt of {n} tokens needs {cdiv(n, bm.block_size)} blocks, but the KV "
+                f"cache has only {bm.num_usable_blocks}"
+            )
+        request.status = RequestStatus.WAITING
+        self.requests[rid] = request
+        self.waiting.append(request)
+
+    def finish_request(
+        self,
+        request_id: str,
+        status: RequestStatus,
+        reason: str | None = None,
+        stop_reason: int | str | None = None,
+        error: str | None = None,
+        now: float | None = None,
+    ) -> Request | None:
+        """End an unfinished request (engine: stop strings, errors, aborts) and free its blocks.
+
+        `reason` defaults to the status's finish_reason. Returns the request, or None if it is
+        unknown or already finished. Other requests are not disturbed.
+        """
+        if not status.is_finished:
+            raise ValueError(f"finish_request needs a FINISHED_* status, got {status}")
+        request = self.requests.get(request_id)
+        if request is None:
+            return None
+        if request.status == RequestStatus.RUNNING:
+            self.running.remove(request)
+        else:
+            self.waiting.remove(request)
+        self._finish(request, status, reason, stop_reason, error, self.clock() if now is None else now)
+        return request
+
+    def abort_request(self, request_id: str) -> Request | None:
+        """Abort an unfinished request (status FINISHED_ABORTED, reason "abort"); None if unknown."""
+        return self.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
+
+    def _finish(self, request, status, reason, stop_reason, error, now) -> None:
+        request.status = status
+        request.finish_reason = reason if reason is not None else status.finish_reason
+        request.stop_reason = stop_reason
+        if error is not None:
+            request.error = error
+        request.finished_time = now
+        self.block_manager.free(request.request_id)
+        del self.requests[request.request_id]
+
+    def _preempt(self, request: Request) -> None:
+        """Recompute-mode preemption: drop the cache, wait at the front of the queue."""
+        self.running.remove(request)
+        self.block_manager.free(request.request_id)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        request.metrics.num_preemptions = request.num_preemptions
+        self._num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    # -- one step --
+    def schedule(self) -> SchedulerOutput:
+        """Choose this step's batch. See the module docstring for the rules."""
+        now = self.clock()
+        bm = self.block_manager
+        budget = self.max_num_batched_tokens
+        scheduled: list[ScheduledRequest] = []
+        preempted: list[Request] = []
+        finished: list[Request] = []
+
+        # 1. running requests, oldest admission first
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            remaining = req.num_tokens - req.num_computed_tokens
+            num_new = min(remaining, budget)
+            if num_new <= 0 or (num_new < remaining and not self.enable_chunked_prefill):
+                i += 1
+                continue
+            while not bm.allocate_for(req.request_id, req.num_computed_tokens + num_new):
+                victim = self.policy.choose_victim(list(self.running))
+                if not any(victim is r for r in self.running):
+                    raise ValueError(f"{self.policy!r}.choose_victim returned {victim!r}, not a running request")
+                if victim is req and bm.num_used_blocks == len(bm.blocks_of(req.request_id)):
+                    # It holds every used block and still needs more: it can never fit. By the
+                    # add_request check this only happens while decoding past the cache's capacity.
+                    self.running.remove(req)
+                    self._finish(req, RequestStatus.FINISHED_LENGTH, None, None, None, now)
+                    finished.append(req)
+                    break
+                vi = next(k for k, r in enumerate(self.running) if r is victim)
+                for k, item in enumerate(scheduled):
+                    if item.request is victim:  # already scheduled this step: unschedule, refund
+                        budget += item.num_new_tokens
+                        del scheduled[k]
+                        break
+                self._preempt(victim)
+                preempted.append(victim)
+                if vi < i:
+                    i -= 1
+                if victim is req:
+                    break
+            else:
+                scheduled.append(ScheduledRequest(req, num_new, num_new == remaining))
+                budget -= num_new
+                i += 1
+
+        # 2. admission
+        if not preempted:
+            self.policy.begin_admission(list(self.running), now)
+            for req in self.policy.order_waiting(list(self.waiting), now):
+                if len(self.running) >= self.max_num_seqs or budget <= 0:
+                    break
+                if not self.policy.can_admit(req, list(self.running)):
+                    continue  # the policy's veto on this request; others may still join
+                remaining = req.num_tokens - req.num_computed_tokens
+                num_new = min(remaining, budget)
+                if num_new < remaining and not self.enable_chunked_prefill:
+                    break  # head-of-line: wait for budget rather than be overtaken
+                if not bm.allocate_for(req.request_id, req.num_computed_tokens + num_new):
+                    if not self.running and bm.num_used_blocks == 0:
+                        # Cannot fit even into an empty cache; add_request prevents this, but
+                        # never let it block the queue forever.
+                        self.waiting.remove(req)
+                        self._finish(req, RequestStatus.FINISHED_ERROR, None, None,
+                                     "request does not fit in the KV cache", now)
+                        finished.append(req)
+                        continue
+                    break  # head-of-line: wait for blocks
+                self.waiting.remove(req)
+                req.status = RequestStatus.RUNNING
+                if req.first_scheduled_time is None:
+                    req.first_scheduled_time = now
+                self.running.append(req)
+                scheduled.append(ScheduledRequest(req, num_new, num_new == remaining))
+                budget -= num_new
+
+        self._finished_in_schedule.extend(finished)
+        return SchedulerOutput(
+            scheduled=scheduled,
+            preempted=preempted,
+            num_batched_tokens=self.max_num_batched_tokens - budget,
+            finished=finished,
+        )
+
+    def update(self, output: SchedulerOutput, sampled: dict[str, int], now: float | None = None) -> list[Request]:
+        """Apply a step's results; return the requests that finished (blocks already freed).
+
+        Args:
+          output: the SchedulerOutput this step ran.
+          sampled: request_id -> sampled token id, for every scheduled request with samples=True
+            (other entries are ignored). A missing entry finishes that request with "error".
+          now: timestamp for the timings (default: the scheduler clock).
+        Returns requests finished by this update, plus those finished during the last schedule().
+        """
+        now = self.clock() if now is None else now
+        finished = self._finished_in_schedule
+        self._finished_in_schedule = []
+        for item in output.scheduled:
+            req = item.request
+            if req.status != RequestStatus.RUNNING:
+                continue  # finished (e.g. aborted) between schedule() and update()
+            req.num_computed_tokens += item.num_new_tokens
+            if not item.samples:
+                continue
+            token = sampled.get(req.request_id)
+            if token is None:
+                self.running.remove(req)
+                self._finish(req, RequestStatus.FINISHED_ERROR, None, None, "no token sampled", now)
+                finished.append(req)
+                continue
+            token = int(token)
+            req.output_token_ids.append(token)
+            req.metrics.num_output_tokens = req.num_output_tokens
+            if req.first_token_time is None:
+                req.first_token_time = now
+            req.last_token_time = now
+            stop = self._check_stop(req, token)
+            if stop is not None:
+                status, stop_reason = stop
+                self.running.remove(req)
+                self._finish(req, status, None, stop_reason, None, now)
+                finished.append(req)
+        return finished
+
+    def _check_stop(self, req: Request, token: int) -> tuple[RequestStatus, int | None] | None:
+        # Stop tokens win over length when both hold: the request did end naturally.
+        if req.num_output_tokens >= req.min_tokens:
+            if not req.ignore_eos and token in req.eos_token_ids:
+                return RequestStatus.FINISHED_STOPPED, None
+            if token in req.stop_token_ids:
+                return RequestStatus.FINISHED_STOPPED, token
+        max_tokens = req.max_tokens
+        if (max_tokens is not None and req.num_output_tokens >= max_tokens) or req.num_tokens >= self.max_model_len:
+            return RequestStatus.FINISHED_LENGTH, None
+        return None

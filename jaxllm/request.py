@@ -1,0 +1,216 @@
+"""Request state and the outputs the engine hands back. Host only: never imports jax.
+
+A request has no prefill or decode phase. It has `num_tokens` tokens (prompt + outputs so far) of
+which `num_computed_tokens` have their K/V in the cache; every step the scheduler gives it some new
+tokens so it catches up. When it catches up completely in a step, that step samples one more token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import time
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # only for annotations: the scheduler reads four fields, the rest is opaque
+    from jaxllm.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"  # waiting again, with num_computed_tokens reset to 0 (recompute)
+    FINISHED_STOPPED = "finished_stopped"
+    FINISHED_LENGTH = "finished_length"
+    FINISHED_ABORTED = "finished_aborted"
+    FINISHED_ERROR = "finished_error"
+
+    @property
+    def is_finished(self) -> bool:
+        return self in _FINISH_REASONS
+
+    @property
+    def finish_reason(self) -> str | None:
+        """vLLM's finish_reason string for a finished status, None otherwise."""
+        return _FINISH_REASONS.get(self)
+
+
+_FINISH_REASONS = {
+    RequestStatus.FINISHED_STOPPED: "stop",
+    RequestStatus.FINISHED_LENGTH: "length",
+    RequestStatus.FINISHED_ABORTED: "abort",
+    RequestStatus.FINISHED_ERROR: "error",
+}
+
+
+@dataclasses.dataclass
+class RequestMetrics:
+    """A snapshot of one request's timings (seconds, in the engine's clock) and counts."""
+
+    arrival_time: float
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    finished_time: float | None = None
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+    num_preemptions: int = 0
+    # num_output_tokens / num_preemptions are kept in sync by the scheduler
+
+    @property
+    def queue_time(self) -> float | None:
+        """Arrival to first scheduling."""
+        if self.first_scheduled_time is None:
+            return None
+        return self.first_scheduled_time - self.arrival_time
+
+    @property
+    def ttft(self) -> float | None:
+        """Time to first token: arrival to the first sampled token."""
+        if self.first_token_time is None:
+            return None
+        return self.first_token_time - self.arrival_time
+
+    @property
+    def mean_tpot(self) -> float | None:
+        """Mean time per output token after the first (None with fewer than two outputs)."""
+        if self.num_output_tokens < 2 or self.first_token_time is None or self.last_token_time is None:
+            return None
+        return (self.last_token_time - self.first_token_time) / (self.num_output_tokens - 1)
+
+    @property
+    def e2e_latency(self) -> float | None:
+        """Arrival to finish."""
+        if self.finished_time is None:
+            return None
+        return self.finished_time - self.arrival_time
+
+
+@dataclasses.dataclass(eq=False)  # identity equality: two requests are never "the same" by value
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    eos_token_ids: tuple[int, ...] = ()
+    arrival_time: float = dataclasses.field(default_factory=time.monotonic)
+    priority: int = 0  # lower runs first (vLLM convention), used by PriorityPolicy
+    prompt: str | None = None
+
+    status: RequestStatus = RequestStatus.WAITING
+    output_token_ids: list[int] = dataclasses.field(default_factory=list)
+    num_computed_tokens: int = 0  # tokens whose K/V is in the cache
+    num_preemptions: int = 0
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    stop_reason: int | str | None = None  # stop token id or stop string that ended it; None for EOS
+    error: str | None = None  # message when status is FINISHED_ERROR
+
+    # Timings live in `metrics` (a live object: the engine hands it out in RequestOutput).
+    # first_scheduled_time, first_token_time, last_token_time, finished_time are properties below.
+    metrics: RequestMetrics = dataclasses.field(default=None, repr=False)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        self.prompt_token_ids = list(self.prompt_token_ids)
+        self.eos_token_ids = tuple(int(t) for t in self.eos_token_ids)
+        if self.metrics is None:
+            self.metrics = RequestMetrics(arrival_time=self.arrival_time, num_prompt_tokens=len(self.prompt_token_ids))
+
+    # -- timings (seconds, in the clock given to the scheduler / engine), stored in self.metrics --
+    first_scheduled_time = property(
+        lambda self: self.metrics.first_scheduled_time,
+        lambda self, t: setattr(self.metrics, "first_scheduled_time", t),
+    )
+    first_token_time = property(
+        lambda self: self.metrics.first_token_time,
+        lambda self, t: setattr(self.metrics, "first_token_time", t),
+    )
+    last_token_time = property(
+        lambda self: self.metrics.last_token_time,
+        lambda self, t: setattr(self.metrics, "last_token_time", t),
+    )
+    finished_time = property(
+        lambda self: self.metrics.finished_time,
+        lambda self, t: setattr(self.metrics, "finished_time", t),
+    )
+
+    # -- sampling_params fields the scheduler uses (getattr: SamplingParams is someone else's) --
+    @property
+    def max_tokens(self) -> int | None:
+        return getattr(self.sampling_params, "max_tokens", None)
+
+    @property
+    def min_tokens(self) -> int:
+        return getattr(self.sampling_params, "min_tokens", 0) or 0
+
+    @property
+    def stop_token_ids(self) -> tuple[int, ...]:
+        return tuple(getattr(self.sampling_params, "stop_token_ids", None) or ())
+
+    @property
+    def ignore_eos(self) -> bool:
+        return bool(getattr(self.sampling_params, "ignore_eos", False))
+
+    # -- derived state --
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.is_finished
+
+    def __repr__(self) -> str:
+        return (
+            f"Request({self.request_id!r}, status={self.status.name}, prompt={self.num_prompt_tokens}, "
+            f"out={self.num_output_tokens}, computed={self.num_computed_tokens})"
+        )
+
+
+@dataclasses.dataclass
+class Logprob:
+    """vLLM's per-token logprob entry: CompletionOutput.logprobs is a list of {token_id: Logprob}."""
+
+    logprob: float
+    rank: int | None = None  # 1 = most likely; None when the sampled token is outside the top-k shown
+    decoded_token: str | None = None
+
+
+@dataclasses.dataclass
+class CompletionOutput:
+    """One completion of a request (vLLM field names; n=1, so index is 0)."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    cumulative_logprob: float | None = None
+    logprobs: Any = None  # per-token list of {token_id: logprob} when requested
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" | None while running
+    stop_reason: int | str | None = None
+
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    """What the engine returns for a request after a step (vLLM field names)."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    prompt_logprobs: Any
+    outputs: list[CompletionOutput]
+    finished: bool
+    metrics: RequestMetrics | None = None
+    error: str | None = None
