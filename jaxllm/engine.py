@@ -114,14 +114,31 @@ class Engine:
     # ---------------------------------------------------------------- the loop
 
     def step(self) -> list[RequestOutput]:
-        """Run one scheduling step; returns an output for every request that produced a token."""
+        """Run one scheduling step; returns an output for every request that produced a token
+        or finished in it (incremental: each holds the request's whole output so far)."""
         plan = self.scheduler.schedule()
-        if not plan.scheduled:
-            return []
-        now = time.monotonic()
-        for item in plan.scheduled:
-            if item.request.metrics.first_scheduled_time is None:
-                item.request.metrics.first_scheduled_time = now
+        sampled = self._execute(plan) if plan.scheduled else {}
+        finished = self.scheduler.update(plan, sampled, now=time.monotonic())
+        self.num_steps += bool(plan.scheduled)
+
+        outputs = []
+        touched = [item.request for item in plan.scheduled if item.request.request_id in sampled]
+        touched += [r for r in finished if r.request_id not in sampled]
+        for req in touched:
+            detok = self._detok.get(req.request_id)
+            if detok is not None:
+                stop = detok.append(req.output_token_ids)
+                if stop is not None and not req.is_finished:
+                    self.scheduler.finish_request(
+                        req.request_id, RequestStatus.FINISHED_STOPPED, "stop", stop
+                    )
+            outputs.append(self._make_output(req))
+            if req.is_finished:
+                self._forget(req.request_id)
+        return outputs
+
+    def _execute(self, plan) -> dict[str, int]:
+        """Run the planned batch on the device; returns request_id -> sampled token."""
         batch = prepare_batch(
             plan.scheduled,
             self.block_manager.block_table,
@@ -146,37 +163,33 @@ class Engine:
         sampled: dict[str, int] = {}
         for i, item in enumerate(plan.scheduled):
             req = item.request
-            if req.num_computed_tokens < len(req.prompt_token_ids):
-                self.num_prompt_tokens_processed += min(
-                    item.num_new_tokens, len(req.prompt_token_ids) - req.num_computed_tokens
-                )
+            # Prompt tokens computed for the first time or again after a preemption.
+            self.num_prompt_tokens_processed += max(
+                0, min(req.num_computed_tokens + item.num_new_tokens, req.num_prompt_tokens)
+                - req.num_computed_tokens,
+            )
             if item.samples:
                 token = int(result["token_ids"][i])
                 sampled[req.request_id] = token
                 if req.sampling_params.logprobs is not None:
                     self._logprobs[req.request_id].append(self._token_logprobs(result, i, token))
         self.num_generated_tokens += len(sampled)
-        self.scheduler.update(plan, sampled, now=time.monotonic())
-        self.num_steps += 1
+        return sampled
 
-        outputs = []
-        for item in plan.scheduled:
-            req = item.request
-            if req.request_id not in sampled:
-                continue
-            detok = self._detok.get(req.request_id)
-            if detok is not None and not req.is_finished:
-                stop = detok.append(req.output_token_ids)
-                if stop is not None:
-                    self.scheduler.finish_request(
-                        req.request_id, RequestStatus.FINISHED_STOPPED, "stop", stop
-                    )
-            elif detok is not None:
-                detok.append(req.output_token_ids)
-            outputs.append(self._make_output(req))
-            if req.is_finished:
-                self._forget(req.request_id)
-        return outputs
+    def warmup(self, params: SamplingParams | None = None) -> None:
+        """Compile the step for every token bucket, for batches sampled like `params`.
+
+        Runs all-padding batches (their K/V go to sink block 0), so no request state changes.
+        Sampling features a batch switches on (penalties, top-k, logprobs...) are jit statics:
+        warm up once per kind of SamplingParams the experiment will use.
+        """
+        params = params if params is not None else SamplingParams()
+        bs, max_seqs = self.config.cache.block_size, self.config.scheduler.max_num_seqs
+        for t in self.resolved.token_buckets:
+            batch = prepare_batch([], self.block_manager.block_table, None, bs, (t,), max_seqs)
+            # One dummy row so the flags match `params`; it samples from a padding row.
+            arrays, flags = build_sampling_arrays([(params, 0, [0], [], ())], batch.padded_num_seqs)
+            self.runner.execute(batch, arrays, flags)
 
     # ---------------------------------------------------------------- helpers
 
