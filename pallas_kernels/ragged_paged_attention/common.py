@@ -1,0 +1,78 @@
+"""Argument validation shared by the TPU and GPU ragged paged attention kernels.
+
+Kernels index memory with the values they are given; a wrong shape there is a silent wrong answer
+or a device fault, not an exception. So every static property is checked up front and each error
+names the offending values.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+# Finite "minus infinity" for masked scores: exp(mask - mask) stays finite for fully masked rows.
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def validate_inputs(q, k_cache, v_cache, kv_lens, block_tables, cu_q_lens, *, sm_scale,
+                    sliding_window=None, soft_cap=None):
+    """Raise ValueError unless the arguments follow the ragged paged attention contract.
+
+    q: [T, nH, D]; k_cache, v_cache: [num_blocks, block_size, nKV, D]; kv_lens: [S] int32;
+    block_tables: [S, max_blocks] int32; cu_q_lens: [S+1] int32.
+    Returns (T, nH, D, num_blocks, block_size, nKV, S, max_blocks).
+    """
+    if q.ndim != 3:
+        raise ValueError(f"q must be [T, num_heads, head_dim], got shape {q.shape}")
+    if k_cache.ndim != 4:
+        raise ValueError(f"k_cache must be [num_blocks, block_size, num_kv_heads, head_dim], "
+                         f"got shape {k_cache.shape}")
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache.shape={k_cache.shape} != v_cache.shape={v_cache.shape}")
+    if k_cache.dtype != v_cache.dtype:
+        raise ValueError(f"k_cache.dtype={k_cache.dtype} != v_cache.dtype={v_cache.dtype}")
+    T, nH, D = q.shape
+    num_blocks, block_size, nKV, Dk = k_cache.shape
+    if Dk != D:
+        raise ValueError(f"q head_dim {D} (q.shape={q.shape}) != cache head_dim {Dk} "
+                         f"(k_cache.shape={k_cache.shape})")
+    if nKV == 0 or nH % nKV:
+        raise ValueError(f"num_heads={nH} (q.shape={q.shape}) must be a positive multiple of "
+                         f"num_kv_heads={nKV} (k_cache.shape={k_cache.shape})")
+    if block_tables.ndim != 2:
+        raise ValueError(f"block_tables must be [S, max_blocks], got shape {block_tables.shape}")
+    S, max_blocks = block_tables.shape
+    if kv_lens.shape != (S,):
+        raise ValueError(f"kv_lens.shape={kv_lens.shape} must be ({S},) = (block_tables.shape[0],)")
+    if cu_q_lens.shape != (S + 1,):
+        raise ValueError(f"cu_q_lens.shape={cu_q_lens.shape} must be ({S + 1},) = "
+                         f"(block_tables.shape[0] + 1,)")
+    for name, a in (("kv_lens", kv_lens), ("block_tables", block_tables), ("cu_q_lens", cu_q_lens)):
+        if a.dtype != jnp.int32:
+            raise ValueError(f"{name}.dtype={a.dtype} must be int32")
+    if S == 0 or max_blocks == 0:
+        raise ValueError(f"block_tables.shape={block_tables.shape} must be non-empty")
+    if not isinstance(sm_scale, (int, float)):
+        raise ValueError(f"sm_scale must be a python float (static), got {sm_scale!r}")
+    if sliding_window is not None and (not isinstance(sliding_window, int) or sliding_window <= 0):
+        raise ValueError(f"sliding_window={sliding_window!r} must be None or a positive int")
+    if soft_cap is not None and (not isinstance(soft_cap, (int, float)) or soft_cap <= 0):
+        raise ValueError(f"soft_cap={soft_cap!r} must be None or a positive float")
+    return T, nH, D, num_blocks, block_size, nKV, S, max_blocks
+
+
+def tile_seq_ranges(cu_q_lens, num_tiles, tile):
+    """[2 * num_tiles] int32: for tile i (tokens [i*tile, (i+1)*tile)), the first sequence and one
+    past the last sequence owning one of its tokens (interleaved, flat so SMEM does not pad it).
+    Tiles past the last real token get an empty range."""
+    S = cu_q_lens.shape[0] - 1
+    starts = jnp.arange(num_tiles, dtype=jnp.int32) * tile
+    ends = cu_q_lens[1:]
+    first = jnp.searchsorted(ends, starts, side="right").astype(jnp.int32)
+    last = jnp.searchsorted(ends, starts + tile - 1, side="right").astype(jnp.int32)
+    end = jnp.minimum(last + 1, S)
+    first = jnp.minimum(first, end)
+    return jnp.stack([first, end], axis=1).reshape(-1)
+
+
+def round_up(x, m):
+    return -(-x // m) * m
