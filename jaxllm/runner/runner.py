@@ -75,16 +75,29 @@ def paged_step(params, kv_caches, token_ids, positions, metadata, logits_indices
 class ModelRunner:
     """Holds device state and runs jitted steps; counts compilations."""
 
-    def __init__(self, model, resolved: ResolvedEngineConfig, shardings=None):
+    def __init__(self, model, resolved: ResolvedEngineConfig, shardings=None, mesh=None):
         self.model = model
         self.config: ModelConfig = model.config
         self.resolved = resolved
         self.num_compilations = 0
         self._attention_fn = attention_impl(resolved.engine.attention_backend)
         self.params = model.params
+        self.mesh = mesh
+        jit_kwargs = {}
+        if mesh is not None:
+            # Tensor parallelism (jaxllm/parallel): params and KV cache sharded over the "tp" axis,
+            # inputs and sampler outputs replicated; XLA inserts the collectives.
+            from jaxllm.parallel import runtime
+
+            self.config, self.params = runtime.shard(model, mesh)
+            self._attention_fn = runtime.wrap_attention(
+                self._attention_fn, resolved.engine.attention_backend, mesh
+            )
+            shardings = runtime.kv_cache_sharding(mesh)
+            jit_kwargs = runtime.jit_shardings(mesh, self.config.num_layers)
         self.kv_caches = self._allocate_kv_cache(shardings)
         self._jitted = jax.jit(
-            self._traced_step, static_argnames=("flags",), donate_argnames=("kv_caches",)
+            self._traced_step, static_argnames=("flags",), donate_argnames=("kv_caches",), **jit_kwargs
         )
 
     def _allocate_kv_cache(self, shardings):
@@ -120,8 +133,10 @@ class ModelRunner:
             cu_q_lens=batch.cu_q_lens,
         )
         inputs = sampling.SamplingInputs(**sampling_arrays)
-        out, self.kv_caches = self._jitted(
-            self.params, self.kv_caches, batch.token_ids, batch.positions, metadata,
-            batch.logits_indices, inputs, flags=flags,
-        )
+        args = (batch.token_ids, batch.positions, metadata, batch.logits_indices, inputs)
+        if self.mesh is not None:
+            from jaxllm.parallel.runtime import to_global
+
+            args = to_global(self.mesh, args)  # global replicated arrays (needed multi-host)
+        out, self.kv_caches = self._jitted(self.params, self.kv_caches, *args, flags=flags)
         return {f.name: np.asarray(getattr(out, f.name)) for f in dataclasses.fields(out)}
