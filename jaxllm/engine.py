@@ -37,7 +37,15 @@ class Engine:
         from jaxllm.tokenizer import load_tokenizer
 
         self.config = config
-        self.model = model if model is not None else load_model(config.model, dtype=config.dtype)
+        self.mesh = None
+        if config.parallel.tensor_parallel_size > 1:
+            from jaxllm.parallel.runtime import load_for_engine
+
+            # Params go straight into their shardings; the model's config may carry replicated
+            # KV heads (jaxllm/parallel/rules.py).
+            self.mesh, self.model = load_for_engine(config, model)
+        else:
+            self.model = model if model is not None else load_model(config.model, dtype=config.dtype)
         self.resolved: ResolvedEngineConfig = config.resolve(self.model.config)
         if tokenizer is None and not config.skip_tokenizer_init:
             tokenizer = load_tokenizer(config.model)
@@ -56,7 +64,7 @@ class Engine:
             max_num_batched_tokens=sched.max_num_batched_tokens,
             max_model_len=res.max_model_len,
         )
-        self.runner = ModelRunner(self.model, res)
+        self.runner = ModelRunner(self.model, res, mesh=self.mesh)
         self._seed_rng = np.random.default_rng(config.seed)
         self._seeds: dict[str, int] = {}
         self._detok: dict[str, Detokenizer] = {}
