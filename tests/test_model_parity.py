@@ -37,6 +37,8 @@ CASES = {
     "mistral_swa64_gqa4": ("mistral", dict(sliding_window=64, num_attention_heads=8, num_key_value_heads=2)),
     "qwen2_bias_mqa": ("qwen2", dict(num_attention_heads=4, num_key_value_heads=1)),
     "qwen3_qknorm_headdim32": ("qwen3", dict(head_dim=32, num_attention_heads=4, num_key_value_heads=2)),
+    # per-layer windows: layer 0 full attention, layer 1 sliding (HF layer_types via max_window_layers)
+    "qwen2_mixed_swa48": ("qwen2", dict(use_sliding_window=True, sliding_window=48, max_window_layers=1)),
 }
 
 
@@ -90,6 +92,7 @@ def test_config_features_exercised(model_dirs):
     assert cfg["qwen2_bias_mqa"].attention_bias and cfg["qwen2_bias_mqa"].num_kv_heads == 1
     q3 = cfg["qwen3_qknorm_headdim32"]
     assert q3.qk_norm and q3.head_dim * q3.num_heads != q3.hidden_size
+    assert cfg["qwen2_mixed_swa48"].layer_sliding_windows == (None, 48)
 
 
 def test_llama3_inv_freq_matches_transformers(model_dirs):
