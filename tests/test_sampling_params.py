@@ -94,6 +94,12 @@ def test_seed_to_key_data_matches_prng_key():
 
 def test_width_bucket():
     assert [width_bucket(n) for n in (0, 1, 8, 9, 16, 17, 1000)] == [0, 8, 8, 16, 16, 32, 1024]
+    assert [width_bucket(n, (64, 512)) for n in (0, 1, 64, 65, 512)] == [0, 64, 64, 512, 512]
+    with pytest.raises(ValueError, match="width bucket"):
+        width_bucket(513, (64, 512))
+    p = SamplingParams(frequency_penalty=1.0)
+    a, _ = build_sampling_arrays([(p, 0, [1], [2, 3], [0])], 2, width_buckets=(128,))
+    assert a["output_token_ids"].shape == (2, 128)
 
 
 def test_build_all_greedy_batch_is_minimal():

@@ -33,15 +33,22 @@ FIELDS = (
 Row = tuple[SamplingParams, int, Sequence[int], Sequence[int], Sequence[int]]
 
 
-def width_bucket(n: int) -> int:
-    """Padded width of a per-row id list: 0 when unused, else a power of two >= 8.
+def width_bucket(n: int, buckets: Sequence[int] | None = None) -> int:
+    """Padded width of a per-row id list: 0 when unused, else the smallest of `buckets` >= n
+    (default: a power of two >= 8).
 
     Penalty histories grow by one token per step; powers of two bound the number of compiled
-    shapes to log2(max_model_len).
+    shapes to log2(max_model_len). A caller that wants no compiles after warm-up passes explicit
+    buckets (e.g. (max_model_len,)) and warms each one up.
     """
     if n == 0:
         return 0
-    return max(8, 1 << (n - 1).bit_length())
+    if buckets is None:
+        return max(8, 1 << (n - 1).bit_length())
+    for b in sorted(buckets):
+        if n <= b:
+            return b
+    raise ValueError(f"{n} token ids do not fit the largest width bucket {max(buckets)}")
 
 
 def seed_to_key_data(seed: int) -> np.ndarray:
@@ -51,7 +58,7 @@ def seed_to_key_data(seed: int) -> np.ndarray:
 
 
 def build_sampling_arrays(
-    rows: Sequence[Row], num_rows_padded: int
+    rows: Sequence[Row], num_rows_padded: int, width_buckets: Sequence[int] | None = None
 ) -> tuple[dict[str, np.ndarray], SamplingFlags]:
     """Arrays for SamplingInputs ([num_rows_padded, ...], padding rows are greedy no-ops) and the
     SamplingFlags of this batch.
@@ -59,6 +66,7 @@ def build_sampling_arrays(
     rows[i] = (params, seed, prompt_token_ids, output_token_ids, eos_token_ids): seed is an int
     (the engine derives one for seed=None requests); output_token_ids are the tokens generated so
     far, whose count is the row's RNG step and decides whether min_tokens still masks stop ids.
+    width_buckets: allowed widths of the [S, M/Lp/Lo] id arrays (see width_bucket).
     """
     n, s = len(rows), num_rows_padded
     if n > s:
@@ -117,9 +125,9 @@ def build_sampling_arrays(
         rng_keys=rng_keys,
         steps=steps,
         mask_stop_tokens=mask_stop,
-        stop_token_ids=_pad_ids(stop_lists),
-        prompt_token_ids=_pad_ids(prompt_lists),
-        output_token_ids=_pad_ids(output_lists),
+        stop_token_ids=_pad_ids(stop_lists, width_buckets),
+        prompt_token_ids=_pad_ids(prompt_lists, width_buckets),
+        output_token_ids=_pad_ids(output_lists, width_buckets),
     )
     flags = SamplingFlags(
         any_random=any_random,
@@ -133,9 +141,9 @@ def build_sampling_arrays(
     return arrays, flags
 
 
-def _pad_ids(lists: Sequence[Sequence[int]]) -> np.ndarray:
+def _pad_ids(lists: Sequence[Sequence[int]], buckets) -> np.ndarray:
     """[len(lists), width_bucket(longest)] int32, -1 padded."""
-    width = width_bucket(max((len(x) for x in lists), default=0))
+    width = width_bucket(max((len(x) for x in lists), default=0), buckets)
     out = np.full((len(lists), width), -1, np.int32)
     for i, ids in enumerate(lists):
         out[i, : len(ids)] = ids
