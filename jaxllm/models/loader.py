@@ -38,6 +38,8 @@ def read_safetensors_index(path: str) -> dict[str, tuple[dict, str]]:
 
 
 def _read_tensor(entry: dict, path: str) -> np.ndarray:
+    if entry["dtype"] not in _ST_DTYPES:  # not KeyError: that would read as "missing tensor"
+        raise ValueError(f"{path}: unsupported safetensors dtype {entry['dtype']!r}")
     dtype = np.dtype(_ST_DTYPES[entry["dtype"]])
     start, end = entry["data_offsets"]
     shape = tuple(entry["shape"])
@@ -103,9 +105,11 @@ def load_model(path: str, dtype: str = "float32", place=None):
 
     path = os.fspath(path)
     # --- GGUF hook: jaxllm.models.gguf (another module) reads GGUF and calls params_from_hf_tensors.
-    if path.endswith(".gguf") or path in GGUF_ALIASES:
+    if path.endswith(".gguf") or path.lower() in GGUF_ALIASES:
         from jaxllm.models import gguf  # lazy: gguf is optional for HF checkpoints
 
+        if place is not None:
+            return gguf.load_gguf_model(path, dtype, place=place)
         return gguf.load_gguf_model(path, dtype)
     # --- end GGUF hook
     if dtype not in ("float32", "bfloat16"):
