@@ -274,11 +274,12 @@ class Scheduler:
 
         # 2. admission
         if not preempted:
-            self.policy.begin_admission(list(self.running), now)
+            running_view = list(self.running)  # one copy per step: policies must not mutate it
+            self.policy.begin_admission(list(running_view), now)
             for req in self.policy.order_waiting(list(self.waiting), now):
                 if len(self.running) >= self.max_num_seqs or budget <= 0:
                     break
-                if not self.policy.can_admit(req, list(self.running)):
+                if not self.policy.can_admit(req, running_view):
                     continue  # the policy's veto on this request; others may still join
                 remaining = req.num_tokens - req.num_computed_tokens
                 num_new = min(remaining, budget)
@@ -299,6 +300,7 @@ class Scheduler:
                 if req.first_scheduled_time is None:
                     req.first_scheduled_time = now
                 self.running.append(req)
+                running_view.append(req)
                 scheduled.append(ScheduledRequest(req, num_new, num_new == remaining))
                 budget -= num_new
 
