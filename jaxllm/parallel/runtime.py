@@ -24,10 +24,19 @@ def load_for_engine(config, model=None):
     `model`: an already loaded Model (its params are resharded), or None to load config.model
     straight into the shardings. The returned Model's config is rules.tp_model_config(...).
     """
+    import os
+
     tp = config.parallel.tensor_parallel_size
-    mesh = make_mesh(tp)
+    # Check the model against tp before the devices, so a bad tp names the model's numbers even
+    # on a machine with too few devices.
     if model is not None:
         validate_tp(model.config, tp)
+    elif os.path.isdir(config.model) and os.path.exists(os.path.join(config.model, "config.json")):
+        from jaxllm.models.loader import load_config
+
+        validate_tp(load_config(config.model), tp)
+    mesh = make_mesh(tp)
+    if model is not None:
         return mesh, shard_model(model, mesh)
     return mesh, load_sharded(config.model, config.dtype, mesh)
 
