@@ -148,3 +148,16 @@ def test_place_hook_is_used(llama_dir):
 
     load_model(llama_dir, place=place)
     assert ("embed", "q_heads") in seen and ("vocab", "embed") in seen
+
+
+def test_bf16_safetensors_checkpoint(llama_dir, tmp_path):
+    """A bf16 checkpoint is read without torch (ml_dtypes) and values survive exactly."""
+    import torch
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(llama_dir).to(torch.bfloat16)
+    d = os.path.join(str(tmp_path), "bf16")
+    hf.save_pretrained(d, safe_serialization=True)
+    model = load_model(d, dtype="float32")
+    want = hf.model.layers[0].self_attn.q_proj.weight.detach().float().numpy().T
+    np.testing.assert_array_equal(np.asarray(model.params["layers"][0]["q_proj"]), want)
