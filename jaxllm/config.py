@@ -55,6 +55,9 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 512  # tokens (prefill chunks + decodes) in one step at most
     max_model_len: int | None = None  # prompt + output tokens per request; default: the model's
     scheduling_policy: object = "fcfs"  # a policy name or a jaxllm.core.policies.SchedulingPolicy
+    # Split long prompts over steps. Off, a prompt runs whole in one step, which needs
+    # max_num_batched_tokens >= max_model_len (checked by the scheduler).
+    enable_chunked_prefill: bool = True
 
     def __post_init__(self):
         _require(

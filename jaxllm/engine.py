@@ -25,7 +25,7 @@ from jaxllm.detokenizer import Detokenizer
 from jaxllm.request import CompletionOutput, Logprob, Request, RequestOutput, RequestStatus
 from jaxllm.runner.batch import prepare_batch
 from jaxllm.runner.sampling_inputs import build_sampling_arrays
-from jaxllm.sampling_params import SamplingParams
+from jaxllm.sampling_params import SamplingParams, logprobs_bucket
 
 
 class Engine:
@@ -63,12 +63,14 @@ class Engine:
             max_num_seqs=sched.max_num_seqs,
             max_num_batched_tokens=sched.max_num_batched_tokens,
             max_model_len=res.max_model_len,
+            enable_chunked_prefill=sched.enable_chunked_prefill,
         )
         self.runner = ModelRunner(self.model, res, mesh=self.mesh)
         self._seed_rng = np.random.default_rng(config.seed)
         self._seeds: dict[str, int] = {}
         self._detok: dict[str, Detokenizer] = {}
-        self._logprobs: dict[str, list] = {}
+        self._logprobs: dict[str, list] = {}  # per request: one {token_id: Logprob} per output
+        self._prompt_logprobs: dict[str, list] = {}  # per request: [None, {token_id: Logprob}, ...]
         self._live: dict[str, Request] = {}
         self._ids = itertools.count()
         self.num_steps = 0
@@ -166,7 +168,10 @@ class Engine:
             for item in plan.scheduled
         ]
         arrays, flags = build_sampling_arrays(rows, batch.padded_num_seqs)
-        result = self.runner.execute(batch, arrays, flags)
+        targets, prompt_k = self._prompt_logprob_targets(plan, batch)
+        result = self.runner.execute(batch, arrays, flags, targets, prompt_k)
+        if prompt_k:
+            self._collect_prompt_logprobs(plan, batch, result)
 
         sampled: dict[str, int] = {}
         for i, item in enumerate(plan.scheduled):
@@ -180,9 +185,46 @@ class Engine:
                 token = int(result["token_ids"][i])
                 sampled[req.request_id] = token
                 if req.sampling_params.logprobs is not None:
-                    self._logprobs[req.request_id].append(self._token_logprobs(result, i, token))
+                    self._logprobs[req.request_id].append(
+                        self._token_logprobs(result, i, token, req.sampling_params.logprobs)
+                    )
         self.num_generated_tokens += len(sampled)
         return sampled
+
+    def _prompt_logprob_targets(self, plan, batch):
+        """[T] int32 next-prompt-token targets and the top-k bucket, or (None, 0) when no
+        scheduled request wants prompt_logprobs (the common case compiles without them)."""
+        wanted = [item.request.sampling_params.prompt_logprobs for item in plan.scheduled]
+        if all(k is None for k in wanted):
+            return None, 0
+        targets = np.zeros(batch.padded_num_tokens, np.int32)
+        for i, item in enumerate(plan.scheduled):
+            req, start = item.request, item.request.num_computed_tokens
+            lo = batch.cu_q_lens[i]
+            nxt = req.all_token_ids[start + 1 : start + item.num_new_tokens + 1]
+            targets[lo : lo + len(nxt)] = nxt
+        return targets, logprobs_bucket(max(k or 0 for k in wanted))
+
+    def _collect_prompt_logprobs(self, plan, batch, result) -> None:
+        """Append vLLM-style prompt logprob entries ({token: Logprob}) for prompt positions seen
+        for the first time; positions recomputed after a preemption are already recorded."""
+        for i, item in enumerate(plan.scheduled):
+            req = item.request
+            k = req.sampling_params.prompt_logprobs
+            if k is None:
+                continue
+            entries = self._prompt_logprobs.setdefault(req.request_id, [None])
+            lo, start = batch.cu_q_lens[i], req.num_computed_tokens
+            for j in range(item.num_new_tokens):
+                pos = start + j + 1  # the prompt token whose logprob token (start + j) predicts
+                if pos != len(entries) or pos >= req.num_prompt_tokens:
+                    continue
+                t = lo + j
+                target = req.prompt_token_ids[pos]
+                entries.append(self._logprob_entry(
+                    result["prompt_top_token_ids"][t][:k], result["prompt_top_logprobs"][t][:k],
+                    target, result["prompt_logprobs"][t],
+                ))
 
     def warmup(self, params: SamplingParams | None = None) -> None:
         """Compile the step for every token bucket, for batches sampled like `params`.
@@ -232,8 +274,9 @@ class Engine:
             raise ValueError(
                 f"the prompt has {len(token_ids)} tokens, more than max_model_len={max_len}"
             )
-        # The last sampled token is never written to the cache, hence the -1.
-        needed_tokens = min(len(token_ids) + params.max_tokens, max_len) - 1
+        # The last sampled token is never written to the cache, hence the -1 (but the whole
+        # prompt always is).
+        needed_tokens = max(len(token_ids), min(len(token_ids) + params.max_tokens, max_len) - 1)
         needed_blocks = -(-needed_tokens // self.config.cache.block_size)
         usable = self.resolved.num_kv_blocks - 1
         if needed_blocks > usable:
@@ -248,13 +291,20 @@ class Engine:
             ids.add(int(self.tokenizer.eos_token_id))
         return tuple(sorted(ids))
 
-    def _token_logprobs(self, result, row: int, token: int) -> dict[int, Logprob]:
+    def _token_logprobs(self, result, row: int, token: int, k: int) -> dict[int, Logprob]:
+        return self._logprob_entry(
+            result["top_token_ids"][row][:k], result["top_logprobs"][row][:k], token,
+            result["logprobs"][row],
+        )
+
+    def _logprob_entry(self, top_ids, top_lps, token: int, token_lp) -> dict[int, Logprob]:
+        """{token_id: Logprob} with the top-k (rank 1 = most likely) plus `token` itself, whose
+        rank is None when it is outside the top-k shown."""
         entry = {}
-        top_ids, top_lps = result["top_token_ids"][row], result["top_logprobs"][row]
         for rank, (tid, lp) in enumerate(zip(top_ids.tolist(), top_lps.tolist()), start=1):
             entry[int(tid)] = Logprob(float(lp), rank, self._decode_one(int(tid)))
         if token not in entry:
-            entry[token] = Logprob(float(result["logprobs"][row]), None, self._decode_one(token))
+            entry[token] = Logprob(float(token_lp), None, self._decode_one(token))
         return entry
 
     def _decode_one(self, token: int) -> str | None:
@@ -278,14 +328,14 @@ class Engine:
             request_id=req.request_id,
             prompt=req.prompt,
             prompt_token_ids=list(req.prompt_token_ids),
-            prompt_logprobs=None,
+            prompt_logprobs=self._prompt_logprobs.get(req.request_id),
             outputs=[completion],
             finished=req.is_finished,
             metrics=req.metrics,
         )
 
     def _forget(self, request_id: str) -> None:
-        for table in (self._live, self._seeds, self._detok, self._logprobs):
+        for table in (self._live, self._seeds, self._detok, self._logprobs, self._prompt_logprobs):
             table.pop(request_id, None)
 
     def get_stats(self) -> dict:

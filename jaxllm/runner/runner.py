@@ -55,21 +55,32 @@ def make_paged_attention(config: ModelConfig, metadata: AttentionMetadata, atten
     return attention
 
 
-def paged_step(params, kv_caches, token_ids, positions, metadata, logits_indices, sampling_inputs, *,
-               config: ModelConfig, attention_fn, flags):
+def paged_step(params, kv_caches, token_ids, positions, metadata, logits_indices, sampling_inputs,
+               prompt_targets, *, config: ModelConfig, attention_fn, flags, prompt_logprobs_k: int):
     """One engine step as a pure function: forward the ragged batch, sample a token per row.
 
     Args:
       token_ids, positions: [T] int32.
       metadata: AttentionMetadata for S rows.
       logits_indices: [S] int32, the token whose logits each row samples from.
+      prompt_targets: [T] int32, the next prompt token after each token (for prompt_logprobs).
+      prompt_logprobs_k: static; 0 skips prompt logprobs, else the top-k width.
     Returns:
-      (SamplerOutput with [S]-leading arrays, updated kv_caches).
+      ({"token_ids", "logprobs", "top_logprobs", "top_token_ids": [S, ...] arrays, and with
+        prompt_logprobs_k > 0 "prompt_logprobs" [T], "prompt_top_logprobs", "prompt_top_token_ids"
+        [T, k]}, updated kv_caches).
     """
     attention = make_paged_attention(config, metadata, attention_fn)
     hidden, kv_caches = llama.forward(params, config, token_ids, positions, kv_caches, attention)
     logits = llama.compute_logits(params, config, hidden[logits_indices])
-    return sampling.sample(logits, sampling_inputs, flags), kv_caches
+    sampled = sampling.sample(logits, sampling_inputs, flags)
+    out = {f.name: getattr(sampled, f.name) for f in dataclasses.fields(sampled)}
+    if prompt_logprobs_k:
+        # Logits of every token, only in steps where some request asked for prompt logprobs.
+        all_logits = llama.compute_logits(params, config, hidden)
+        lp, top, ids = sampling.token_logprobs(all_logits, prompt_targets, prompt_logprobs_k)
+        out.update(prompt_logprobs=lp, prompt_top_logprobs=top, prompt_top_token_ids=ids)
+    return out, kv_caches
 
 
 class ModelRunner:
@@ -97,7 +108,7 @@ class ModelRunner:
             jit_kwargs = runtime.jit_shardings(mesh, self.config.num_layers)
         self.kv_caches = self._allocate_kv_cache(shardings)
         self._jitted = jax.jit(
-            self._traced_step, static_argnames=("flags",), donate_argnames=("kv_caches",), **jit_kwargs
+            self._traced_step, static_argnames=("flags", "prompt_logprobs_k"), donate_argnames=("kv_caches",), **jit_kwargs
         )
 
     def _allocate_kv_cache(self, shardings):
@@ -116,16 +127,23 @@ class ModelRunner:
         return caches
 
     def _traced_step(self, params, kv_caches, token_ids, positions, metadata, logits_indices,
-                     sampling_inputs, flags):
+                     sampling_inputs, prompt_targets, flags, prompt_logprobs_k):
         # Runs only while tracing, so it counts compilations, not calls.
         self.num_compilations += 1
         return paged_step(
             params, kv_caches, token_ids, positions, metadata, logits_indices, sampling_inputs,
-            config=self.config, attention_fn=self._attention_fn, flags=flags,
+            prompt_targets, config=self.config, attention_fn=self._attention_fn, flags=flags,
+            prompt_logprobs_k=prompt_logprobs_k,
         )
 
-    def execute(self, batch: BatchInputs, sampling_arrays: dict, flags) -> dict[str, np.ndarray]:
-        """Run one step; returns the sampler's outputs as numpy arrays with S rows."""
+    def execute(self, batch: BatchInputs, sampling_arrays: dict, flags, prompt_targets=None,
+                prompt_logprobs_k: int = 0) -> dict[str, np.ndarray]:
+        """Run one step; returns the step's outputs (see paged_step) as numpy arrays.
+
+        prompt_targets: [T] int32 or None (zeros); prompt_logprobs_k: a logprobs bucket, 0 = off.
+        """
+        if prompt_targets is None:
+            prompt_targets = np.zeros_like(batch.token_ids)
         metadata = AttentionMetadata(
             slot_mapping=batch.slot_mapping,
             block_tables=batch.block_tables,
@@ -133,10 +151,12 @@ class ModelRunner:
             cu_q_lens=batch.cu_q_lens,
         )
         inputs = sampling.SamplingInputs(**sampling_arrays)
-        args = (batch.token_ids, batch.positions, metadata, batch.logits_indices, inputs)
+        args = (batch.token_ids, batch.positions, metadata, batch.logits_indices, inputs, prompt_targets)
         if self.mesh is not None:
             from jaxllm.parallel.runtime import to_global
 
             args = to_global(self.mesh, args)  # global replicated arrays (needed multi-host)
-        out, self.kv_caches = self._jitted(self.params, self.kv_caches, *args, flags=flags)
-        return {f.name: np.asarray(getattr(out, f.name)) for f in dataclasses.fields(out)}
+        out, self.kv_caches = self._jitted(
+            self.params, self.kv_caches, *args, flags=flags, prompt_logprobs_k=prompt_logprobs_k
+        )
+        return {name: np.asarray(value) for name, value in out.items()}
