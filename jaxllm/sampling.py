@@ -13,6 +13,7 @@ its step and its logits, never on batch composition or row position (tested).
 
 Ties: top_k / top_p / min_p are applied as a threshold on the logit value, so tokens tied with the
 last kept one are kept too (vLLM's top_k does the same; its top_p breaks ties by sort order).
+There is no sort: thresholds are found by bisection (see _top_k_top_p_mask).
 """
 
 from __future__ import annotations
@@ -162,26 +163,62 @@ def _min_p_mask(logits, min_p):
 def _top_k_top_p_mask(logits, top_k, top_p, do_k: bool, do_p: bool):
     """top_k [S] int32 (0 = off), then top_p [S] f32 on the top-k survivors (vLLM order).
 
-    One descending sort per row gives a per-row logit threshold; masking by threshold avoids
-    un-sorting (a scatter) and works with per-row k, which lax.top_k (static k) cannot.
+    Each is a per-row logit threshold found by bisection over the 2**32 ordered float32 keys:
+    32 vectorised passes over [S, V] with no sort. A full sort (vLLM's way) was 3x slower here
+    on CPU (S=8, V=32k) and sorts are slow on TPU; lax.top_k needs a static k, but k differs per row. The threshold
+    is exact: it equals the k-th largest logit / the least likely token top_p keeps.
     """
-    v = logits.shape[-1]
-    sorted_desc = jnp.sort(logits, axis=-1, descending=True)
-    threshold = jnp.full((logits.shape[0], 1), -jnp.inf, logits.dtype)
+    keys = _ordered_keys(logits)
     if do_k:
-        k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v)
-        threshold = jnp.take_along_axis(sorted_desc, (k - 1)[:, None], axis=-1)
-        sorted_desc = jnp.where(sorted_desc < threshold, -jnp.inf, sorted_desc)
+        v = logits.shape[-1]
+        k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v)[:, None]
+        # Largest key x with count(keys >= x) >= k, i.e. the k-th largest logit.
+        kth = _bisect(lambda x: jnp.sum(keys >= x[:, None], axis=-1, keepdims=True) >= k,
+                      keys.shape[0], largest=True)
+        logits = jnp.where(keys < kth[:, None], -jnp.inf, logits)
     if do_p:
-        probs = jax.nn.softmax(sorted_desc, axis=-1)
-        exclusive_cumsum = jnp.cumsum(probs, axis=-1) - probs
-        # Keep a token while the more likely ones hold < top_p (the first is always kept).
-        # top_p = 1 rows skip the test: a cumsum rounding to >= 1 must not cut the tail.
-        keep = (exclusive_cumsum < top_p[:, None]) | (top_p[:, None] >= 1.0)
-        num_keep = jnp.maximum(jnp.sum(keep, axis=-1), 1)
-        p_threshold = jnp.take_along_axis(sorted_desc, (num_keep - 1)[:, None], axis=-1)
-        threshold = jnp.maximum(threshold, p_threshold)
-    return jnp.where(logits < threshold, -jnp.inf, logits)
+        probs = jax.nn.softmax(logits, axis=-1)
+        p = top_p[:, None]
+        # Token i is kept iff the tokens strictly more likely hold < top_p of the mass (the most
+        # likely is always kept). Smallest key x with mass(keys > x) < top_p = least likely kept.
+        p_min = _bisect(
+            lambda x: jnp.sum(jnp.where(keys > x[:, None], probs, 0.0), -1, keepdims=True) < p,
+            keys.shape[0], largest=False)
+        # top_p = 1 rows skip the test: a mass rounding to >= 1 must not cut the tail.
+        drop = (keys < p_min[:, None]) & (p < 1.0)
+        logits = jnp.where(drop, -jnp.inf, logits)
+    return logits
+
+
+def _ordered_keys(x):
+    """float32 [..] -> uint32 [..] with the same order (IEEE trick: flip sign bit / all bits)."""
+    x = jnp.where(x == 0, 0.0, x.astype(jnp.float32))  # -0.0 == 0.0 must get one key, not two
+    u = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    return jnp.where(u >> 31 == 0, u | jnp.uint32(0x80000000), ~u)
+
+
+def _bisect(ok, num_rows: int, largest: bool):
+    """Per-row search over uint32 x for the largest x with ok(x) (ok monotone decreasing, ok(0)
+    true) or the smallest x with ok(x) (ok monotone increasing, ok(2**32-1) true).
+
+    ok maps x [S] uint32 -> [S, 1] bool. 32 halvings of a 2**32 range end with lo == hi.
+    """
+    lo = jnp.zeros((num_rows,), jnp.uint32)
+    hi = jnp.full((num_rows,), 0xFFFFFFFF, jnp.uint32)
+
+    def body(_, lohi):
+        lo, hi = lohi
+        half = (hi - lo) >> 1  # no overflow: hi - lo < 2**32
+        if largest:
+            mid = lo + half + ((hi - lo) & 1)  # round up so lo = mid makes progress
+            good = ok(mid)[:, 0]
+            return jnp.where(good, mid, lo), jnp.where(good, hi, mid - 1)
+        mid = lo + half
+        good = ok(mid)[:, 0]
+        return jnp.where(good, lo, mid + 1), jnp.where(good, mid, hi)
+
+    lo, hi = jax.lax.fori_loop(0, 32, body, (lo, hi))
+    return lo
 
 
 def _row_gumbels(rng_keys, steps, vocab_size: int):

@@ -310,3 +310,36 @@ def test_top_k_edge_values(top_k):
         assert (out.token_ids == 0).all()
     else:  # k >= V is "off": every token can appear
         assert len(set(out.token_ids.tolist())) == V
+
+
+def test_bisection_thresholds_match_sort_reference():
+    """top_k/top_p masks (bisection) equal a numpy sort-based reference, ties and -inf included."""
+    from jaxllm.sampling import _top_k_top_p_mask
+
+    rng = np.random.default_rng(6)
+    s, vocab = 64, 300
+    logits = (rng.normal(size=(s, vocab)) * rng.uniform(0.1, 5, size=(s, 1))).astype(np.float32)
+    logits[::4] = np.round(logits[::4])  # many ties
+    logits[1::8, :50] = -np.inf  # already-masked tokens (e.g. min_tokens, min_p)
+    logits[3, 7] = -3e38  # extreme finite values
+    top_k = rng.integers(0, vocab + 20, size=s).astype(np.int32)
+    top_k[::5] = 0
+    top_p = rng.uniform(0.05, 1.0, size=s).astype(np.float32)
+    top_p[::6] = 1.0
+    got = np.asarray(
+        jax.jit(_top_k_top_p_mask, static_argnums=(3, 4))(
+            jnp.asarray(logits), jnp.asarray(top_k), jnp.asarray(top_p), True, True
+        )
+    )
+    for i in range(s):
+        x = logits[i].astype(np.float64)
+        desc = np.sort(x)[::-1]
+        k = top_k[i] if 0 < top_k[i] < vocab else vocab
+        x = np.where(x < desc[k - 1], -np.inf, x)
+        if top_p[i] < 1:
+            probs = np_softmax(x)
+            sp = np.sort(probs)[::-1]
+            n_keep = max(1, int(((np.cumsum(sp) - sp) < top_p[i]).sum()))
+            x = np.where(probs < sp[n_keep - 1], -np.inf, x)
+        np.testing.assert_array_equal(np.isfinite(got[i]), np.isfinite(x), err_msg=f"row {i}")
+        np.testing.assert_array_equal(got[i][np.isfinite(x)], logits[i][np.isfinite(x)])
