@@ -76,3 +76,24 @@ def tile_seq_ranges(cu_q_lens, num_tiles, tile):
 
 def round_up(x, m):
     return -(-x // m) * m
+
+
+def write_kv(k_cache, v_cache, k, v, slot_mapping):
+    """Scatter this step's K/V into the paged cache (jnp on purpose, not a Pallas kernel).
+
+    k_cache, v_cache: [num_blocks, block_size, nKV, D]; k, v: [T, nKV, D]; slot_mapping: [T] int32
+    (slot = block_id * block_size + offset; padding tokens -> block 0, a sink).
+
+    Why a scatter: it moves T * nKV * D elements per layer (the attention that follows reads
+    kv_len times more), XLA lowers it to an in-place dynamic update when the caller donates the
+    cache buffers (the engine's jitted step must donate them, or XLA copies the whole cache), and
+    it fuses with the K/V projection. A Pallas version would need input_output_aliases plus one
+    tiny DMA per token and gains nothing measurable; it becomes worth writing only for quantised
+    caches (scale computation per block).
+    """
+    block_size = k_cache.shape[1]
+    blk = slot_mapping // block_size
+    off = slot_mapping % block_size
+    k_cache = k_cache.at[blk, off].set(k.astype(k_cache.dtype), mode="promise_in_bounds")
+    v_cache = v_cache.at[blk, off].set(v.astype(v_cache.dtype), mode="promise_in_bounds")
+    return k_cache, v_cache
