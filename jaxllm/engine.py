@@ -203,7 +203,8 @@ class Engine:
             lo = batch.cu_q_lens[i]
             nxt = req.all_token_ids[start + 1 : start + item.num_new_tokens + 1]
             targets[lo : lo + len(nxt)] = nxt
-        return targets, logprobs_bucket(max(k or 0 for k in wanted))
+        # At least 1: prompt_logprobs=0 still needs the step to compute the targets' logprobs.
+        return targets, max(1, logprobs_bucket(max(k or 0 for k in wanted)))
 
     def _collect_prompt_logprobs(self, plan, batch, result) -> None:
         """Append vLLM-style prompt logprob entries ({token: Logprob}) for prompt positions seen
