@@ -197,7 +197,8 @@ def ragged_paged_attention(q, k_cache, v_cache, kv_lens, block_tables, cu_q_lens
             ids = chunk_blocks_ids(rows, c, single_blocks)  # [nb]
             kv_pos = c * ct + jnp.arange(ct, dtype=jnp.int32)
             in_len = (kv_pos < kv_len)[:, None, None]
-            k = jnp.where(in_len, k_cache[ids].reshape(ct, nKV, D).astype(jnp.float32), 0.0)
+            # K needs no masking: a NaN score is replaced by `where` in _online_update.
+            k = k_cache[ids].reshape(ct, nKV, D).astype(jnp.float32)
             v = jnp.where(in_len, v_cache[ids].reshape(ct, nKV, D).astype(jnp.float32), 0.0)
             mask = kv_mask(tpos[:, None], kv_pos[None, :], kv_len)[:, None, None, :]
             return _online_update(carry, scores(qt, k[None]), mask, v[None])
@@ -214,7 +215,7 @@ def ragged_paged_attention(q, k_cache, v_cache, kv_lens, block_tables, cu_q_lens
             ids = chunk_blocks_ids(rows, c, multi_blocks)  # [Tq, nb]
             kv_pos = c * ct + jnp.arange(ct, dtype=jnp.int32)
             in_len = (kv_pos[None, :] < kv_len)[..., None, None]  # [Tq, C, 1, 1]
-            k = jnp.where(in_len, k_cache[ids].reshape(tq, ct, nKV, D).astype(jnp.float32), 0.0)
+            k = k_cache[ids].reshape(tq, ct, nKV, D).astype(jnp.float32)
             v = jnp.where(in_len, v_cache[ids].reshape(tq, ct, nKV, D).astype(jnp.float32), 0.0)
             mask = kv_mask(tpos[:, None], kv_pos[None, :], kv_len)[:, None, None, :]
             return _online_update(carry, scores(qt, k), mask, v)
