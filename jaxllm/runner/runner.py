@@ -116,13 +116,15 @@ class ModelRunner:
         shape = (res.num_kv_blocks, res.engine.cache.block_size, cfg.num_kv_heads, cfg.head_dim)
         dtype = jnp.dtype(res.engine.dtype)
         caches = []
+        # Built once (not per layer: a new lambda is a new jit cache entry, i.e. a compile each);
+        # each device allocates only its shard.
+        zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=shardings) if shardings is not None else None
         for _ in range(cfg.num_layers):
             # One array per layer and per K/V: slicing a stacked [layers, ...] cache makes XLA on
             # CPU copy the slice every step.
-            if shardings is None:
+            if zeros is None:
                 caches.append((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)))
             else:
-                zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=shardings)
                 caches.append((zeros(), zeros()))
         return caches
 
