@@ -15,6 +15,7 @@ below if not already set). Ops inside a while loop are counted once.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import sys
@@ -97,13 +98,14 @@ def inspect(config, tp: int, *, dtype="float32", num_tokens=64, num_seqs=8, num_
     metadata = AttentionMetadata(slot_mapping=i32(num_tokens), block_tables=i32(num_seqs, max_blocks),
                                  kv_lens=i32(num_seqs), cu_q_lens=i32(num_seqs + 1))
 
-    def step(params, kv_caches, token_ids, positions, metadata, logits_indices, sampling_inputs):
+    def step(params, kv_caches, token_ids, positions, metadata, logits_indices, sampling_inputs, prompt_targets):
         return paged_step(params, kv_caches, token_ids, positions, metadata, logits_indices, sampling_inputs,
-                          config=run_config, attention_fn=ragged_paged_attention, flags=flags)
+                          prompt_targets, config=run_config, attention_fn=ragged_paged_attention, flags=flags,
+                          prompt_logprobs_k=0)
 
     jitted = jax.jit(step, donate_argnums=(1,), out_shardings=(rep, [(kv_sh, kv_sh)] * config.num_layers))
     compiled = jitted.lower(abstract, kv_abstract, i32(num_tokens), i32(num_tokens), metadata, i32(num_seqs),
-                            inputs).compile()
+                            inputs, i32(num_tokens)).compile()
     counts = count_collectives(compiled.as_text())
     return {
         "tp": tp, "num_kv_heads_run": run_config.num_kv_heads, "param_bytes_total": total,
@@ -130,14 +132,21 @@ def main(argv=None):
     header = (f"{'tp':>3} {'kvH/dev':>7} {'params/dev MiB':>15} {'of total':>8} {'KV/dev MiB':>11} "
               f"{'of 1-dev KV':>11} " + " ".join(f"{c:>12}" for c in COLLECTIVES[:3]) + f" {'all-reduce/layer':>16}")
     print(header)
+    one_layer = dataclasses.replace(config, num_layers=1, layer_sliding_windows=config.layer_sliding_windows[:1])
     for tp in args.tp:
         r = inspect(config, tp, dtype=args.dtype, num_blocks=args.num_blocks)
         c = r["collectives"]
+        # Per layer = (count(L layers) - count(1 layer)) / (L - 1); the rest is outside the layers
+        # (vocab-parallel embedding, LM head + sampler reductions).
+        c1 = inspect(one_layer, tp, dtype=args.dtype, num_blocks=args.num_blocks)["collectives"]
+        per_layer = (c["all-reduce"] - c1["all-reduce"]) / max(1, config.num_layers - 1)
+        outside = {k: c1[k] - (per_layer if k == "all-reduce" else 0) for k in c1 if c1[k]}
         print(f"{tp:>3} {r['num_kv_heads_run'] // tp:>7} {r['param_bytes_per_device'] / mib:>15.1f} "
               f"{r['param_bytes_per_device'] / r['param_bytes_total']:>8.3f} {r['kv_bytes_per_device'] / mib:>11.1f} "
               f"{r['kv_bytes_per_device'] / r['kv_bytes_canonical']:>11.3f} "
               + " ".join(f"{c[name]:>12}" for name in COLLECTIVES[:3])
-              + f" {c['all-reduce'] / r['num_layers']:>16.2f}")
+              + f" {per_layer:>16.2f}")
+        print(f"    outside the layers: {outside}")
         other = {k: v for k, v in c.items() if k not in COLLECTIVES[:3] and v}
         if other:
             print(f"    also: {other}")

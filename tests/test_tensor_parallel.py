@@ -1,6 +1,7 @@
 """Tensor parallelism: greedy tokens and logits identical for tp 1/2/4, shardings follow the
 ParamSpecs, ~1/N parameter bytes per device, KV cache sharded over (replicated) KV heads, a
-2-process gloo run equals one process, orbax restores into other mesh shapes, clear errors.
+2-process gloo run equals one process, orbax restores into other mesh shapes, the shard_map'd
+Pallas kernel equals the reference, clear errors.
 
 Scenarios needing 8 fake CPU devices run in subprocesses (tests/helpers/tp_worker.py) started
 together by a module fixture: jax fixes the device count when its backend starts, which pytest
@@ -69,6 +70,7 @@ def jobs(model_dir, tmp_path_factory):
     started = {
         "engine": _Job(["engine", model_dir], str(tmp / "engine.json")),
         "orbax": _Job(["orbax", model_dir, str(tmp / "ckpt")], str(tmp / "orbax.json")),
+        "pallas": _Job(["pallas"], str(tmp / "pallas.json")),
     }
     for i in range(2):
         env = {"JAXLLM_COORDINATOR": f"127.0.0.1:{port}", "JAXLLM_NUM_PROCESSES": "2", "JAXLLM_PROCESS_ID": str(i)}
@@ -147,6 +149,13 @@ def test_orbax_restore_into_other_mesh_shapes(jobs):
         assert r[tp]["k_proj_equal"] and r[tp]["q_proj_equal"], tp
         assert r[tp]["max_logit_diff"] < LOGIT_TOL, tp
     assert r["4"]["embed_spec"] == "P('tp', None)" and r["4"]["down_spec"] == "P('tp', None)"
+
+
+def test_shard_map_pallas_attention_matches_reference(jobs):
+    r = jobs["pallas"].result()
+    for tp in ("2", "4"):  # KV heads split / replicated
+        assert r[tp]["max_diff"] < 1e-5, tp
+        assert r[tp]["out_spec"] == "P(None, 'tp')"
 
 
 # ---------------------------------------------------------------- in-process (no devices needed)

@@ -6,6 +6,7 @@ XLA_FLAGS are set before jax is imported, and writes its findings as JSON.
 
     python tests/helpers/tp_worker.py engine MODEL_DIR OUT.json
     python tests/helpers/tp_worker.py orbax MODEL_DIR CKPT_DIR OUT.json
+    python tests/helpers/tp_worker.py pallas OUT.json
     JAXLLM_COORDINATOR=127.0.0.1:PORT JAXLLM_NUM_PROCESSES=2 JAXLLM_PROCESS_ID=i \\
         python tests/helpers/tp_worker.py multihost MODEL_DIR OUT.json   (2 devices per process)
 """
@@ -168,5 +169,35 @@ def multihost(model_dir, out_path):
     distributed.shutdown()
 
 
+def pallas(out_path):
+    """shard_map-wrapped Pallas kernel (interpret mode on CPU) vs the unsharded jnp reference, with
+    KV heads split (tp=2) and replicated (tp=4: 2 KV heads expanded as the engine does)."""
+    import jax
+    import numpy as np
+
+    from jaxllm.attention import pallas as pallas_attention
+    from jaxllm.attention.reference import ragged_paged_attention as reference
+    from jaxllm.parallel import kv_cache_sharding, make_mesh
+    from jaxllm.parallel.attention import shard_map_attention
+    from tests.attention_cases import make_case
+
+    case = make_case([(5, 12), (1, 9), (0, 0), (7, 7)], num_kv_heads=2, group=2, block_size=8, head_dim=16)
+    want = np.asarray(reference(*case.args(), sm_scale=case.sm_scale))
+    result = {}
+    for tp in (2, 4):
+        r = max(1, tp // 2)
+        k, v = (np.repeat(c, r, axis=2) for c in (case.k_cache, case.v_cache))  # [h0,h0,h1,h1] at tp=4
+        mesh = make_mesh(tp)
+        k, v = (jax.device_put(c, kv_cache_sharding(mesh)) for c in (k, v))
+        fn = jax.jit(shard_map_attention(pallas_attention.ragged_paged_attention, mesh),
+                     static_argnames=("sm_scale", "sliding_window", "soft_cap"))
+        got = fn(case.q, k, v, case.kv_lens, case.block_tables, case.cu_q_lens, sm_scale=case.sm_scale)
+        t = int(case.cu_q_lens[-1])
+        result[str(tp)] = {"max_diff": float(np.max(np.abs(np.asarray(got)[:t] - want[:t]))),
+                           "out_spec": str(got.sharding.spec)}
+    with open(out_path, "w") as f:
+        json.dump(result, f)
+
+
 if __name__ == "__main__":
-    {"engine": engine, "orbax": orbax, "multihost": multihost}[MODE](*sys.argv[2:])
+    {"engine": engine, "orbax": orbax, "multihost": multihost, "pallas": pallas}[MODE](*sys.argv[2:])
