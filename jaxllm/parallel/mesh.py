@@ -9,6 +9,7 @@ is global). What must divide what (checked by `validate_tp`, each error names bo
   (N > num_kv_heads: each KV head is replicated on N / num_kv_heads devices, as in vLLM; see
   rules.kv_head_replicas). Anything else would split a KV head across devices.
 * intermediate_size % N == 0: gate/up output columns and down_proj input rows.
+* Multi-host: the mesh must include devices of every process (use tp = jax.device_count()).
 * vocab_size need NOT divide: the embedding / LM head are vocabulary-parallel when it does, and
   replicated when it does not (an uneven split would need a padded vocabulary; replicating costs
   memory, never correctness). hidden_size is never sharded.
@@ -39,9 +40,17 @@ def make_mesh(tensor_parallel_size: int, devices=None) -> Mesh:
             f"({devices[0].platform if devices else 'none'}); on CPU, fake more with "
             f"XLA_FLAGS=--xla_force_host_platform_device_count={n} (set before jax is imported)"
         )
+    chosen = devices[:n]
+    missing = sorted({d.process_index for d in devices} - {d.process_index for d in chosen})
+    if missing:
+        # Every process runs the same step and must own part of the mesh to read its outputs.
+        raise ValueError(
+            f"tensor_parallel_size={n} uses devices of processes {sorted({d.process_index for d in chosen})} "
+            f"only, but processes {missing} also run; in a multi-host run use all {len(devices)} devices"
+        )
     # Auto axis types: GSPMD propagates shardings from the parameters and inserts the collectives
     # (jax.make_mesh would default to Explicit sharding, which needs per-op annotations).
-    return Mesh(np.asarray(devices[:n]), (TP_AXIS,), axis_types=(AxisType.Auto,))
+    return Mesh(np.asarray(chosen), (TP_AXIS,), axis_types=(AxisType.Auto,))
 
 
 def validate_tp(config, tensor_parallel_size: int) -> None:

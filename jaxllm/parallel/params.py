@@ -58,11 +58,11 @@ def make_place(config, mesh: Mesh, dtype):
     # canonical spec; all weights with the same canonical spec share a sharding.
     canon = weights.param_specs(config, dtype)
     by_spec = {}
-    for sp, tsp, sh in zip(*(jax.tree.leaves(t, is_leaf=_is_leaf) for t in (canon, tp_specs, tp_shardings))):
-        by_spec[(sp.shape, sp.logical_axes)] = (tsp, sh)
+    for sp, sh in zip(*(jax.tree.leaves(t, is_leaf=_is_leaf) for t in (canon, tp_shardings))):
+        by_spec[(sp.shape, sp.logical_axes)] = sh
 
     def place(spec, array):
-        _, sharding = by_spec[(spec.shape, spec.logical_axes)]
+        sharding = by_spec[(spec.shape, spec.logical_axes)]
         if "kv_heads" in spec.logical_axes:
             array = expand_kv_heads(array, spec.logical_axes.index("kv_heads"), config.head_dim, r)
         return _put(np.asarray(array).astype(spec.dtype), sharding)
