@@ -74,7 +74,7 @@ def test_tensors_and_config_match_transformers(gguf_path, hf_reference):
     from jaxllm.models.model_config import ModelConfig
 
     model, tensors = hf_reference
-    ckpt = GGUFCheckpoint(gguf_path)
+    ckpt = GGUFCheckpoint(gguf_path, cache_dir=None)  # straight from gguf.GGUFReader
     assert set(ckpt.tensor_names()) == set(tensors)
     for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.29.self_attn.k_proj.weight"):
         # Permuted q/k would still hold the same values, just in other rows: compare exactly.
@@ -83,6 +83,25 @@ def test_tensors_and_config_match_transformers(gguf_path, hf_reference):
         np.testing.assert_array_equal(ckpt.get_tensor(name), tensors[name].numpy(), err_msg=name)
     ours, theirs = ModelConfig.from_hf(ckpt.hf_config), ModelConfig.from_hf(model.config)
     assert ours == theirs, (ours, theirs)
+
+
+@pytest.mark.slow
+def test_cache_gives_same_checkpoint_and_tokenizer(gguf_path, tmp_path):
+    from jaxllm.models.gguf import GGUFCheckpoint, load_gguf_tokenizer
+
+    cold = GGUFCheckpoint(gguf_path, cache_dir=str(tmp_path))  # gguf.GGUFReader; writes index.json
+    warm = GGUFCheckpoint(gguf_path, cache_dir=str(tmp_path))  # reads index.json only
+    assert len(list(tmp_path.glob("*/index.json"))) == 1
+    assert cold.hf_config.to_dict() == warm.hf_config.to_dict()
+    for name in ("model.embed_tokens.weight", "model.layers.3.self_attn.k_proj.weight", "model.norm.weight"):
+        np.testing.assert_array_equal(warm.get_tensor(name), cold.get_tensor(name), err_msg=name)
+
+    msgs = [{"role": "user", "content": "Héllo 日本 \t  spaces"}]
+    cold_tok = load_gguf_tokenizer(gguf_path, cache_dir=str(tmp_path))  # built from the GGUF vocab
+    warm_tok = load_gguf_tokenizer(gguf_path, cache_dir=str(tmp_path))  # save_pretrained copy
+    assert len(list(tmp_path.glob("*/tokenizer/tokenizer.json"))) == 1
+    assert _chat_ids(cold_tok, msgs) == _chat_ids(warm_tok, msgs)
+    assert warm_tok.chat_template == cold_tok.chat_template and warm_tok.eos_token_id == cold_tok.eos_token_id
 
 
 def _chat_ids(tokenizer, messages):

@@ -8,16 +8,22 @@ Why un-permute: llama.cpp's converter reorders the rows of q_proj/k_proj within 
 HF's "rotate halves" RoPE layout [x0..x(D/2-1), y0..y(D/2-1)] to interleaved pairs [x0,y0,x1,y1,...]
 (GPT-J style). jaxllm (like HF) applies rotate-halves RoPE, so the rows are put back.
 
-Speed: for SmolLM2-135M (Q4_1), parsing the file takes ~1.5 s (mostly the 49k-entry vocab
-arrays) and dequantizing all tensors with gguf's numpy kernels ~1 s, so no on-disk cache of the
-dequantized weights is kept: it would save ~1 s at the cost of ~540 MB of float32 on disk.
-Tensors are dequantized lazily, one at a time, as `params_from_hf_tensors` asks for them.
+Speed: for SmolLM2-135M (Q4_1), `gguf.GGUFReader` spends ~1.5 s parsing the 49k-entry vocab
+arrays, and transformers ~2 s rebuilding the tokenizer from them. Both results are cached, small,
+under ~/.cache/jaxllm/gguf/<file>-<hash of path, size, mtime>/: `index.json` (config + tensor
+offsets) and `tokenizer/` (save_pretrained). Dequantized weights are NOT cached (~540 MB of f32 to
+save ~1 s): tensors are np.memmap'ed and dequantized lazily, one at a time, as
+`params_from_hf_tensors` asks for them.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
+import shutil
+import tempfile
 from typing import Callable
 
 import numpy as np
@@ -68,64 +74,93 @@ def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, d // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "jaxllm", "gguf")
+
+
+def _cache_entry(path: str, cache_dir: str | None) -> str | None:
+    """Per-file cache directory, keyed by absolute path, size and mtime (so a replaced file misses)."""
+    if cache_dir is None:
+        return None
+    st = os.stat(path)
+    key = f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}"
+    name = f"{os.path.basename(path)}-{hashlib.sha1(key.encode()).hexdigest()[:16]}"
+    return os.path.join(cache_dir, name)
+
+
 class GGUFCheckpoint:
     """An open GGUF file: its HF config and a lazy HF-named tensor getter.
 
     `get_tensor(hf_name)` returns float32 numpy in HF layout (Linear weights [out, in]).
+    cache_dir: where a small JSON index (config + each tensor's type/shape/file offset, ~50 KB) is
+    kept, so later opens skip `gguf.GGUFReader`, whose parsing of the vocab arrays is the slowest
+    part of loading. None disables the cache. Weights are never cached: they are re-read
+    (np.memmap) and dequantized each time.
     """
 
-    def __init__(self, path_or_alias: str):
+    def __init__(self, path_or_alias: str, cache_dir: str | None = DEFAULT_CACHE_DIR):
         import gguf  # imported here: only GGUF users pay for it
 
         self.path = resolve_model_path(path_or_alias)
-        self.reader = gguf.GGUFReader(self.path)
         self._dequantize = gguf.quants.dequantize
-        self.arch = self._field("general.architecture")
-        if self.arch != "llama":
-            raise NotImplementedError(
-                f"GGUF architecture {self.arch!r} is not supported (only 'llama'): {self.path}"
-            )
-        self._tensors = {}  # HF name -> gguf ReaderTensor
-        for t in self.reader.tensors:
+        self._qtype = gguf.GGMLQuantizationType
+        entry = _cache_entry(self.path, cache_dir)
+        index_file = None if entry is None else os.path.join(entry, "index.json")
+        index = None
+        if index_file is not None and os.path.exists(index_file):
+            with open(index_file) as f:
+                index = json.load(f)
+        if index is None or index.get("version") != _INDEX_VERSION:
+            index = self._build_index(gguf.GGUFReader(self.path))
+            if index_file is not None:
+                _atomic_write_json(index_file, index)
+        self._tensors = index["tensors"]  # HF name -> {type, data_shape, dtype, offset}
+        self.hf_config = _hf_config(index["config"])
+
+    def _build_index(self, reader) -> dict:
+        def field(key, default=None):
+            f = reader.fields.get(key)
+            return default if f is None else f.contents()
+
+        arch = field("general.architecture")
+        if arch != "llama":
+            raise NotImplementedError(f"GGUF architecture {arch!r} is not supported (only 'llama'): {self.path}")
+        tensors = {}
+        for t in reader.tensors:
             hf = gguf_to_hf_name(t.name)
             if hf is None:
                 # e.g. rope_freqs (llama3 RoPE scaling baked into a tensor): refuse, don't ignore.
                 raise NotImplementedError(f"unsupported GGUF tensor {t.name!r} in {self.path}")
-            self._tensors[hf] = t
-        self.hf_config = self._build_hf_config()
-
-    def _field(self, key: str, default=None):
-        f = self.reader.fields.get(key)
-        return default if f is None else f.contents()
-
-    def _build_hf_config(self):
-        from transformers import LlamaConfig
-
-        a = self.arch
-        hidden = int(self._field(f"{a}.embedding_length"))
-        n_heads = int(self._field(f"{a}.attention.head_count"))
-        scaling = self._field(f"{a}.rope.scaling.type", "none")
+            # data_shape/dtype: what GGUFReader exposes (quantized: uint8 [rows, bytes per row]),
+            # i.e. what gguf.quants.dequantize expects; shape: the logical HF [out, in].
+            tensors[hf] = {
+                "type": int(t.tensor_type), "data_shape": [int(s) for s in t.data.shape],
+                "dtype": t.data.dtype.str, "offset": int(t.data_offset),
+                "shape": [int(s) for s in reversed(t.shape)],
+            }
+        hidden = int(field(f"{arch}.embedding_length"))
+        n_heads = int(field(f"{arch}.attention.head_count"))
+        scaling = field(f"{arch}.rope.scaling.type", "none")
         if scaling not in ("none", None):
             raise NotImplementedError(f"GGUF RoPE scaling {scaling!r} is not supported: {self.path}")
-        embd = self._tensors["model.embed_tokens.weight"]
-        eos = self._field("tokenizer.ggml.eos_token_id")
-        return LlamaConfig(
+        eos = field("tokenizer.ggml.eos_token_id")
+        config = dict(
             architectures=["LlamaForCausalLM"],
-            vocab_size=int(embd.shape[-1]),  # gguf shapes are [in, out]: last dim is the vocab
+            vocab_size=tensors["model.embed_tokens.weight"]["shape"][0],
             hidden_size=hidden,
-            intermediate_size=int(self._field(f"{a}.feed_forward_length")),
-            num_hidden_layers=int(self._field(f"{a}.block_count")),
+            intermediate_size=int(field(f"{arch}.feed_forward_length")),
+            num_hidden_layers=int(field(f"{arch}.block_count")),
             num_attention_heads=n_heads,
-            num_key_value_heads=int(self._field(f"{a}.attention.head_count_kv", n_heads)),
-            head_dim=int(self._field(f"{a}.attention.key_length", hidden // n_heads)),
-            rms_norm_eps=float(self._field(f"{a}.attention.layer_norm_rms_epsilon")),
-            rope_theta=float(self._field(f"{a}.rope.freq_base", 10000.0)),
-            max_position_embeddings=int(self._field(f"{a}.context_length", 2048)),
+            num_key_value_heads=int(field(f"{arch}.attention.head_count_kv", n_heads)),
+            head_dim=int(field(f"{arch}.attention.key_length", hidden // n_heads)),
+            rms_norm_eps=float(field(f"{arch}.attention.layer_norm_rms_epsilon")),
+            rope_theta=float(field(f"{arch}.rope.freq_base", 10000.0)),
+            max_position_embeddings=int(field(f"{arch}.context_length", 2048)),
             # llama.cpp drops output.weight when the head is tied to the embedding.
-            tie_word_embeddings="lm_head.weight" not in self._tensors,
-            bos_token_id=self._field("tokenizer.ggml.bos_token_id"),
+            tie_word_embeddings="lm_head.weight" not in tensors,
+            bos_token_id=field("tokenizer.ggml.bos_token_id"),
             eos_token_id=None if eos is None else int(eos),
         )
+        return {"version": _INDEX_VERSION, "config": config, "tensors": tensors}
 
     def tensor_names(self) -> list[str]:
         return list(self._tensors)
@@ -135,9 +170,9 @@ class GGUFCheckpoint:
         t = self._tensors.get(hf_name)
         if t is None:
             raise KeyError(f"tensor {hf_name!r} not in GGUF file {self.path}")
-        # dequantize returns numpy shape = reversed gguf shape, i.e. HF's [out, in].
-        w = np.asarray(self._dequantize(t.data, t.tensor_type), dtype=np.float32)
-        w = w.reshape([int(s) for s in reversed(t.shape)])
+        raw = np.memmap(self.path, dtype=np.dtype(t["dtype"]), mode="r", offset=t["offset"],
+                        shape=tuple(t["data_shape"]))
+        w = np.asarray(self._dequantize(raw, self._qtype(t["type"])), dtype=np.float32).reshape(t["shape"])
         if ".self_attn.q_proj." in hf_name:
             w = unpermute_rope_rows(w, self.hf_config.num_attention_heads)
         elif ".self_attn.k_proj." in hf_name:
@@ -145,12 +180,32 @@ class GGUFCheckpoint:
         return w
 
 
-def load_gguf_model(path_or_alias: str, dtype="float32", place: Callable | None = None):
+_INDEX_VERSION = 1
+
+
+def _hf_config(kwargs: dict):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**kwargs)
+
+
+def _atomic_write_json(path: str, obj) -> None:
+    # Write-then-rename: a concurrent reader sees the old file or the whole new one, never half.
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f)
+    os.replace(tmp, path)
+
+
+def load_gguf_model(
+    path_or_alias: str, dtype="float32", place: Callable | None = None, cache_dir: str | None = DEFAULT_CACHE_DIR
+):
     """Build a jaxllm Model from a GGUF file or alias (e.g. "smollm2-135m-instruct").
 
     dtype: parameter dtype, "float32" (default: the weights were 4-bit anyway, and on CPU f32
     matmuls are no slower than bf16) or "bfloat16" (a jnp dtype works too). place: optional
-    per-tensor device placement hook, as in `params_from_hf_tensors`.
+    per-tensor device placement hook, as in `params_from_hf_tensors`. cache_dir: see GGUFCheckpoint.
     Returns `jaxllm.model.Model`, whose `.forward(token_ids [T]) -> logits [T, V]`.
     """
     import jax.numpy as jnp
@@ -162,15 +217,32 @@ def load_gguf_model(path_or_alias: str, dtype="float32", place: Callable | None 
     dtype_name = jnp.dtype(dtype).name  # Model (like loader.load_model) takes the name
     if dtype_name not in ("float32", "bfloat16"):
         raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
-    ckpt = GGUFCheckpoint(path_or_alias)
+    ckpt = GGUFCheckpoint(path_or_alias, cache_dir)
     config = ModelConfig.from_hf(ckpt.hf_config)
     params = params_from_hf_tensors(config, ckpt.get_tensor, jnp.dtype(dtype_name), place=place)
     return Model(config=config, params=params, dtype=dtype_name, path=ckpt.path)
 
 
-def load_gguf_tokenizer(path_or_alias: str):
-    """The transformers tokenizer stored in the GGUF file, chat template included."""
+def load_gguf_tokenizer(path_or_alias: str, cache_dir: str | None = DEFAULT_CACHE_DIR):
+    """The transformers tokenizer stored in the GGUF file, chat template included.
+
+    transformers rebuilds it from the GGUF vocab and merges (seconds); the result is saved with
+    `save_pretrained` under cache_dir (~3 MB) and later calls load that instead. None: no cache.
+    """
     from transformers import AutoTokenizer
 
     path = resolve_model_path(path_or_alias)
-    return AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+    entry = _cache_entry(path, cache_dir)
+    cached = None if entry is None else os.path.join(entry, "tokenizer")
+    if cached is not None and os.path.isdir(cached):
+        return AutoTokenizer.from_pretrained(cached)
+    tok = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+    if cached is not None:
+        os.makedirs(entry, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=entry)
+        tok.save_pretrained(tmp)
+        try:
+            os.rename(tmp, cached)  # atomic; loses harmlessly to a concurrent writer
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return tok
