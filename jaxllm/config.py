@@ -24,8 +24,10 @@ def _require(ok: bool, message: str) -> None:
 @dataclasses.dataclass(frozen=True)
 class CacheConfig:
     block_size: int = 16  # tokens per KV block
-    # Exactly one way to size the cache: a block count, or a byte budget for K and V of all layers.
-    # With neither, the cache holds max_num_seqs full-length sequences, capped at 2 GiB.
+    # Exactly one way to size the cache: a block count, or a byte budget for K and V of all layers
+    # on each device (per device, as vLLM's budget: with tensor parallelism a device holds only
+    # its KV heads). With neither, the cache holds max_num_seqs full-length sequences, capped at
+    # 2 GiB per device.
     num_kv_blocks: int | None = None
     kv_cache_memory_bytes: int | None = None
 
@@ -122,8 +124,10 @@ class EngineConfig:
         )
         block_size = self.cache.block_size
         max_blocks_per_seq = math.ceil(max_model_len / block_size)
+        # KV heads on one device: sharded over tp, or one (replicated) head when tp > num_kv_heads.
+        kv_heads_per_device = max(1, model_config.num_kv_heads // self.parallel.tensor_parallel_size)
         bytes_per_block = (
-            2 * model_config.num_layers * block_size * model_config.num_kv_heads
+            2 * model_config.num_layers * block_size * kv_heads_per_device
             * model_config.head_dim * (4 if self.dtype == "float32" else 2)
         )
         if self.cache.num_kv_blocks is not None:
@@ -161,7 +165,7 @@ class ResolvedEngineConfig:
     max_model_len: int
     num_kv_blocks: int  # including the reserved sink block 0
     max_blocks_per_seq: int
-    kv_cache_bytes: int
+    kv_cache_bytes: int  # per device
     token_buckets: tuple[int, ...]
 
 

@@ -1,0 +1,66 @@
+"""EngineConfig validation and resolution (host only, no model needed)."""
+
+import pytest
+
+from jaxllm.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig
+from jaxllm.models.model_config import ModelConfig, RopeConfig
+
+
+def model_config(num_kv_heads=4, max_pos=1000):
+    return ModelConfig(
+        architecture="LlamaForCausalLM", vocab_size=100, hidden_size=64, intermediate_size=128,
+        num_layers=2, num_heads=8, num_kv_heads=num_kv_heads, head_dim=8, rms_norm_eps=1e-6,
+        rope=RopeConfig(), max_position_embeddings=max_pos, tie_word_embeddings=False,
+        attention_bias=False, qk_norm=False, layer_sliding_windows=(None, None),
+    )
+
+
+def test_blocks_from_memory_budget_per_device():
+    # One block: 2 (K,V) * 2 layers * 16 tokens * 4 heads * 8 dims * 4 bytes = 8192 bytes.
+    cfg = EngineConfig(model="m", cache=CacheConfig(kv_cache_memory_bytes=8192 * 10))
+    res = cfg.resolve(model_config())
+    assert res.num_kv_blocks == 10 and res.kv_cache_bytes == 81920
+    # tp=2: a device holds 2 of the 4 KV heads, so the same budget buys twice the blocks.
+    tp2 = EngineConfig(model="m", cache=CacheConfig(kv_cache_memory_bytes=8192 * 10),
+                       parallel=ParallelConfig(tensor_parallel_size=2))
+    assert tp2.resolve(model_config()).num_kv_blocks == 20
+    # tp=8 > 4 KV heads: each device holds one (replicated) head.
+    tp8 = EngineConfig(model="m", cache=CacheConfig(kv_cache_memory_bytes=8192 * 10),
+                       parallel=ParallelConfig(tensor_parallel_size=8))
+    assert tp8.resolve(model_config()).num_kv_blocks == 40
+
+
+def test_defaults_resolve_from_the_model():
+    res = EngineConfig(model="m", scheduler=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=100)).resolve(
+        model_config(max_pos=160)
+    )
+    assert res.max_model_len == 160 and res.max_blocks_per_seq == 10
+    assert res.num_kv_blocks == 4 * 10 + 1  # every seat full length, plus sink block 0
+    assert res.token_buckets == (8, 16, 32, 64, 100)
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: CacheConfig(num_kv_blocks=10, kv_cache_memory_bytes=100), "not both"),
+        (lambda: CacheConfig(block_size=0), "block_size must be a positive int, got 0"),
+        (lambda: CacheConfig(num_kv_blocks=1), "num_kv_blocks must be an int >= 2"),
+        (lambda: SchedulerConfig(max_num_seqs=0), "max_num_seqs must be a positive int, got 0"),
+        (lambda: SchedulerConfig(max_num_batched_tokens=-3), "got -3"),
+        (lambda: EngineConfig(model="m", dtype="float16"), "dtype must be one of"),
+        (lambda: EngineConfig(model="m", attention_backend="triton"), "'triton'"),
+        (lambda: ParallelConfig(tensor_parallel_size=0), "tensor_parallel_size"),
+    ],
+)
+def test_bad_values_are_named(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_resolve_rejects_what_the_model_cannot_do():
+    with pytest.raises(ValueError, match="max_model_len=2000 exceeds the model's max_position_embeddings=1000"):
+        EngineConfig(model="m", scheduler=SchedulerConfig(max_model_len=2000)).resolve(model_config())
+    with pytest.raises(ValueError, match="holds 0 blocks"):
+        EngineConfig(model="m", cache=CacheConfig(kv_cache_memory_bytes=100)).resolve(model_config())
+    with pytest.raises(ValueError, match="largest token bucket 64 is below max_num_batched_tokens=512"):
+        EngineConfig(model="m", token_buckets=(16, 64)).resolve(model_config())
