@@ -74,7 +74,7 @@ def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, d // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "jaxllm", "gguf")
+DEFAULT_CACHE_DIR = "~/.cache/jaxllm/gguf"  # expanded at call time, not import time
 
 
 def _cache_entry(path: str, cache_dir: str | None) -> str | None:
@@ -84,7 +84,7 @@ def _cache_entry(path: str, cache_dir: str | None) -> str | None:
     st = os.stat(path)
     key = f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}"
     name = f"{os.path.basename(path)}-{hashlib.sha1(key.encode()).hexdigest()[:16]}"
-    return os.path.join(cache_dir, name)
+    return os.path.join(os.path.expanduser(cache_dir), name)
 
 
 class GGUFCheckpoint:
@@ -112,7 +112,7 @@ class GGUFCheckpoint:
         if index is None or index.get("version") != _INDEX_VERSION:
             index = self._build_index(gguf.GGUFReader(self.path))
             if index_file is not None:
-                _atomic_write_json(index_file, index)
+                _try_write_json(index_file, index)
         self._tensors = index["tensors"]  # HF name -> {type, data_shape, dtype, offset}
         self.hf_config = _hf_config(index["config"])
 
@@ -189,13 +189,18 @@ def _hf_config(kwargs: dict):
     return LlamaConfig(**kwargs)
 
 
-def _atomic_write_json(path: str, obj) -> None:
-    # Write-then-rename: a concurrent reader sees the old file or the whole new one, never half.
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f)
-    os.replace(tmp, path)
+def _try_write_json(path: str, obj) -> None:
+    """Best effort (a read-only cache dir only costs speed). Write-then-rename: a concurrent
+    reader sees no file or the whole file, never half of one."""
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except OSError:
+        pass
 
 
 def load_gguf_model(
@@ -238,11 +243,14 @@ def load_gguf_tokenizer(path_or_alias: str, cache_dir: str | None = DEFAULT_CACH
         return AutoTokenizer.from_pretrained(cached)
     tok = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
     if cached is not None:
-        os.makedirs(entry, exist_ok=True)
-        tmp = tempfile.mkdtemp(dir=entry)
-        tok.save_pretrained(tmp)
-        try:
+        tmp = None
+        try:  # best effort, as for index.json
+            os.makedirs(entry, exist_ok=True)
+            tmp = tempfile.mkdtemp(dir=entry)
+            tok.save_pretrained(tmp)
+            os.chmod(tmp, 0o755)
             os.rename(tmp, cached)  # atomic; loses harmlessly to a concurrent writer
         except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
     return tok
