@@ -130,6 +130,16 @@ def test_logits_and_greedy_tokens_match_transformers(gguf_path, hf_reference):
     ours = np.asarray(model.forward(padded))[: len(prompt)]
     np.testing.assert_allclose(ours, hf_logits, atol=2e-3, rtol=0)
 
+    # A long multi-turn chat too: RoPE mistakes (e.g. a wrong q/k permutation) can hide at short range.
+    story = "The lighthouse keeper counted ships, wrote letters to his sister, and mended nets. " * 5
+    long_prompt = _chat_ids(tok, [
+        {"role": "user", "content": story}, {"role": "assistant", "content": story},
+        {"role": "user", "content": "Summarise that in one sentence."}])
+    assert len(long_prompt) > 200
+    with torch.no_grad():
+        hf_long = hf_model(torch.tensor([long_prompt])).logits[0].numpy()
+    np.testing.assert_allclose(np.asarray(model.forward(long_prompt)), hf_long, atol=2e-3, rtol=0)
+
     # transformers greedy (KV-cached generate; raw logits of every step kept).
     with torch.no_grad():
         out = hf_model.generate(
