@@ -40,6 +40,15 @@ def test_name_map():
     assert gguf_to_hf_name("rope_freqs.weight") is None
 
 
+def test_missing_alias_package_says_how_to_install(monkeypatch):
+    from jaxllm.models import aliases
+
+    monkeypatch.setitem(aliases._PACKAGED_GGUF, "tiny-x", ("no_such_pkg_jaxllm", "x.gguf", "pip install tiny-x"))
+    with pytest.raises(FileNotFoundError, match="pip install tiny-x"):
+        aliases.resolve_model_path("tiny-x")
+    assert aliases.resolve_model_path("/some/dir") == "/some/dir"  # not an alias: unchanged
+
+
 @pytest.fixture(scope="module")
 def gguf_path():
     from jaxllm.models.aliases import resolve_model_path
