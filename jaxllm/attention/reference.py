@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels.ragged_paged_attention import common as _common
+
 # Finite "minus infinity": a fully masked row then has m = _MASK, exp(s - m) stays finite and the
 # `where` on p zeroes it, instead of producing (-inf) - (-inf) = NaN.
 _MASK = -1e30
@@ -36,26 +38,10 @@ _GATHER_BUDGET = 2 * 1024 * 1024
 _MAX_CHUNK_TOKENS = 512
 
 
-def write_kv(k_cache, v_cache, k, v, slot_mapping):
-    """Scatter this step's keys/values into the paged cache.
-
-    Args:
-      k_cache, v_cache: [num_blocks, block_size, nKV, D].
-      k, v: [T, nKV, D] (cast to the cache dtype).
-      slot_mapping: [T] int32, slot = block_id * block_size + offset. Padding tokens point into
-        block 0 (a sink never handed out), so no masking is needed here.
-    Returns:
-      (k_cache, v_cache) updated. Under jit with the caches donated, XLA updates in place; no dense
-      copy of the cache is made.
-    """
-    block_size = k_cache.shape[1]
-    blk = slot_mapping // block_size
-    off = slot_mapping % block_size
-    # Two-index scatter rather than reshaping to [num_blocks*block_size, ...]: the reshape is free
-    # on most backends but not guaranteed to be (tiled TPU layouts), the 2-D index always is.
-    k_cache = k_cache.at[blk, off].set(k.astype(k_cache.dtype), mode="promise_in_bounds")
-    v_cache = v_cache.at[blk, off].set(v.astype(v_cache.dtype), mode="promise_in_bounds")
-    return k_cache, v_cache
+# The KV write is one jnp scatter for every backend (its reasons are in pallas_kernels' README:
+# in place when the step donates the cache, and it moves only T * nKV * D elements), so the
+# reference uses the kernel family's function rather than a copy of it.
+write_kv = _common.write_kv
 
 
 def token_metadata(kv_lens, cu_q_lens, num_tokens):
