@@ -316,7 +316,23 @@ def step_summary(steps: list[dict], elapsed: float) -> dict:
         "num_decode_only_steps": len(decode_steps),
         "decode_step_ms_median": 1e3 * float(np.median([s["step"] for s in decode_steps])) if decode_steps else None,
         "decode_seqs_median": float(np.median([s["num_seqs"] for s in decode_steps])) if decode_steps else None,
+        # Median decode step time by batch size: the slope is the per-sequence cost, the intercept
+        # the fixed cost (weight streaming + per-step overhead) that continuous batching amortises.
+        "decode_step_ms_by_seqs": _median_by_bins(decode_steps),
+        # Per-step trace for offline analysis: [num_tokens, padded_tokens, num_seqs, step_ms, execute_ms].
+        "trace": [[s["num_tokens"], s["padded_tokens"], s["num_seqs"], round(1e3 * s["step"], 3),
+                   round(1e3 * s.get("execute", 0.0), 3)] for s in steps],
     }
+
+
+def _median_by_bins(steps: list[dict], edges=(1, 2, 4, 8, 16, 32, 64, 128, 256, 1 << 30)) -> dict:
+    out, lo = {}, 1
+    for hi in edges:
+        sel = [1e3 * s["step"] for s in steps if lo <= s["num_seqs"] <= hi]
+        if sel:
+            out[f"{lo}-{hi}" if hi != lo else str(lo)] = {"median_ms": float(np.median(sel)), "steps": len(sel)}
+        lo = hi + 1
+    return out
 
 
 def roofline_fraction(steps: list[dict], elapsed: float, cost: ModelCost, roof: dict) -> dict:
@@ -442,8 +458,13 @@ def _hf_model(model_dir: str):
     import torch
     import transformers
 
+    if _TORCH_THREADS[0]:
+        torch.set_num_threads(_TORCH_THREADS[0])
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     return model.eval()
+
+
+_TORCH_THREADS = [None]  # set by main() from --torch-threads
 
 
 def run_hf_static(model_dir: str, workload, batch_size: int) -> dict:
@@ -470,16 +491,19 @@ def run_hf_static(model_dir: str, workload, batch_size: int) -> dict:
     for start in range(0, workload.num_requests, batch_size):
         prompts = workload.prompts[start:start + batch_size]
         n_new = max(workload.output_lens[start:start + batch_size])
+        tb = time.perf_counter()
         out = gen(prompts, n_new)
+        print(f"  batch {start // batch_size}: {len(prompts)} x {n_new} new tokens, "
+              f"{time.perf_counter() - tb:.1f} s", flush=True)
         assert out.shape[1] - max(len(p) for p in prompts) == n_new
         generated += n_new * len(prompts)
-        batches.append({"size": len(prompts), "max_new_tokens": n_new,
+        batches.append({"size": len(prompts), "max_new_tokens": n_new, "time_s": time.perf_counter() - tb,
                         "max_prompt": max(len(p) for p in prompts)})
     elapsed = time.perf_counter() - t0
     res = throughput(workload, elapsed)
     res.update(generated_tokens_incl_wasted=generated,
                useful_token_frac=sum(workload.output_lens) / generated,
-               num_batches=len(batches), batch_size=batch_size,
+               num_batches=len(batches), batch_size=batch_size, batches=batches,
                kv_cache=static_kv_utilisation(workload, batch_size))
     return res
 
@@ -584,6 +608,10 @@ def parse_args(argv=None):
     p.add_argument("--skip-hf-static", action="store_true")
     p.add_argument("--skip-hf-cb", action="store_true")
     p.add_argument("--hf-cb-timeout", type=float, default=1800.0)
+    p.add_argument("--torch-threads", type=int, default=None,
+                   help="torch.set_num_threads for the transformers runs (default: torch's own choice). "
+                        "On a box shared with other jobs, OpenMP spin-waiting with 2 threads can be many "
+                        "times slower than 1 thread; this flag makes that visible and controllable")
     p.add_argument("--replay-reps", type=int, default=None,
                    help="reps of the phase-breakdown replay; 0 skips it (default 7; 0 with --quick)")
     p.add_argument("--peak-gflops", type=float, default=None,
@@ -628,6 +656,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     import transformers
 
+    _TORCH_THREADS[0] = args.torch_threads
     t_start = time.perf_counter()
     print("measuring roofline ...", flush=True)
     roof = measure_roofline(matmul_n=512 if args.quick else 2048, bw_bytes=(16 if args.quick else 256) << 20,
@@ -654,6 +683,7 @@ def main(argv=None) -> dict:
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "command": " ".join([os.path.basename(sys.argv[0])] + (sys.argv[1:] if argv is None else list(argv))),
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
+                    "torch_threads": args.torch_threads,
                     "loadavg_at_start": os.getloadavg()},
         "model": {"dir": model_dir, "hf_config": args.model, "num_params": cost.num_params,
                   "weight_bytes_per_step": cost.weight_bytes_per_step, "dtype": args.dtype},
@@ -661,8 +691,19 @@ def main(argv=None) -> dict:
         "roofline": roof,
     }
 
+    out = args.out or os.path.join(
+        RESULTS_DIR, f"throughput_{'quick' if args.quick else 'h%d_l%d' % (args.model['hidden_size'], args.model['num_hidden_layers'])}"
+                     f"_n{args.num_requests}_{workload.output_dist.split(':')[0]}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+
+    def save(results):
+        # Rewritten after every system, so a long run that dies (or is stopped) keeps what it measured.
+        with open(out, "w") as f:
+            json.dump(results, f, indent=2, default=_json_default)
+
     print("jaxllm ...", flush=True)
     results["jaxllm"] = run_jaxllm(model_dir, workload, args, cost, roof)
+    save(results)
     j = results["jaxllm"]
     print(f"  {j['output_tokens_per_s']:.1f} out tok/s, {j['requests_per_s']:.2f} req/s "
           f"(compile {j['compile_time_s']:.1f}s excluded)", flush=True)
@@ -673,6 +714,7 @@ def main(argv=None) -> dict:
         results["hf_static"] = run_hf_static(model_dir, workload, args.max_num_seqs)
         peers.append("hf_static")
         print(f"  {results['hf_static']['output_tokens_per_s']:.1f} out tok/s", flush=True)
+        save(results)
     if not args.skip_hf_cb:
         print("transformers continuous batching ...", flush=True)
         try:
@@ -688,12 +730,7 @@ def main(argv=None) -> dict:
     results["machine"]["loadavg_at_end"] = os.getloadavg()
     results["total_bench_time_s"] = time.perf_counter() - t_start
 
-    out = args.out or os.path.join(
-        RESULTS_DIR, f"throughput_{'quick' if args.quick else 'h%d_l%d' % (args.model['hidden_size'], args.model['num_hidden_layers'])}"
-                     f"_n{args.num_requests}_{workload.output_dist.split(':')[0]}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(results, f, indent=2, default=_json_default)
+    save(results)
     print_report(results)
     print(f"wrote {out}")
     results["_path"] = out
