@@ -79,10 +79,26 @@ def test_no_compilation_in_steady_state(model_dir, workload):
     greedy = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
     llm.engine.warmup(greedy)
     warm = llm.get_stats()["num_compilations"]
-    assert warm == len(llm.engine.resolved.token_buckets)
+    # Compiled steps are shared across engines in a process, so earlier tests may have compiled
+    # some buckets already; warm-up compiles at most one step per bucket.
+    assert warm <= len(llm.engine.resolved.token_buckets)
     prompts = workload[0]
     llm.generate([{"prompt_token_ids": p} for p in prompts], greedy, use_tqdm=False)
     assert llm.get_stats()["num_compilations"] == warm
+
+
+def test_engines_share_compiled_steps(model_dir, workload):
+    greedy = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    first = LLM(model_dir, num_kv_blocks=300, max_num_seqs=8, max_num_batched_tokens=64)
+    first.engine.warmup(greedy)
+    # A cache shape no other test uses: every bucket compiles exactly once here.
+    assert first.get_stats()["num_compilations"] == len(first.engine.resolved.token_buckets)
+    # Same model and shapes, another policy: nothing to compile.
+    second = LLM(model_dir, num_kv_blocks=300, max_num_seqs=8, max_num_batched_tokens=64,
+                 scheduling_policy="sjf")
+    second.engine.warmup(greedy)
+    second.generate([{"prompt_token_ids": p} for p in workload[0][:4]], greedy, use_tqdm=False)
+    assert second.get_stats()["num_compilations"] == 0
 
 
 def test_request_alone_equals_batched(model_dir, workload):

@@ -83,8 +83,39 @@ def paged_step(params, kv_caches, token_ids, positions, metadata, logits_indices
     return out, kv_caches
 
 
+# Compiled steps are shared by every runner in the process: an ablation that builds one LLM per
+# policy or cache size on the same model compiles each bucket once, not once per LLM. Keyed by the
+# jit's sharding arguments (None for a single device); the static arguments (model config,
+# attention function, sampling flags) key the jit's own cache.
+_STEP_FUNCTIONS: dict = {}
+_NUM_TRACES = [0]  # traces of any shared step function == compilations
+
+
+def _traced_paged_step(params, kv_caches, token_ids, positions, metadata, logits_indices,
+                       sampling_inputs, prompt_targets, config, attention_fn, flags, prompt_logprobs_k):
+    # Runs only while tracing, so it counts compilations, not calls.
+    _NUM_TRACES[0] += 1
+    return paged_step(
+        params, kv_caches, token_ids, positions, metadata, logits_indices, sampling_inputs,
+        prompt_targets, config=config, attention_fn=attention_fn, flags=flags,
+        prompt_logprobs_k=prompt_logprobs_k,
+    )
+
+
+def _step_function(jit_kwargs_key, jit_kwargs: dict):
+    fn = _STEP_FUNCTIONS.get(jit_kwargs_key)
+    if fn is None:
+        fn = _STEP_FUNCTIONS[jit_kwargs_key] = jax.jit(
+            _traced_paged_step,
+            static_argnames=("config", "attention_fn", "flags", "prompt_logprobs_k"),
+            donate_argnames=("kv_caches",),
+            **jit_kwargs,
+        )
+    return fn
+
+
 class ModelRunner:
-    """Holds device state and runs jitted steps; counts compilations."""
+    """Holds device state and runs jitted steps; counts the compilations its steps caused."""
 
     def __init__(self, model, resolved: ResolvedEngineConfig, shardings=None, mesh=None):
         self.model = model
@@ -94,7 +125,7 @@ class ModelRunner:
         self._attention_fn = attention_impl(resolved.engine.attention_backend)
         self.params = model.params
         self.mesh = mesh
-        jit_kwargs = {}
+        jit_kwargs, jit_key = {}, None
         if mesh is not None:
             # Tensor parallelism (jaxllm/parallel): params and KV cache sharded over the "tp" axis,
             # inputs and sampler outputs replicated; XLA inserts the collectives.
@@ -106,10 +137,9 @@ class ModelRunner:
             )
             shardings = runtime.kv_cache_sharding(mesh)
             jit_kwargs = runtime.jit_shardings(mesh, self.config.num_layers)
+            jit_key = (mesh, self.config.num_layers)
         self.kv_caches = self._allocate_kv_cache(shardings)
-        self._jitted = jax.jit(
-            self._traced_step, static_argnames=("flags", "prompt_logprobs_k"), donate_argnames=("kv_caches",), **jit_kwargs
-        )
+        self._jitted = _step_function(jit_key, jit_kwargs)
 
     def _allocate_kv_cache(self, shardings):
         cfg, res = self.config, self.resolved
@@ -127,16 +157,6 @@ class ModelRunner:
             else:
                 caches.append((zeros(), zeros()))
         return caches
-
-    def _traced_step(self, params, kv_caches, token_ids, positions, metadata, logits_indices,
-                     sampling_inputs, prompt_targets, flags, prompt_logprobs_k):
-        # Runs only while tracing, so it counts compilations, not calls.
-        self.num_compilations += 1
-        return paged_step(
-            params, kv_caches, token_ids, positions, metadata, logits_indices, sampling_inputs,
-            prompt_targets, config=self.config, attention_fn=self._attention_fn, flags=flags,
-            prompt_logprobs_k=prompt_logprobs_k,
-        )
 
     def execute(self, batch: BatchInputs, sampling_arrays: dict, flags, prompt_targets=None,
                 prompt_logprobs_k: int = 0) -> dict[str, np.ndarray]:
@@ -158,7 +178,10 @@ class ModelRunner:
             from jaxllm.parallel.runtime import to_global
 
             args = to_global(self.mesh, args)  # global replicated arrays (needed multi-host)
+        traces = _NUM_TRACES[0]
         out, self.kv_caches = self._jitted(
-            self.params, self.kv_caches, *args, flags=flags, prompt_logprobs_k=prompt_logprobs_k
+            self.params, self.kv_caches, *args, config=self.config, attention_fn=self._attention_fn,
+            flags=flags, prompt_logprobs_k=prompt_logprobs_k,
         )
+        self.num_compilations += _NUM_TRACES[0] - traces
         return {name: np.asarray(value) for name, value in out.items()}
