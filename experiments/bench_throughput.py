@@ -170,9 +170,9 @@ class EngineProbe:
             return out
         return wrapper
 
-    def _execute(self, batch, arrays, flags):
+    def _execute(self, batch, arrays, flags, *args, **kwargs):
         t0 = time.perf_counter()
-        out = self._orig["execute"](batch, arrays, flags)
+        out = self._orig["execute"](batch, arrays, flags, *args, **kwargs)
         self._cur["execute"] = time.perf_counter() - t0
         self._cur["batch"] = batch
         # Keep one representative batch of each kind for the phase-breakdown replay.
@@ -198,7 +198,7 @@ class EngineProbe:
                      if bm.has_blocks(r.request_id))
         q_lens = np.diff(batch.cu_q_lens)[: batch.num_seqs]
         kv_lens = batch.kv_lens[: batch.num_seqs]
-        num_sampled = len(outs)
+        num_sampled = batch.num_seqs  # the LM head runs for every real row
         flops, bytes_read = self.cost.step_cost(q_lens, kv_lens, num_sampled)
         rec = {k: v for k, v in self._cur.items()}
         rec.update(step=t_step, num_tokens=batch.num_tokens, padded_tokens=batch.padded_num_tokens,
