@@ -1,17 +1,24 @@
 """Paged attention and KV-cache write in plain jnp: the specification every kernel is tested against.
 
 It is also the attention the engine runs on CPU, so it is written to be cheap there rather than
-obviously correct (the tests compare it with a dense per-sequence numpy computation):
+obviously correct (the tests compare it with a dense per-sequence numpy computation). The aim is a
+cost proportional to the K/V each token really needs (sum of kv lengths), not to T x longest:
 
-* Tokens are processed in tiles of `q_tile` consecutive tokens. Each tile runs an online-softmax
-  (f32) loop over KV chunks of a few blocks, with a dynamic trip count that covers only the chunks
-  some token of the tile can see (causal limit, kv_len, sliding window), so short batches and
-  padding tiles cost (almost) nothing.
-* A tile whose tokens all belong to one sequence (the body of a prefill chunk) gathers each KV
-  chunk once and shares it across the tile's queries. A tile spanning several sequences (decode
-  tokens, sequence boundaries) gathers K/V per token through block_tables[seq_of_token]; chunk
-  sizes are chosen so that the per-token gather stays a few MB. Nothing of size
-  [T, max_kv_len, nKV, D] is ever materialised.
+* Every valid token needs the keys at positions [lo, hi): hi = pos + 1 (causal), lo = 0 or, with a
+  sliding window, pos - window + 1. Both loops below walk whole blocks over [lo, hi) only, with
+  dynamic trip counts, and run an f32 online softmax over chunks of a few blocks.
+* Sequences with at least _SHARED_MIN_Q_LEN query tokens (prefill chunks) are cut into
+  sequence-aligned tiles of `q_tile` tokens: a tile never straddles two sequences, so each KV chunk
+  is gathered once and shared by the tile's queries (a matmul). The chunk width is picked per tile
+  among _SEQ_CHUNK_TOKENS from the tile's KV range, so a 70-token prompt is not scored against
+  512-token chunks and a 2k context does not pay for many tiny loop steps.
+* The other tokens (decodes, short chunks) each need their own KV: they are sorted by the number of
+  blocks they need and processed in tiles of _TOKEN_TILE tokens, each gathering its own blocks.
+  Sorting makes a tile's tokens need about as much KV as each other, so the tile's loop (as long as
+  its longest token) wastes little; results are scattered back to the tokens' original rows.
+* Gathered chunks are put head-major ([..., nKV, C, D]) before the einsums: XLA:CPU's batched dots
+  are much faster on that layout than on the cache's [C, nKV, D]. Chunks stay a few MB (cache
+  sized); nothing of size [T, max_kv_len, nKV, D] is ever materialised.
 * Positions past a sequence's kv_len may hold anything (NaN in tests, stale data in the engine):
   scores are masked with `where` (not additive masks) and V is zeroed there too, since 0 * NaN = NaN.
 """
@@ -31,11 +38,17 @@ from pallas_kernels.ragged_paged_attention import common as _common
 # `where` on p zeroes it, instead of producing (-inf) - (-inf) = NaN.
 _MASK = -1e30
 
-# Budget (elements) for one per-token K or V gather [q_tile, chunk, nKV, D] in the multi-sequence
-# path: 2M f32 elements = 8 MB, small enough for CPU caches-ish and to keep peak memory low.
-_GATHER_BUDGET = 2 * 1024 * 1024
-# Upper bound on KV tokens per chunk in the single-sequence path (scores are [q_tile, nH, chunk]).
-_MAX_CHUNK_TOKENS = 512
+# Sequences with at least this many query tokens get shared-KV tiles; shorter ones go per token
+# (a 32-row tile for 1-7 queries wastes more matmul work than gathering their KV per token).
+_SHARED_MIN_Q_LEN = 8
+# Shared-KV tiles: candidate KV chunk widths (tokens), smallest first. A tile uses the smallest
+# width w with range <= _CHUNKS_PER_WIDTH * w (or the largest), i.e. at most a few loop steps.
+_SEQ_CHUNK_TOKENS = (32, 128, 512)
+_CHUNKS_PER_WIDTH = 4
+# Per-token tiles: tokens per tile and KV tokens per chunk. [8, 64, nKV, D] f32 is 1.5 MB for the
+# 138M model: gathered chunks that stay in cache are several times faster to score than big ones.
+_TOKEN_TILE = 8
+_TOKEN_CHUNK_TOKENS = 64
 
 
 # The KV write is one jnp scatter for every backend (its reasons are in pallas_kernels' README:
@@ -70,26 +83,6 @@ def _softcap(s, soft_cap):
     return soft_cap * jnp.tanh(s / soft_cap)
 
 
-def _online_update(carry, s, mask, v):
-    """One online-softmax step.
-
-    carry: m, l [Tq, nKV, g]; acc [Tq, nKV, g, D]. s: [Tq, nKV, g, C] f32 scores, mask broadcastable
-    to s, v: [Tq or 1, C, nKV, D] f32 with invalid rows already zeroed.
-    """
-    m, l, acc = carry
-    s = jnp.where(mask, s, _MASK)
-    m_new = jnp.maximum(m, s.max(axis=-1))
-    p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
-    alpha = jnp.exp(m - m_new)
-    l = alpha * l + p.sum(axis=-1)
-    if v.shape[0] == 1:
-        pv = jnp.einsum("tkgc,ckd->tkgd", p, v[0])
-    else:
-        pv = jnp.einsum("tkgc,tckd->tkgd", p, v)
-    acc = alpha[..., None] * acc + pv
-    return m_new, l, acc
-
-
 @functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "q_tile"))
 def ragged_paged_attention(q, k_cache, v_cache, kv_lens, block_tables, cu_q_lens, *, sm_scale,
                            sliding_window=None, soft_cap=None, q_tile=32):
@@ -105,7 +98,8 @@ def ragged_paged_attention(q, k_cache, v_cache, kv_lens, block_tables, cu_q_lens
       cu_q_lens: [S+1] int32 prefix sums of query lengths.
       sm_scale: score scale (usually D**-0.5). sliding_window: keys at positions > pos - window
         only. soft_cap: scores -> soft_cap * tanh(scores / soft_cap) (after sm_scale).
-      q_tile: tokens per tile (static tuning knob; results do not depend on it).
+      q_tile: tokens per shared-KV tile, and at most the per-token tile size (static tuning knob;
+        results do not depend on it).
     Returns:
       [T, nH, D] in q.dtype; padding tokens get zeros.
     """
@@ -116,117 +110,124 @@ def ragged_paged_attention(q, k_cache, v_cache, kv_lens, block_tables, cu_q_lens
     g = nH // nKV
     S, max_blocks = block_tables.shape
     num_cache_blocks = k_cache.shape[0]
+    tq = max(1, min(q_tile, T))  # shared-KV tile
+    td = max(1, min(q_tile, _TOKEN_TILE, T))  # per-token tile
 
     seq, pos, valid = token_metadata(kv_lens, cu_q_lens, T)
+    q_lens = cu_q_lens[1:] - cu_q_lens[:-1]  # [S]
 
-    tq = max(1, min(q_tile, T))
-    num_tiles = -(-T // tq)
-    Tp = num_tiles * tq
-    pad = Tp - T
-    qf = q.reshape(T, nKV, g, D)
-    if pad:
-        qf = jnp.pad(qf, ((0, pad), (0, 0), (0, 0), (0, 0)))
-        seq = jnp.pad(seq, (0, pad), constant_values=S - 1)
-        pos = jnp.pad(pos, (0, pad))
-        valid = jnp.pad(valid, (0, pad))
-    # Padding tokens' positions are garbage: force -1 so they see no key and never extend a loop.
-    pos = jnp.where(valid, pos, -1)
-
-    # Chunk sizes in whole blocks (static).
-    multi_blocks = max(1, _GATHER_BUDGET // (tq * bs * nKV * D))
-    single_blocks = max(1, _MAX_CHUNK_TOKENS // bs)
-
-    def chunk_blocks_ids(block_rows, c, nb):
-        # block_rows: [..., max_blocks]; ids of chunk c ([..., nb]), clipped so stale/garbage table
-        # entries and the ragged last chunk never index out of bounds (their data is masked).
-        j = jnp.minimum(c * nb + jnp.arange(nb, dtype=jnp.int32), max_blocks - 1)
-        ids = jnp.take(block_rows, j, axis=-1)
-        return jnp.clip(ids, 0, num_cache_blocks - 1)
-
-    def chunk_range(tpos, tvalid, chunk_tokens):
-        # [first, last) chunk indices any valid token of the tile needs.
-        hi = jnp.max(jnp.where(tvalid, tpos + 1, 0))
+    def kv_range(tpos, tvalid, kv_len):
+        # [lo, hi) key positions a token attends to; empty (0, 0) for padding.
+        hi = jnp.where(tvalid, jnp.minimum(tpos + 1, kv_len), 0)
         if sliding_window is None:
-            lo_tok = 0
-        else:
-            lo_tok = jnp.min(jnp.where(tvalid, jnp.maximum(tpos - sliding_window + 1, 0), 2**30))
-            lo_tok = jnp.minimum(lo_tok, hi)
-        return lo_tok // chunk_tokens, -(-hi // chunk_tokens)
+            return jnp.zeros_like(hi), hi
+        return jnp.clip(tpos - sliding_window + 1, 0, hi), hi
 
-    def kv_mask(tpos, kv_pos, kv_len):
-        # tpos [Tq,1], kv_pos [1 or Tq, C], kv_len broadcastable -> [Tq, C]
-        m = (kv_pos <= tpos) & (kv_pos < kv_len)
-        if sliding_window is not None:
-            m = m & (kv_pos > tpos - sliding_window)
-        return m
+    # `tq` spare rows at the end: a tile's dynamic_slice never runs off the end (it would be
+    # clamped, i.e. shifted), and row T is where per-token padding rows write their garbage.
+    qf = jnp.pad(q.reshape(T, nKV, g, D).astype(jnp.float32), ((0, tq), (0, 0), (0, 0), (0, 0)))
+    out = jnp.zeros((T + tq, nKV, g, D), jnp.float32)
 
-    def scores(qt, k):
-        # qt [Tq, nKV, g, D] f32; k [1 or Tq, C, nKV, D] f32 -> [Tq, nKV, g, C]
-        if k.shape[0] == 1:
-            s = jnp.einsum("tkgd,ckd->tkgc", qt, k[0])
-        else:
-            s = jnp.einsum("tkgd,tckd->tkgc", qt, k)
-        return _softcap(s * sm_scale, soft_cap)
+    def attend(qt, table, b0, n_chunks, chunk_blocks, lo, hi):
+        """Online softmax of a tile's queries over n_chunks chunks of chunk_blocks blocks.
 
-    def init_carry():
-        return (jnp.full((tq, nKV, g), _MASK, jnp.float32), jnp.zeros((tq, nKV, g), jnp.float32),
-                jnp.zeros((tq, nKV, g, D), jnp.float32))
-
-    def single_seq_tile(qt, tseq, tpos, tvalid):
-        s_id = tseq[0]
-        kv_len = kv_lens[s_id]
-        rows = block_tables[s_id]
-        ct = single_blocks * bs
-        lo, hi = chunk_range(tpos, tvalid, ct)
+        qt [Tq, nKV, g, D] f32; lo, hi [Tq] key ranges. Either one shared block table (table
+        [max_blocks], b0 scalar: K/V gathered once for the tile) or one per token (table
+        [Tq, max_blocks], b0 [Tq]). Chunk c covers blocks b0 + c * chunk_blocks + [0, chunk_blocks).
+        Returns the normalised output [Tq, nKV, g, D] (zeros for rows that see no key).
+        """
+        shared = table.ndim == 1
+        ct = chunk_blocks * bs
 
         def body(c, carry):
-            ids = chunk_blocks_ids(rows, c, single_blocks)  # [nb]
-            kv_pos = c * ct + jnp.arange(ct, dtype=jnp.int32)
-            in_len = (kv_pos < kv_len)[:, None, None]
-            # K needs no masking: a NaN score is replaced by `where` in _online_update.
-            k = k_cache[ids].reshape(ct, nKV, D).astype(jnp.float32)
-            v = jnp.where(in_len, v_cache[ids].reshape(ct, nKV, D).astype(jnp.float32), 0.0)
-            mask = kv_mask(tpos[:, None], kv_pos[None, :], kv_len)[:, None, None, :]
-            return _online_update(carry, scores(qt, k[None]), mask, v[None])
+            m, l, acc = carry
+            j = b0[..., None] + c * chunk_blocks + jnp.arange(chunk_blocks, dtype=jnp.int32)
+            # Clipped so stale table entries and the ragged last chunk stay in bounds; whatever
+            # they point at is masked below.
+            ids = jnp.take_along_axis(table, jnp.clip(j, 0, max_blocks - 1), axis=-1)
+            ids = jnp.clip(ids, 0, num_cache_blocks - 1)
+            kv_pos = (j[..., None] * bs + jnp.arange(bs, dtype=jnp.int32)).reshape(*j.shape[:-1], ct)
 
-        return lax.fori_loop(lo, hi, body, init_carry())
+            def load(cache):  # -> [(Tq,) nKV, C, D] f32, head-major
+                x = cache[ids].reshape(*ids.shape[:-1], ct, nKV, D).astype(jnp.float32)
+                return jnp.swapaxes(x, -3, -2)
 
-    def multi_seq_tile(qt, tseq, tpos, tvalid):
-        kv_len = kv_lens[tseq][:, None]  # [Tq, 1]
-        rows = block_tables[tseq]  # [Tq, max_blocks]
-        ct = multi_blocks * bs
-        lo, hi = chunk_range(tpos, tvalid, ct)
+            k, v = load(k_cache), load(v_cache)
+            pos_row = kv_pos[None, :] if shared else kv_pos  # [1 or Tq, C]
+            mask = (pos_row >= lo[:, None]) & (pos_row < hi[:, None])  # [Tq, C]
+            # V rows past every query's hi may be unwritten (NaN): zero them, as p * NaN = NaN. K
+            # needs no such care: its NaN scores are replaced by the `where` below.
+            v_ok = (kv_pos < hi.max()) if shared else (kv_pos < hi[:, None])
+            v = jnp.where(v_ok[..., None, :, None], v, 0.0)
+            s = jnp.einsum("tkgd,kcd->tkgc" if shared else "tkgd,tkcd->tkgc", qt, k)
+            s = _softcap(s * sm_scale, soft_cap)
+            mask = mask[:, None, None, :]
+            s = jnp.where(mask, s, _MASK)
+            m_new = jnp.maximum(m, s.max(axis=-1))
+            p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
+            alpha = jnp.exp(m - m_new)
+            pv = jnp.einsum("tkgc,kcd->tkgd" if shared else "tkgc,tkcd->tkgd", p, v)
+            return m_new, alpha * l + p.sum(axis=-1), alpha[..., None] * acc + pv
 
-        def body(c, carry):
-            ids = chunk_blocks_ids(rows, c, multi_blocks)  # [Tq, nb]
-            kv_pos = c * ct + jnp.arange(ct, dtype=jnp.int32)
-            in_len = (kv_pos[None, :] < kv_len)[..., None, None]  # [Tq, C, 1, 1]
-            k = k_cache[ids].reshape(tq, ct, nKV, D).astype(jnp.float32)
-            v = jnp.where(in_len, v_cache[ids].reshape(tq, ct, nKV, D).astype(jnp.float32), 0.0)
-            mask = kv_mask(tpos[:, None], kv_pos[None, :], kv_len)[:, None, None, :]
-            return _online_update(carry, scores(qt, k), mask, v)
+        n = qt.shape[0]
+        init = (jnp.full((n, nKV, g), _MASK, jnp.float32), jnp.zeros((n, nKV, g), jnp.float32),
+                jnp.zeros((n, nKV, g, D), jnp.float32))
+        _, l, acc = lax.fori_loop(0, n_chunks, body, init)
+        return jnp.where(l[..., None] > 0, acc / jnp.where(l > 0, l, 1.0)[..., None], 0.0)
 
-        return lax.fori_loop(lo, hi, body, init_carry())
+    # ---- 1. Shared-KV tiles: ceil(q_len / tq) tiles per long-enough sequence, in order.
+    shared_seq = q_lens >= _SHARED_MIN_Q_LEN  # [S]
+    tiles_per_seq = jnp.where(shared_seq, -(-q_lens // tq), 0)
+    cu_tiles = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(tiles_per_seq).astype(jnp.int32)])
 
-    def tile_body(i, out):
-        start = i * tq
-        qt = lax.dynamic_slice_in_dim(qf, start, tq).astype(jnp.float32)
-        tseq = lax.dynamic_slice_in_dim(seq, start, tq)
-        tpos = lax.dynamic_slice_in_dim(pos, start, tq)
-        tvalid = lax.dynamic_slice_in_dim(valid, start, tq)
-        # Padding tokens (seq clipped to S-1) never make a tile "multi-sequence" by themselves:
-        # they have no valid key, so any sequence's KV serves them.
-        first = tseq[0]
-        one_seq = jnp.all(jnp.where(tvalid, tseq == first, True))
-        _, l, acc = lax.cond(one_seq, single_seq_tile, multi_seq_tile, qt, tseq, tpos, tvalid)
-        o = jnp.where(l[..., None] > 0, acc / jnp.where(l > 0, l, 1.0)[..., None], 0.0)
-        return lax.dynamic_update_slice_in_dim(out, o.astype(q.dtype), start, axis=0)
+    def shared_tile(i, out):
+        s = jnp.searchsorted(cu_tiles[1:], i, side="right").astype(jnp.int32)
+        first = (i - cu_tiles[s]) * tq  # index of the tile's first token within its sequence
+        start = cu_q_lens[s] + first
+        rows = first + jnp.arange(tq, dtype=jnp.int32)
+        tvalid = rows < q_lens[s]
+        lo, hi = kv_range(kv_lens[s] - q_lens[s] + rows, tvalid, kv_lens[s])
+        b0 = jnp.min(jnp.where(tvalid, lo, 2**30)) // bs
+        need = -(-hi.max() // bs) - b0  # blocks the tile needs
+        qt = lax.dynamic_slice_in_dim(qf, start, tq)
 
-    # Tiles past the last real token are padding: skip them (their output stays zero).
-    num_real_tiles = jnp.minimum(-(-cu_q_lens[S] // tq), num_tiles)
-    out = jnp.zeros((Tp, nKV, g, D), q.dtype)
-    out = lax.fori_loop(0, num_real_tiles, tile_body, out)
-    return out[:T].reshape(T, nH, D)
+        def with_width(w):
+            nb = max(1, w // bs)
+            return lambda: attend(qt, block_tables[s], b0, -(-need // nb), nb, lo, hi)
+
+        widths = _SEQ_CHUNK_TOKENS
+        which = sum((need * bs > _CHUNKS_PER_WIDTH * w).astype(jnp.int32) for w in widths[:-1])
+        o = lax.switch(which, [with_width(w) for w in widths])
+        # Rows past the sequence's end belong to the next sequence (or padding): keep them.
+        old = lax.dynamic_slice_in_dim(out, start, tq)
+        return lax.dynamic_update_slice_in_dim(out, jnp.where(tvalid[:, None, None, None], o, old),
+                                               start, axis=0)
+
+    out = lax.fori_loop(0, cu_tiles[S], shared_tile, out)
+
+    # ---- 2. Per-token tiles for everything else, sorted by blocks needed.
+    lo, hi = kv_range(pos, valid, kv_lens[seq])
+    per_token = valid & ~shared_seq[seq]
+    need = jnp.where(per_token, -(-hi // bs) - lo // bs, 0)
+    order = jnp.argsort(jnp.where(per_token, need, 2**30)).astype(jnp.int32)  # per-token ones first
+    num_per_token = per_token.sum()
+    # Sorted rank -> token; ranks past the per-token tokens point at the spare row T.
+    order = jnp.pad(order, (0, td), constant_values=T)
+
+    def token_tile(i, out):
+        r = i * td + jnp.arange(td, dtype=jnp.int32)
+        idx = jnp.where(r < num_per_token, order[r], T)
+        tvalid = idx < T
+        t = jnp.minimum(idx, T - 1)
+        tlo, thi = jnp.where(tvalid, lo[t], 0), jnp.where(tvalid, hi[t], 0)
+        b0 = tlo // bs
+        nb = max(1, _TOKEN_CHUNK_TOKENS // bs)
+        n_chunks = -(-jnp.max(-(-thi // bs) - b0) // nb)
+        o = attend(qf[idx], block_tables[seq[t]], b0, n_chunks, nb, tlo, thi)
+        return out.at[idx].set(o)  # un-permute; padding rows all land on row T
+
+    out = lax.fori_loop(0, -(-num_per_token // td), token_tile, out)
+    return out[:T].reshape(T, nH, D).astype(q.dtype)
 
 
 def dense_reference(q, k_cache, v_cache, kv_lens, block_tables, cu_q_lens, *, sm_scale,
