@@ -110,3 +110,30 @@ def test_write_kv_then_attend():
     np.testing.assert_array_equal(np.asarray(vc2).reshape(-1, nKV, D)[real], case.v_cache.reshape(-1, nKV, D)[real])
     case.k_cache, case.v_cache = np.asarray(kc2), np.asarray(vc2)
     _check(case)
+
+
+def test_decode_rows_of_very_different_lengths():
+    # Per-token path: tokens are sorted by blocks needed and tiled; results must land on the right
+    # rows whatever the order (lengths descending, ascending, shuffled) and across many tiles.
+    lens = [1, 200, 3, 97, 16, 17, 150, 2, 64, 65, 33, 9, 120, 5, 48, 31, 180, 7, 8, 250]
+    for seed, order in enumerate([lens, sorted(lens), sorted(lens, reverse=True)]):
+        _check(make_case([(1, k) for k in order], block_size=BS, seed=seed), q_tile=32)
+    _check(make_case([(1, k) for k in lens], block_size=BS, seed=9), q_tile=3)
+
+
+def test_short_chunks_go_per_token_long_ones_shared():
+    # q_len below the shared-tile threshold (speculative-style 2..7 tokens) next to prefill chunks
+    # whose tiles end mid-sequence and start right after a previous sequence (no straddling).
+    seqs = [(7, 30), (2, 2), (9, 9), (33, 70), (1, 40), (5, 19), (8, 100), (1, 1)]
+    for q_tile in (4, 8, 32):
+        _check(make_case(seqs, block_size=BS, pad_tokens=11, seed=q_tile), q_tile=q_tile)
+    _check(make_case(seqs, block_size=BS, seed=5), sliding_window=6, q_tile=8)
+
+
+@pytest.mark.parametrize("kv_len", [40, 140, 600])
+def test_shared_tile_chunk_widths(kv_len):
+    # The shared-KV tile picks its chunk width from its KV range: exercise each width, with a
+    # chunked-prefill continuation (range starts far from the tile) and a sliding window.
+    seqs = [(24, kv_len), (1, kv_len // 2 + 1)]
+    _check(make_case(seqs, block_size=BS, seed=kv_len, head_dim=8))
+    _check(make_case(seqs, block_size=BS, seed=kv_len + 1, head_dim=8), sliding_window=50)
