@@ -138,6 +138,10 @@ def ragged_paged_attention(q, k_cache, v_cache, kv_lens, block_tables, cu_q_lens
         """
         shared = table.ndim == 1
         ct = chunk_blocks * bs
+        if shared:
+            # Head-major queries [nKV, Tq, g, D]: both einsums become plain batched matmuls (no
+            # per-step transposes), worth ~2x on the P.V product on XLA:CPU.
+            qt = jnp.swapaxes(qt, 0, 1)
 
         def body(c, carry):
             m, l, acc = carry
@@ -159,21 +163,21 @@ def ragged_paged_attention(q, k_cache, v_cache, kv_lens, block_tables, cu_q_lens
             # needs no such care: its NaN scores are replaced by the `where` below.
             v_ok = (kv_pos < hi.max()) if shared else (kv_pos < hi[:, None])
             v = jnp.where(v_ok[..., None, :, None], v, 0.0)
-            s = jnp.einsum("tkgd,kcd->tkgc" if shared else "tkgd,tkcd->tkgc", qt, k)
+            s = jnp.einsum("ktgd,kcd->ktgc" if shared else "tkgd,tkcd->tkgc", qt, k)
             s = _softcap(s * sm_scale, soft_cap)
-            mask = mask[:, None, None, :]
+            mask = mask[None, :, None, :] if shared else mask[:, None, None, :]
             s = jnp.where(mask, s, _MASK)
             m_new = jnp.maximum(m, s.max(axis=-1))
             p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
             alpha = jnp.exp(m - m_new)
-            pv = jnp.einsum("tkgc,kcd->tkgd" if shared else "tkgc,tkcd->tkgd", p, v)
+            pv = jnp.einsum("ktgc,kcd->ktgd" if shared else "tkgc,tkcd->tkgd", p, v)
             return m_new, alpha * l + p.sum(axis=-1), alpha[..., None] * acc + pv
 
-        n = qt.shape[0]
-        init = (jnp.full((n, nKV, g), _MASK, jnp.float32), jnp.zeros((n, nKV, g), jnp.float32),
-                jnp.zeros((n, nKV, g, D), jnp.float32))
+        init = (jnp.full(qt.shape[:3], _MASK, jnp.float32), jnp.zeros(qt.shape[:3], jnp.float32),
+                jnp.zeros(qt.shape, jnp.float32))
         _, l, acc = lax.fori_loop(0, n_chunks, body, init)
-        return jnp.where(l[..., None] > 0, acc / jnp.where(l > 0, l, 1.0)[..., None], 0.0)
+        o = jnp.where(l[..., None] > 0, acc / jnp.where(l > 0, l, 1.0)[..., None], 0.0)
+        return jnp.swapaxes(o, 0, 1) if shared else o
 
     # ---- 1. Shared-KV tiles: ceil(q_len / tq) tiles per long-enough sequence, in order.
     shared_seq = q_lens >= _SHARED_MIN_Q_LEN  # [S]
