@@ -35,10 +35,12 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+import bench_attention  # noqa: E402  (its case builder)
 from jaxllm.attention import reference  # noqa: E402
 
 # The reference before the CPU rewrite (tiles of consecutive tokens, per-token gather up to the
@@ -78,25 +80,11 @@ def cases(rng):
 
 
 def build(seqs, T, *, nKV=12, D=64, group=1, block_size=16, seed=0):
-    rng = np.random.default_rng(seed)
-    nb = [-(-kv // block_size) for _, kv in seqs]
-    max_blocks = max(nb) + 1
-    num_blocks = 1 + sum(nb)
-    perm = rng.permutation(np.arange(1, num_blocks))
-    bt = np.zeros((len(seqs), max_blocks), np.int32)
-    o = 0
-    for s, n in enumerate(nb):
-        bt[s, :n] = perm[o:o + n]
-        o += n
-    kv_lens = np.array([kv for _, kv in seqs], np.int32)
-    cu = np.concatenate([[0], np.cumsum([q for q, _ in seqs])]).astype(np.int32)
-    assert cu[-1] <= T
-    shape = (num_blocks, block_size, nKV, D)
-    k = jnp.asarray(rng.standard_normal(shape, np.float32))
-    v = jnp.asarray(rng.standard_normal(shape, np.float32))
-    q = jnp.asarray(rng.standard_normal((T, nKV * group, D), np.float32))
+    """bench_attention's paged inputs in f32, plus the K/V bytes a perfect kernel reads."""
+    inputs = bench_attention.build(seqs, T, nKV=nKV, D=D, group=group, block_size=block_size,
+                                   dtype=jnp.float32, seed=seed)
     kv_bytes = int(sum(2 * kv * nKV * D * 4 for _, kv in seqs))
-    return (q, k, v, jnp.asarray(kv_lens), jnp.asarray(bt), jnp.asarray(cu)), kv_bytes
+    return inputs, kv_bytes
 
 
 def main():
