@@ -135,17 +135,27 @@ class Engine:
         touched = [item.request for item in plan.scheduled if item.request.request_id in sampled]
         touched += [r for r in finished if r.request_id not in sampled]
         for req in touched:
-            detok = self._detok.get(req.request_id)
-            if detok is not None:
-                stop = detok.append(req.output_token_ids)
-                if stop is not None and not req.is_finished:
+            try:
+                self._detokenize(req)
+            except Exception as e:  # noqa: BLE001 - one request's failure must not stop the others
+                if not req.is_finished:
                     self.scheduler.finish_request(
-                        req.request_id, RequestStatus.FINISHED_STOPPED, "stop", stop
+                        req.request_id, RequestStatus.FINISHED_ERROR, error=f"detokenization failed: {e!r}"
                     )
+                req.error = req.error or f"detokenization failed: {e!r}"
             outputs.append(self._make_output(req))
             if req.is_finished:
                 self._forget(req.request_id)
         return outputs
+
+    def _detokenize(self, req: Request) -> None:
+        """Update the request's text and end it at a stop string."""
+        detok = self._detok.get(req.request_id)
+        if detok is None:
+            return
+        stop = detok.append(req.output_token_ids)
+        if stop is not None and not req.is_finished:
+            self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_STOPPED, "stop", stop)
 
     def _execute(self, plan) -> dict[str, int]:
         """Run the planned batch on the device; returns request_id -> sampled token."""
@@ -333,6 +343,7 @@ class Engine:
             outputs=[completion],
             finished=req.is_finished,
             metrics=req.metrics,
+            error=req.error,
         )
 
     def _forget(self, request_id: str) -> None:

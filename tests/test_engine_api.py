@@ -198,3 +198,28 @@ def test_model_without_tokenizer_takes_token_ids(tmp_path):
     with pytest.warns(UserWarning, match="needs a tokenizer"):
         res = bare.generate("hello", greedy(3), use_tqdm=False)
     assert "needs a tokenizer" in res[0].error
+
+
+def test_a_failing_request_does_not_stop_the_others(model_dir):
+    # A tokenizer that cannot decode one request's output (e.g. a model vocabulary larger than
+    # the tokenizer's) errors that request alone; the others finish normally.
+    llm = LLM(model_dir, num_kv_blocks=64, max_num_seqs=4, max_num_batched_tokens=64)
+    good, bad = ids(12, 20), ids(30, 21)
+    expected = llm.generate(good, greedy(5), use_tqdm=False)[0].outputs[0].token_ids
+    poison = llm.generate(bad, greedy(1), use_tqdm=False)[0].outputs[0].token_ids[0]
+    tok = llm.get_tokenizer()
+    real_decode = tok.decode
+
+    def decode(token_ids, *args, **kwargs):
+        if list(token_ids)[:1] == [poison]:
+            raise IndexError(f"token {poison} is not in the tokenizer")
+        return real_decode(token_ids, *args, **kwargs)
+
+    tok.decode = decode
+    try:
+        outs = llm.generate([bad, good], greedy(5), use_tqdm=False)
+    finally:
+        tok.decode = real_decode
+    assert outs[0].outputs[0].finish_reason == "error" and f"token {poison}" in outs[0].error
+    assert outs[1].outputs[0].token_ids == expected and outs[1].error is None
+    assert llm.get_stats()["kv_blocks_used"] == 0
