@@ -11,7 +11,6 @@ touches any engine state, so one bad request never disturbs the others.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import time
 
@@ -22,10 +21,18 @@ from jaxllm.core.block_manager import BlockManager
 from jaxllm.core.policies import get_policy
 from jaxllm.core.scheduler import Scheduler
 from jaxllm.detokenizer import Detokenizer
-from jaxllm.request import CompletionOutput, Logprob, Request, RequestOutput, RequestStatus
+from jaxllm.inputs import tokenize_prompt, validate_prompt
+from jaxllm.outputs import (
+    LogprobFormatter,
+    RequestState,
+    collect_prompt_logprobs,
+    make_output,
+    prompt_logprob_targets,
+)
+from jaxllm.request import Request, RequestOutput, RequestStatus
 from jaxllm.runner.batch import prepare_batch
 from jaxllm.runner.sampling_inputs import build_sampling_arrays
-from jaxllm.sampling_params import SamplingParams, logprobs_bucket
+from jaxllm.sampling_params import SamplingParams
 
 
 class Engine:
@@ -67,11 +74,8 @@ class Engine:
         )
         self.runner = ModelRunner(self.model, res, mesh=self.mesh)
         self._seed_rng = np.random.default_rng(config.seed)
-        self._seeds: dict[str, int] = {}
-        self._detok: dict[str, Detokenizer] = {}
-        self._logprobs: dict[str, list] = {}  # per request: one {token_id: Logprob} per output
-        self._prompt_logprobs: dict[str, list] = {}  # per request: [None, {token_id: Logprob}, ...]
-        self._live: dict[str, Request] = {}
+        self._states: dict[str, RequestState] = {}  # unfinished requests' engine-side state
+        self._logprob_fmt = LogprobFormatter(tokenizer)
         self._ids = itertools.count()
         self.num_steps = 0
         self.num_prompt_tokens_processed = 0
@@ -84,13 +88,19 @@ class Engine:
         """Queue a request. `prompt` is a string, a list of token ids, or a dict
         {"prompt_token_ids": [...], "prompt": optional text}. Raises ValueError on bad input."""
         request_id = str(request_id) if request_id is not None else str(next(self._ids))
-        if request_id in self._live:
+        if request_id in self._states:
             raise ValueError(f"request_id {request_id!r} is already in use")
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
-        text, token_ids = self._tokenize(prompt)
-        self._validate_prompt(token_ids, params)
+        text, token_ids = tokenize_prompt(prompt, self.tokenizer)
+        validate_prompt(
+            token_ids, params,
+            vocab_size=self.model.config.vocab_size,
+            max_model_len=self.resolved.max_model_len,
+            block_size=self.config.cache.block_size,
+            num_usable_blocks=self.resolved.num_kv_blocks - 1,
+        )
         if not isinstance(priority, int):
             raise ValueError(f"priority must be an int, got {priority!r}")
         req = Request(
@@ -102,21 +112,17 @@ class Engine:
             priority=priority,
             prompt=text,
         )
-        self._seeds[request_id] = (
-            params.seed if params.seed is not None else int(self._seed_rng.integers(2**31 - 1))
-        )
-        if self.tokenizer is not None:
-            self._detok[request_id] = Detokenizer(self.tokenizer, params)
-        self._logprobs[request_id] = []
-        self._live[request_id] = req
         self.scheduler.add_request(req)
+        self._states[request_id] = RequestState(
+            seed=params.seed if params.seed is not None else int(self._seed_rng.integers(2**31 - 1)),
+            detokenizer=Detokenizer(self.tokenizer, params) if self.tokenizer is not None else None,
+        )
 
     def abort_request(self, request_id) -> None:
         """Stop a request and free its blocks; unknown or finished ids are ignored, as in vLLM."""
         request_id = str(request_id)
-        if request_id in self._live:
+        if self._states.pop(request_id, None) is not None:
             self.scheduler.abort_request(request_id)
-            self._forget(request_id)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
@@ -143,14 +149,14 @@ class Engine:
                         req.request_id, RequestStatus.FINISHED_ERROR, error=f"detokenization failed: {e!r}"
                     )
                 req.error = req.error or f"detokenization failed: {e!r}"
-            outputs.append(self._make_output(req))
+            outputs.append(make_output(req, self._states[req.request_id]))
             if req.is_finished:
-                self._forget(req.request_id)
+                del self._states[req.request_id]
         return outputs
 
     def _detokenize(self, req: Request) -> None:
         """Update the request's text and end it at a stop string."""
-        detok = self._detok.get(req.request_id)
+        detok = self._states[req.request_id].detokenizer
         if detok is None:
             return
         stop = detok.append(req.output_token_ids)
@@ -170,7 +176,7 @@ class Engine:
         rows = [
             (
                 item.request.sampling_params,
-                self._seeds[item.request.request_id],
+                self._states[item.request.request_id].seed,
                 item.request.prompt_token_ids,
                 item.request.output_token_ids,
                 item.request.eos_token_ids,
@@ -178,10 +184,10 @@ class Engine:
             for item in plan.scheduled
         ]
         arrays, flags = build_sampling_arrays(rows, batch.padded_num_seqs)
-        targets, prompt_k = self._prompt_logprob_targets(plan, batch)
+        targets, prompt_k = prompt_logprob_targets(plan.scheduled, batch.cu_q_lens, batch.padded_num_tokens)
         result = self.runner.execute(batch, arrays, flags, targets, prompt_k)
         if prompt_k:
-            self._collect_prompt_logprobs(plan, batch, result)
+            collect_prompt_logprobs(plan.scheduled, batch.cu_q_lens, result, self._states, self._logprob_fmt)
 
         sampled: dict[str, int] = {}
         for i, item in enumerate(plan.scheduled):
@@ -194,48 +200,11 @@ class Engine:
             if item.samples:
                 token = int(result["token_ids"][i])
                 sampled[req.request_id] = token
-                if req.sampling_params.logprobs is not None:
-                    self._logprobs[req.request_id].append(
-                        self._token_logprobs(result, i, token, req.sampling_params.logprobs)
-                    )
+                k = req.sampling_params.logprobs
+                if k is not None:
+                    self._states[req.request_id].logprobs.append(self._logprob_fmt.sampled(result, i, token, k))
         self.num_generated_tokens += len(sampled)
         return sampled
-
-    def _prompt_logprob_targets(self, plan, batch):
-        """[T] int32 next-prompt-token targets and the top-k bucket, or (None, 0) when no
-        scheduled request wants prompt_logprobs (the common case compiles without them)."""
-        wanted = [item.request.sampling_params.prompt_logprobs for item in plan.scheduled]
-        if all(k is None for k in wanted):
-            return None, 0
-        targets = np.zeros(batch.padded_num_tokens, np.int32)
-        for i, item in enumerate(plan.scheduled):
-            req, start = item.request, item.request.num_computed_tokens
-            lo = batch.cu_q_lens[i]
-            nxt = req.all_token_ids[start + 1 : start + item.num_new_tokens + 1]
-            targets[lo : lo + len(nxt)] = nxt
-        # At least 1: prompt_logprobs=0 still needs the step to compute the targets' logprobs.
-        return targets, max(1, logprobs_bucket(max(k or 0 for k in wanted)))
-
-    def _collect_prompt_logprobs(self, plan, batch, result) -> None:
-        """Append vLLM-style prompt logprob entries ({token: Logprob}) for prompt positions seen
-        for the first time; positions recomputed after a preemption are already recorded."""
-        for i, item in enumerate(plan.scheduled):
-            req = item.request
-            k = req.sampling_params.prompt_logprobs
-            if k is None:
-                continue
-            entries = self._prompt_logprobs.setdefault(req.request_id, [None])
-            lo, start = batch.cu_q_lens[i], req.num_computed_tokens
-            for j in range(item.num_new_tokens):
-                pos = start + j + 1  # the prompt token whose logprob token (start + j) predicts
-                if pos != len(entries) or pos >= req.num_prompt_tokens:
-                    continue
-                t = lo + j
-                target = req.prompt_token_ids[pos]
-                entries.append(self._logprob_entry(
-                    result["prompt_top_token_ids"][t][:k], result["prompt_top_logprobs"][t][:k],
-                    target, result["prompt_logprobs"][t],
-                ))
 
     def warmup(self, params: SamplingParams | None = None) -> None:
         """Compile the step for every token bucket, for batches sampled like `params`.
@@ -254,101 +223,11 @@ class Engine:
 
     # ---------------------------------------------------------------- helpers
 
-    def _tokenize(self, prompt) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError(
-                    "a text prompt needs a tokenizer, but this model has none; pass "
-                    "{'prompt_token_ids': [...]} instead"
-                )
-            return prompt, list(self.tokenizer(prompt).input_ids)
-        if isinstance(prompt, dict):
-            if "prompt_token_ids" not in prompt:
-                raise ValueError(f"a dict prompt needs 'prompt_token_ids', got keys {sorted(prompt)}")
-            return prompt.get("prompt"), _as_token_list(prompt["prompt_token_ids"])
-        if isinstance(prompt, (list, tuple, np.ndarray)):
-            return None, _as_token_list(prompt)
-        raise ValueError(
-            f"prompt must be a str, a list of token ids or a dict with 'prompt_token_ids', "
-            f"got {type(prompt).__name__}"
-        )
-
-    def _validate_prompt(self, token_ids: list[int], params: SamplingParams) -> None:
-        vocab = self.model.config.vocab_size
-        max_len = self.resolved.max_model_len
-        if not token_ids:
-            raise ValueError("the prompt is empty (0 tokens)")
-        bad = [t for t in token_ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"prompt token ids {bad[:8]} are outside the vocabulary [0, {vocab})")
-        if len(token_ids) > max_len:
-            raise ValueError(
-                f"the prompt has {len(token_ids)} tokens, more than max_model_len={max_len}"
-            )
-        # The last sampled token is never written to the cache, hence the -1 (but the whole
-        # prompt always is).
-        needed_tokens = max(len(token_ids), min(len(token_ids) + params.max_tokens, max_len) - 1)
-        needed_blocks = -(-needed_tokens // self.config.cache.block_size)
-        usable = self.resolved.num_kv_blocks - 1
-        if needed_blocks > usable:
-            raise ValueError(
-                f"the request needs {needed_blocks} KV blocks ({len(token_ids)} prompt tokens + "
-                f"max_tokens={params.max_tokens}), but the whole cache has {usable}; it could never run"
-            )
-
     def _eos_token_ids(self) -> tuple[int, ...]:
         ids = set(self.model.config.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             ids.add(int(self.tokenizer.eos_token_id))
         return tuple(sorted(ids))
-
-    def _token_logprobs(self, result, row: int, token: int, k: int) -> dict[int, Logprob]:
-        return self._logprob_entry(
-            result["top_token_ids"][row][:k], result["top_logprobs"][row][:k], token,
-            result["logprobs"][row],
-        )
-
-    def _logprob_entry(self, top_ids, top_lps, token: int, token_lp) -> dict[int, Logprob]:
-        """{token_id: Logprob} with the top-k (rank 1 = most likely) plus `token` itself, whose
-        rank is None when it is outside the top-k shown."""
-        entry = {}
-        for rank, (tid, lp) in enumerate(zip(top_ids.tolist(), top_lps.tolist()), start=1):
-            entry[int(tid)] = Logprob(float(lp), rank, self._decode_one(int(tid)))
-        if token not in entry:
-            entry[token] = Logprob(float(token_lp), None, self._decode_one(token))
-        return entry
-
-    def _decode_one(self, token: int) -> str | None:
-        return None if self.tokenizer is None else self.tokenizer.decode([token])
-
-    def _make_output(self, req: Request) -> RequestOutput:
-        detok = self._detok.get(req.request_id)
-        logprobs = self._logprobs.get(req.request_id)
-        completion = CompletionOutput(
-            index=0,
-            text=detok.text if detok is not None else "",
-            token_ids=list(req.output_token_ids),
-            cumulative_logprob=(
-                sum(e[t].logprob for e, t in zip(logprobs, req.output_token_ids)) if logprobs else None
-            ),
-            logprobs=list(logprobs) if req.sampling_params.logprobs is not None else None,
-            finish_reason=req.finish_reason,
-            stop_reason=req.stop_reason,
-        )
-        return RequestOutput(
-            request_id=req.request_id,
-            prompt=req.prompt,
-            prompt_token_ids=list(req.prompt_token_ids),
-            prompt_logprobs=self._prompt_logprobs.get(req.request_id),
-            outputs=[completion],
-            finished=req.is_finished,
-            metrics=req.metrics,
-            error=req.error,
-        )
-
-    def _forget(self, request_id: str) -> None:
-        for table in (self._live, self._seeds, self._detok, self._logprobs, self._prompt_logprobs):
-            table.pop(request_id, None)
 
     def get_stats(self) -> dict:
         """Counters for experiment scripts: cache use, queue lengths, preemptions, compilations."""
@@ -367,11 +246,3 @@ class Engine:
             "num_generated_tokens": self.num_generated_tokens,
         }
 
-
-def _as_token_list(ids) -> list[int]:
-    out = []
-    for t in list(ids):
-        if isinstance(t, (bool, np.bool_)) or not isinstance(t, (int, np.integer)):
-            raise ValueError(f"token ids must be ints, got {t!r}")
-        out.append(int(t))
-    return out

@@ -1,0 +1,66 @@
+"""Prompt intake: turn what a user passes into token ids, and refuse what can never run.
+
+Host only. Every refusal is a ValueError that names the bad value, raised before the request
+touches engine state, so one bad request never disturbs the others.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from jaxllm.sampling_params import SamplingParams
+
+
+def tokenize_prompt(prompt, tokenizer) -> tuple[str | None, list[int]]:
+    """(prompt text or None, token ids) for a str, a list of ids, or {"prompt_token_ids", "prompt"}."""
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise ValueError(
+                "a text prompt needs a tokenizer, but this model has none; pass "
+                "{'prompt_token_ids': [...]} instead"
+            )
+        return prompt, list(tokenizer(prompt).input_ids)
+    if isinstance(prompt, dict):
+        if "prompt_token_ids" not in prompt:
+            raise ValueError(f"a dict prompt needs 'prompt_token_ids', got keys {sorted(prompt)}")
+        return prompt.get("prompt"), as_token_list(prompt["prompt_token_ids"])
+    if isinstance(prompt, (list, tuple, np.ndarray)):
+        return None, as_token_list(prompt)
+    raise ValueError(
+        f"prompt must be a str, a list of token ids or a dict with 'prompt_token_ids', "
+        f"got {type(prompt).__name__}"
+    )
+
+
+def as_token_list(ids) -> list[int]:
+    out = []
+    for t in list(ids):
+        if isinstance(t, (bool, np.bool_)) or not isinstance(t, (int, np.integer)):
+            raise ValueError(f"token ids must be ints, got {t!r}")
+        out.append(int(t))
+    return out
+
+
+def validate_prompt(token_ids: list[int], params: SamplingParams, *, vocab_size: int,
+                    max_model_len: int, block_size: int, num_usable_blocks: int) -> None:
+    """Refuse an empty prompt, ids outside the vocabulary, a prompt longer than max_model_len,
+    and a request that needs more KV blocks than the whole cache holds (it could never run)."""
+    if not token_ids:
+        raise ValueError("the prompt is empty (0 tokens)")
+    bad = [t for t in token_ids if not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"prompt token ids {bad[:8]} are outside the vocabulary [0, {vocab_size})")
+    if len(token_ids) > max_model_len:
+        raise ValueError(
+            f"the prompt has {len(token_ids)} tokens, more than max_model_len={max_model_len}"
+        )
+    # The last sampled token is never written to the cache, hence the -1 (but the whole prompt
+    # always is).
+    needed_tokens = max(len(token_ids), min(len(token_ids) + params.max_tokens, max_model_len) - 1)
+    needed_blocks = -(-needed_tokens // block_size)
+    if needed_blocks > num_usable_blocks:
+        raise ValueError(
+            f"the request needs {needed_blocks} KV blocks ({len(token_ids)} prompt tokens + "
+            f"max_tokens={params.max_tokens}), but the whole cache has {num_usable_blocks}; "
+            f"it could never run"
+        )

@@ -1,0 +1,113 @@
+"""What the engine keeps per request beyond the scheduler's Request, and how it becomes a
+vLLM-style RequestOutput: text (with stop strings), sampled-token logprobs, prompt logprobs.
+
+Host only: the device step returns numpy arrays (see runner.paged_step), read here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from jaxllm.detokenizer import Detokenizer
+from jaxllm.request import CompletionOutput, Logprob, Request, RequestOutput
+from jaxllm.sampling_params import logprobs_bucket
+
+
+@dataclasses.dataclass
+class RequestState:
+    seed: int  # the request's sampling seed (its own, or drawn from the engine's generator)
+    detokenizer: Detokenizer | None  # None without a tokenizer: text stays ""
+    logprobs: list = dataclasses.field(default_factory=list)  # one {token_id: Logprob} per output
+    prompt_logprobs: list | None = None  # [None, {token_id: Logprob}, ...] when requested
+
+
+class LogprobFormatter:
+    """Builds vLLM's {token_id: Logprob} entries from the step's top-k arrays."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def entry(self, top_ids: np.ndarray, top_lps: np.ndarray, token: int, token_lp) -> dict[int, Logprob]:
+        """The top-k (rank 1 = most likely) plus `token`, whose rank is None outside the top-k."""
+        out = {}
+        for rank, (tid, lp) in enumerate(zip(top_ids.tolist(), top_lps.tolist()), start=1):
+            out[int(tid)] = Logprob(float(lp), rank, self._decode(int(tid)))
+        if token not in out:
+            out[token] = Logprob(float(token_lp), None, self._decode(token))
+        return out
+
+    def sampled(self, result: dict, row: int, token: int, k: int) -> dict[int, Logprob]:
+        """Entry of the token sampled for batch row `row`, with the top-k shown."""
+        return self.entry(result["top_token_ids"][row][:k], result["top_logprobs"][row][:k], token,
+                          result["logprobs"][row])
+
+    def _decode(self, token: int) -> str | None:
+        return None if self.tokenizer is None else self.tokenizer.decode([token])
+
+
+def prompt_logprob_targets(scheduled, cu_q_lens: np.ndarray, num_tokens_padded: int):
+    """([T] int32 targets: the token after each scheduled token, top-k width) for a step, or
+    (None, 0) when no scheduled request wants prompt_logprobs (the step then skips them)."""
+    wanted = [item.request.sampling_params.prompt_logprobs for item in scheduled]
+    if all(k is None for k in wanted):
+        return None, 0
+    targets = np.zeros(num_tokens_padded, np.int32)
+    for i, item in enumerate(scheduled):
+        req, start = item.request, item.request.num_computed_tokens
+        nxt = req.all_token_ids[start + 1 : start + item.num_new_tokens + 1]
+        targets[cu_q_lens[i] : cu_q_lens[i] + len(nxt)] = nxt
+    # At least 1: prompt_logprobs=0 still needs the step to compute the targets' logprobs.
+    return targets, max(1, logprobs_bucket(max(k or 0 for k in wanted)))
+
+
+def collect_prompt_logprobs(scheduled, cu_q_lens, result: dict, states: dict[str, RequestState],
+                            fmt: LogprobFormatter) -> None:
+    """Append prompt-logprob entries for prompt positions seen for the first time; positions
+    recomputed after a preemption were recorded already and are skipped."""
+    for i, item in enumerate(scheduled):
+        req: Request = item.request
+        k = req.sampling_params.prompt_logprobs
+        if k is None:
+            continue
+        state = states[req.request_id]
+        if state.prompt_logprobs is None:
+            state.prompt_logprobs = [None]  # the first prompt token has no logprob (vLLM)
+        entries = state.prompt_logprobs
+        start = req.num_computed_tokens
+        for j in range(item.num_new_tokens):
+            pos = start + j + 1  # token (start + j) predicts prompt token `pos`
+            if pos != len(entries) or pos >= req.num_prompt_tokens:
+                continue
+            t = cu_q_lens[i] + j
+            entries.append(fmt.entry(result["prompt_top_token_ids"][t][:k],
+                                     result["prompt_top_logprobs"][t][:k],
+                                     req.prompt_token_ids[pos], result["prompt_logprobs"][t]))
+
+
+def make_output(req: Request, state: RequestState) -> RequestOutput:
+    """The request's output so far (vLLM's cumulative RequestOutput)."""
+    wants_logprobs = req.sampling_params.logprobs is not None
+    completion = CompletionOutput(
+        index=0,
+        text=state.detokenizer.text if state.detokenizer is not None else "",
+        token_ids=list(req.output_token_ids),
+        cumulative_logprob=(
+            sum(e[t].logprob for e, t in zip(state.logprobs, req.output_token_ids))
+            if wants_logprobs else None
+        ),
+        logprobs=list(state.logprobs) if wants_logprobs else None,
+        finish_reason=req.finish_reason,
+        stop_reason=req.stop_reason,
+    )
+    return RequestOutput(
+        request_id=req.request_id,
+        prompt=req.prompt,
+        prompt_token_ids=list(req.prompt_token_ids),
+        prompt_logprobs=state.prompt_logprobs,
+        outputs=[completion],
+        finished=req.is_finished,
+        metrics=req.metrics,
+        error=req.error,
+    )
