@@ -55,8 +55,9 @@ def validate_prompt(token_ids: list[int], params: SamplingParams, *, vocab_size:
             f"the prompt has {len(token_ids)} tokens, more than max_model_len={max_model_len}"
         )
     # The last sampled token is never written to the cache, hence the -1 (but the whole prompt
-    # always is).
-    needed_tokens = max(len(token_ids), min(len(token_ids) + params.max_tokens, max_model_len) - 1)
+    # always is). max_tokens=None runs to max_model_len.
+    max_tokens = params.max_tokens if params.max_tokens is not None else max_model_len
+    needed_tokens = max(len(token_ids), min(len(token_ids) + max_tokens, max_model_len) - 1)
     needed_blocks = -(-needed_tokens // block_size)
     if needed_blocks > num_usable_blocks:
         raise ValueError(

@@ -46,7 +46,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     seed: int | None = None  # None: the engine derives one; a request's samples depend only on it
-    max_tokens: int = 16  # >= 1
+    max_tokens: int | None = 16  # >= 1; None: until max_model_len (vLLM)
     min_tokens: int = 0  # [0, max_tokens]: EOS and stop_token_ids are masked until this many outputs
     stop: str | list[str] | None = None  # normalised to a list; strings that end generation
     stop_token_ids: list[int] | None = None  # normalised to a list; token ids that end generation
@@ -83,11 +83,12 @@ class SamplingParams:
             _check_number(name, getattr(self, name), lambda v: -2 <= v <= 2, "in [-2, 2]")
         if self.seed is not None:
             _check_int("seed", self.seed)
-        _check_int("max_tokens", self.max_tokens)
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens!r}")
+        if self.max_tokens is not None:
+            _check_int("max_tokens", self.max_tokens)
+            if self.max_tokens < 1:
+                raise ValueError(f"max_tokens must be >= 1 or None, got {self.max_tokens!r}")
         _check_int("min_tokens", self.min_tokens)
-        if not 0 <= self.min_tokens <= self.max_tokens:
+        if not 0 <= self.min_tokens <= (self.max_tokens if self.max_tokens is not None else self.min_tokens):
             raise ValueError(
                 f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}"
             )

@@ -223,3 +223,9 @@ def test_a_failing_request_does_not_stop_the_others(model_dir):
     assert outs[0].outputs[0].finish_reason == "error" and f"token {poison}" in outs[0].error
     assert outs[1].outputs[0].token_ids == expected and outs[1].error is None
     assert llm.get_stats()["kv_blocks_used"] == 0
+
+
+def test_max_tokens_none_runs_to_max_model_len(llm):
+    # vLLM's meaning of max_tokens=None: generate until the request reaches max_model_len (256).
+    out = llm.generate(ids(240, 22), greedy(None), use_tqdm=False)[0].outputs[0]
+    assert len(out.token_ids) == 16 and out.finish_reason == "length"
