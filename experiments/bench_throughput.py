@@ -194,7 +194,7 @@ class EngineProbe:
         e = self.engine
         bm = e.block_manager
         # Tokens whose K/V sits in the cache now: num_computed_tokens of every request holding blocks.
-        stored = sum(r.num_computed_tokens for r in getattr(e, "_live", {}).values()
+        stored = sum(r.num_computed_tokens for r in e.scheduler.requests.values()
                      if bm.has_blocks(r.request_id))
         q_lens = np.diff(batch.cu_q_lens)[: batch.num_seqs]
         kv_lens = batch.kv_lens[: batch.num_seqs]

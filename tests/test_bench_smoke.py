@@ -53,7 +53,9 @@ def test_quick_bench_json(tmp_path):
     kv = j["kv_cache"]
     for key in ("block_usage_mean", "block_usage_max", "slot_fill_mean", "slot_fill_weighted", "token_usage_mean"):
         assert _frac(kv[key]), (key, kv[key])
-    assert kv["slot_fill_mean"] > 0
+    # Paging wastes only the unfilled tail of each request's last block: most used slots hold
+    # tokens (a broken probe of the engine's requests reads ~0 here).
+    assert kv["slot_fill_weighted"] > 0.5 and kv["token_usage_mean"] > 0
     rf = j["roofline"]
     assert rf["achieved_flops_per_s"] > 0 and rf["weight_bandwidth_B_per_s"] > 0
     assert 0 < rf["fraction_of_roofline"] <= 1.0
