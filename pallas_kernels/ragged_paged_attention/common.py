@@ -1,4 +1,5 @@
-"""Argument validation shared by the TPU and GPU ragged paged attention kernels.
+"""Pieces shared by the TPU and GPU ragged paged attention kernels: argument validation and the
+double-buffered KV pipeline.
 
 Kernels index memory with the values they are given; a wrong shape there is a silent wrong answer
 or a device fault, not an exception. So every static property is checked up front and each error
@@ -8,6 +9,8 @@ names the offending values.
 from __future__ import annotations
 
 import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
 
 # Finite "minus infinity" for masked scores: exp(mask - mask) stays finite for fully masked rows.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -97,3 +100,47 @@ def write_kv(k_cache, v_cache, k, v, slot_mapping):
     k_cache = k_cache.at[blk, off].set(k.astype(k_cache.dtype), mode="promise_in_bounds")
     v_cache = v_cache.at[blk, off].set(v.astype(v_cache.dtype), mode="promise_in_bounds")
     return k_cache, v_cache
+
+
+def double_buffered_seq_loop(s_begin, s_end, seq_steps, start_fetch, consume, state):
+    """The KV pipeline of both kernels (traced inside a kernel body).
+
+    For each sequence s in [s_begin, s_end) and each of its KV steps in seq_steps(s) = [lo, hi),
+    the copy for the next step (or for the next sequence's first step) is started with
+    start_fetch(s', step', other_slot) before consume(s, step, slot, state) -> state works on
+    the current buffer `slot`; so copy and compute overlap across sequence boundaries too.
+    consume must wait for its own copy (a DMA semaphore, a barrier). Returns the final state.
+    """
+
+    def seq_body(s, carry):
+        slot, fetched, state = carry
+        lo, hi = seq_steps(s)
+
+        @pl.when((fetched == 0) & (lo < hi))
+        def _():
+            start_fetch(s, lo, slot)
+
+        has_next_seq = s + 1 < s_end
+        nlo, nhi = seq_steps(jnp.minimum(s + 1, s_end - 1))
+        next_seq_fetch = has_next_seq & (nlo < nhi)
+
+        def step_body(step, c):
+            slot, state = c
+
+            @pl.when(step + 1 < hi)
+            def _():
+                start_fetch(s, step + 1, 1 - slot)
+
+            @pl.when((step + 1 == hi) & next_seq_fetch)
+            def _():
+                start_fetch(s + 1, nlo, 1 - slot)
+
+            return 1 - slot, consume(s, step, slot, state)
+
+        slot, state = lax.fori_loop(lo, hi, step_body, (slot, state))
+        # The next sequence's first copy is already in flight iff this one prefetched it.
+        fetched = jnp.where((lo < hi) & next_seq_fetch, 1, 0).astype(jnp.int32)
+        return slot, fetched, state
+
+    _, _, state = lax.fori_loop(s_begin, s_end, seq_body, (jnp.int32(0), jnp.int32(0), state))
+    return state

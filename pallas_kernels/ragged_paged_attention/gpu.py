@@ -36,7 +36,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from .common import MASK_VALUE, round_up, tile_seq_ranges, validate_inputs
+from .common import MASK_VALUE, double_buffered_seq_loop, round_up, tile_seq_ranges, validate_inputs
 
 _ROWS = 64  # WGMMA M granularity: rows (tokens * group) per CTA
 _TARGET_STEP_TOKENS = 128
@@ -178,42 +178,12 @@ def _kernel(kv_lens_ref, block_tables_ref, cu_q_lens_ref, tile_seqs_ref, q_ref, 
                                         preferred_element_type=jnp.float32)
         return acc, m_new, l_i
 
-    def seq_body(s, carry):
-        slot, fetched, state = carry
-        lo, hi = seq_steps(s)
-
-        @pl.when((fetched == 0) & (lo < hi))
-        def _():
-            start_fetch(s, lo, slot)
-
-        has_next_seq = s + 1 < s_end
-        nlo, nhi = seq_steps(jnp.minimum(s + 1, s_end - 1))
-        next_seq_fetch = has_next_seq & (nlo < nhi)
-
-        def step_body(step, c):
-            slot, state = c
-
-            @pl.when(step + 1 < hi)
-            def _():
-                start_fetch(s, step + 1, 1 - slot)
-
-            @pl.when((step + 1 == hi) & next_seq_fetch)
-            def _():
-                start_fetch(s + 1, nlo, 1 - slot)
-
-            state = compute(s, step, slot, state)
-            return 1 - slot, state
-
-        slot, state = lax.fori_loop(lo, hi, step_body, (slot, state))
-        fetched = jnp.where((lo < hi) & next_seq_fetch, 1, 0).astype(jnp.int32)
-        return slot, fetched, state
-
     m0 = cast(jnp.full((R,), MASK_VALUE, jnp.float32), layout.reduce(1))
     l0 = cast(jnp.full((R,), 0.0, jnp.float32), layout.reduce(1))
     acc0 = cast(jnp.full((R, D), 0.0, jnp.float32), layout)
     plgpu.barrier_wait(q_bar)
-    _, _, (acc, _, l_i) = lax.fori_loop(
-        s_begin, s_end, seq_body, (jnp.int32(0), jnp.int32(0), (acc0, m0, l0)))
+    acc, _, l_i = double_buffered_seq_loop(s_begin, s_end, seq_steps, start_fetch, compute,
+                                           (acc0, m0, l0))
 
     # Rows that saw no key (padding tokens) have l == 0: output 0, not 0/0.
     inv = jnp.where(l_i > 0, 1.0 / jnp.where(l_i > 0, l_i, 1.0), 0.0)

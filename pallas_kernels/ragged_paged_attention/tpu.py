@@ -30,7 +30,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from .common import MASK_VALUE, round_up, tile_seq_ranges, validate_inputs
+from .common import MASK_VALUE, double_buffered_seq_loop, round_up, tile_seq_ranges, validate_inputs
 
 # Default rows (tokens * group) per tile. Decode tiles mostly hold one token per sequence, so every
 # row beyond `group` is wasted VPU/MXU work for that sequence; 64 rows keeps decode below the VPU
@@ -184,37 +184,12 @@ def _kernel(
             m_ref[h] = jnp.broadcast_to(m_next, (R, 128))
             l_ref[h] = jnp.broadcast_to(l_next, (R, 128))
 
-    def seq_body(s, carry):
-        slot, fetched = carry
-        lo, hi = seq_steps(s)
+    def consume(s, step, slot, state):
+        wait_fetch(s, step, slot)
+        compute(s, step, slot)
+        return state
 
-        @pl.when((fetched == 0) & (lo < hi))
-        def _():
-            start_fetch(s, lo, slot)
-
-        has_next_seq = s + 1 < s_end
-        nlo, nhi = seq_steps(jnp.minimum(s + 1, s_end - 1))
-        next_seq_fetch = has_next_seq & (nlo < nhi)
-
-        def step_body(step, slot):
-            # Start the DMA of whatever comes next before computing on the current buffer.
-            @pl.when(step + 1 < hi)
-            def _():
-                start_fetch(s, step + 1, 1 - slot)
-
-            @pl.when((step + 1 == hi) & next_seq_fetch)
-            def _():
-                start_fetch(s + 1, nlo, 1 - slot)
-
-            wait_fetch(s, step, slot)
-            compute(s, step, slot)
-            return 1 - slot
-
-        slot = lax.fori_loop(lo, hi, step_body, slot)
-        fetched = jnp.where((lo < hi) & next_seq_fetch, 1, 0).astype(jnp.int32)
-        return slot, fetched
-
-    lax.fori_loop(s_begin, s_end, seq_body, (jnp.int32(0), jnp.int32(0)))
+    double_buffered_seq_loop(s_begin, s_end, seq_steps, start_fetch, consume, jnp.int32(0))
 
     for h in range(nKV):
         l = jnp.max(l_ref[h], axis=1, keepdims=True)
