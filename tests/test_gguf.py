@@ -166,3 +166,16 @@ def test_logits_and_greedy_tokens_match_transformers(gguf_path, hf_reference):
             )
             break  # a forgiven near-tie: the continuations legitimately diverge from here
     assert "grav" in tok.decode(seq[len(prompt):]).lower()
+
+
+def test_tokenizer_without_torch_says_how_to_install(gguf_path, monkeypatch):
+    import transformers
+
+    from jaxllm.models.gguf import load_gguf_tokenizer
+
+    def no_torch(*args, **kwargs):
+        raise ModuleNotFoundError("No module named 'torch'")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", no_torch)
+    with pytest.raises(ImportError, match=r"pip install -e '\.\[gguf\]'"):
+        load_gguf_tokenizer(gguf_path, cache_dir=None)

@@ -241,7 +241,15 @@ def load_gguf_tokenizer(path_or_alias: str, cache_dir: str | None = DEFAULT_CACH
     cached = None if entry is None else os.path.join(entry, "tokenizer")
     if cached is not None and os.path.isdir(cached):
         return AutoTokenizer.from_pretrained(cached)
-    tok = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+    try:
+        tok = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+    except ModuleNotFoundError as e:
+        # transformers' GGUF reader imports torch at module level, even to read a tokenizer.
+        raise ImportError(
+            f"building the tokenizer of {path} needs transformers' GGUF reader, which imports torch "
+            f"({e}); install it with `pip install -e '.[gguf]'` (torch==2.13.0, the CPU build here). "
+            f"Later loads use the cached tokenizer and no longer need torch."
+        ) from e
     if cached is not None:
         tmp = None
         try:  # best effort, as for index.json
