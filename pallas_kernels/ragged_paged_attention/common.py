@@ -77,6 +77,10 @@ def tile_seq_ranges(cu_q_lens, num_tiles, tile):
     return jnp.stack([first, end], axis=1).reshape(-1)
 
 
+def cdiv(a, b):
+    return (a + b - 1) // b
+
+
 def round_up(x, m):
     return -(-x // m) * m
 
@@ -100,6 +104,27 @@ def write_kv(k_cache, v_cache, k, v, slot_mapping):
     k_cache = k_cache.at[blk, off].set(k.astype(k_cache.dtype), mode="promise_in_bounds")
     v_cache = v_cache.at[blk, off].set(v.astype(v_cache.dtype), mode="promise_in_bounds")
     return k_cache, v_cache
+
+
+def kv_step_range(q_start, q_end, kv_len, tile_start, tile_end, step_tokens: int, sliding_window):
+    """[lo, hi) of the KV steps (of step_tokens keys each) that the tokens of sequence
+    [q_start, q_end) falling in the tile [tile_start, tile_end) can see; empty when none fall in it.
+
+    Token t sits at position ctx + t with ctx = kv_len - q_len - q_start and sees keys up to its
+    position (and, with a window, above position - window). Operands are non-negative, so lax.div
+    (which both Mosaic backends lower for scalars) is floor division here.
+    """
+    c = jnp.int32(step_tokens)
+    tok_lo = jnp.maximum(q_start, tile_start)
+    tok_hi = jnp.minimum(q_end, tile_end)
+    ctx = kv_len - (q_end - q_start) - q_start  # pos(token t) = ctx + t
+    kv_hi = ctx + tok_hi  # one past the last visible key
+    if sliding_window is None:
+        lo = jnp.int32(0)
+    else:
+        lo = lax.div(jnp.maximum(ctx + tok_lo - sliding_window + 1, 0), c)
+    hi = jnp.where(tok_hi > tok_lo, lax.div(jnp.maximum(kv_hi, 0) + c - 1, c), lo)
+    return lo, jnp.maximum(hi, lo)
 
 
 def double_buffered_seq_loop(s_begin, s_end, seq_steps, start_fetch, consume, state):

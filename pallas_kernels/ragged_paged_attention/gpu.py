@@ -36,14 +36,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from .common import MASK_VALUE, double_buffered_seq_loop, round_up, tile_seq_ranges, validate_inputs
+from .common import (MASK_VALUE, cdiv, double_buffered_seq_loop, kv_step_range, round_up,
+                     tile_seq_ranges, validate_inputs)
 
 _ROWS = 64  # WGMMA M granularity: rows (tokens * group) per CTA
 _TARGET_STEP_TOKENS = 128
-
-
-def _cdiv(a, b):
-    return (a + b - 1) // b
 
 
 def default_block_sizes(T, group, block_size):
@@ -83,19 +80,9 @@ def _kernel(kv_lens_ref, block_tables_ref, cu_q_lens_ref, tile_seqs_ref, q_ref, 
     plgpu.copy_gmem_to_smem(q_ref.at[h, pl.ds(tile * R, R)], q_smem, q_bar)
 
     def seq_steps(s):
-        q_start = cu_q_lens_ref[s]
-        q_end = cu_q_lens_ref[s + 1]
-        kv_len = kv_lens_ref[s]
-        tok_lo = jnp.maximum(q_start, tile_start)
-        tok_hi = jnp.minimum(q_end, tile_end)
-        ctx = kv_len - (q_end - q_start) - q_start
-        kv_hi = ctx + tok_hi
-        if sliding_window is None:
-            lo = jnp.int32(0)
-        else:
-            lo = lax.div(jnp.maximum(ctx + tok_lo - sliding_window + 1, 0), jnp.int32(C))
-        hi = jnp.where(tok_hi > tok_lo, lax.div(jnp.maximum(kv_hi, 0) + C - 1, jnp.int32(C)), lo)
-        return lo, jnp.maximum(hi, lo)
+        """(first step, end step) of KV steps sequence s needs for this tile's tokens."""
+        return kv_step_range(cu_q_lens_ref[s], cu_q_lens_ref[s + 1], kv_lens_ref[s], tile_start,
+                             tile_end, C, sliding_window)
 
     def start_fetch(s, step, slot):
         n_pages = lax.div(kv_lens_ref[s] + bs - 1, jnp.int32(bs))
@@ -230,7 +217,7 @@ def ragged_paged_attention(q, k_cache, v_cache, kv_lens, block_tables, cu_q_lens
     C = nb * bs
     if C % 64:
         raise ValueError(f"num_kv_blocks_per_step={nb} * block_size={bs} must be a multiple of 64")
-    num_tiles = _cdiv(T, tq)
+    num_tiles = cdiv(T, tq)
     Tp = num_tiles * tq
 
     qt = q.reshape(T, nKV, group, D)

@@ -30,7 +30,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from .common import MASK_VALUE, double_buffered_seq_loop, round_up, tile_seq_ranges, validate_inputs
+from .common import (MASK_VALUE, cdiv, double_buffered_seq_loop, kv_step_range, round_up,
+                     tile_seq_ranges, validate_inputs)
 
 # Default rows (tokens * group) per tile. Decode tiles mostly hold one token per sequence, so every
 # row beyond `group` is wasted VPU/MXU work for that sequence; 64 rows keeps decode below the VPU
@@ -38,10 +39,6 @@ from .common import MASK_VALUE, double_buffered_seq_loop, round_up, tile_seq_ran
 _TARGET_ROWS = 64
 # Default KV tokens per compute step (several blocks: fewer, larger DMAs and matmuls).
 _TARGET_STEP_TOKENS = 128
-
-
-def _cdiv(a, b):
-    return (a + b - 1) // b
 
 
 def _load_head(buf_ref, slot, h, nKV, C, D, dtype):
@@ -103,22 +100,11 @@ def _kernel(
 
     def seq_steps(s):
         """(first step, end step) of KV steps sequence s needs for this tile's tokens."""
-        q_start = cu_q_lens_ref[s]
-        q_end = cu_q_lens_ref[s + 1]
-        kv_len = kv_lens_ref[s]
-        tok_lo = jnp.maximum(q_start, tile_start)
-        tok_hi = jnp.minimum(q_end, tile_end)
-        ctx = kv_len - (q_end - q_start) - q_start  # pos(token t) = ctx + t
-        kv_hi = ctx + tok_hi  # one past the last visible key
-        if sliding_window is None:
-            lo = jnp.int32(0)
-        else:
-            lo = jnp.maximum(ctx + tok_lo - sliding_window + 1, 0) // C
-        hi = jnp.where(tok_hi > tok_lo, _cdiv(jnp.maximum(kv_hi, 0), C), lo)
-        return lo, jnp.maximum(hi, lo)
+        return kv_step_range(cu_q_lens_ref[s], cu_q_lens_ref[s + 1], kv_lens_ref[s], tile_start,
+                             tile_end, C, sliding_window)
 
     def page_copies(s, step, slot):
-        n_pages = _cdiv(kv_lens_ref[s], bs)
+        n_pages = cdiv(kv_lens_ref[s], bs)
         out = []
         for j in range(nb):
             p = step * nb + j
@@ -244,7 +230,7 @@ def ragged_paged_attention(q, k_cache, v_cache, kv_lens, block_tables, cu_q_lens
         raise ValueError(f"num_queries_per_block={tq} * group={group} must be a multiple of 8")
     if nb <= 0:
         raise ValueError(f"num_kv_blocks_per_step={nb} must be positive")
-    num_tiles = _cdiv(T, tq)
+    num_tiles = cdiv(T, tq)
     Tp = num_tiles * tq
     R = tq * group
 
