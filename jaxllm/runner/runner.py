@@ -117,7 +117,7 @@ def _step_function(jit_kwargs_key, jit_kwargs: dict):
 class ModelRunner:
     """Holds device state and runs jitted steps; counts the compilations its steps caused."""
 
-    def __init__(self, model, resolved: ResolvedEngineConfig, shardings=None, mesh=None):
+    def __init__(self, model, resolved: ResolvedEngineConfig, mesh=None):
         self.model = model
         self.config: ModelConfig = model.config
         self.resolved = resolved
@@ -125,7 +125,7 @@ class ModelRunner:
         self._attention_fn = attention_impl(resolved.engine.attention_backend)
         self.params = model.params
         self.mesh = mesh
-        jit_kwargs, jit_key = {}, None
+        jit_kwargs, jit_key, kv_sharding = {}, None, None
         if mesh is not None:
             # Tensor parallelism (jaxllm/parallel): params and KV cache sharded over the "tp" axis,
             # inputs and sampler outputs replicated; XLA inserts the collectives.
@@ -135,27 +135,23 @@ class ModelRunner:
             self._attention_fn = runtime.wrap_attention(
                 self._attention_fn, resolved.engine.attention_backend, mesh
             )
-            shardings = runtime.kv_cache_sharding(mesh)
+            kv_sharding = runtime.kv_cache_sharding(mesh)
             jit_kwargs = runtime.jit_shardings(mesh, self.config.num_layers)
             jit_key = (mesh, self.config.num_layers)
-        self.kv_caches = self._allocate_kv_cache(shardings)
+        self.kv_caches = self._allocate_kv_cache(kv_sharding)
         self._jitted = _step_function(jit_key, jit_kwargs)
 
-    def _allocate_kv_cache(self, shardings):
+    def _allocate_kv_cache(self, sharding):
+        """Zeroed K and V caches per layer, each [num_blocks, block_size, nKV, D]; `sharding`
+        (None: default device) puts each device's shard straight onto it."""
         cfg, res = self.config, self.resolved
         shape = (res.num_kv_blocks, res.engine.cache.block_size, cfg.num_kv_heads, cfg.head_dim)
         dtype = jnp.dtype(res.engine.dtype)
-        caches = []
-        # Built once (not per layer: a new lambda is a new jit cache entry, i.e. a compile each);
-        # each device allocates only its shard.
-        zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=shardings) if shardings is not None else None
-        for _ in range(cfg.num_layers):
-            # One array per layer and per K/V: slicing a stacked [layers, ...] cache makes XLA on
-            # CPU copy the slice every step.
-            if zeros is None:
-                caches.append((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)))
-            else:
-                caches.append((zeros(), zeros()))
+        # Built once (not per layer: a new lambda is a new jit cache entry, i.e. a compile each).
+        zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+        # One array per layer and per K/V: slicing a stacked [layers, ...] cache makes XLA on
+        # CPU copy the slice every step.
+        caches = [(zeros(), zeros()) for _ in range(cfg.num_layers)]
         return caches
 
     def execute(self, batch: BatchInputs, sampling_arrays: dict, flags, prompt_targets=None,
