@@ -1,5 +1,7 @@
 """BlockManager: exact block ids, free order, ref counts, rows, invariants. Pure numpy, milliseconds."""
 
+import ast
+import pathlib
 
 import numpy as np
 import pytest
@@ -168,3 +170,17 @@ def test_constructor_validation():
         BlockManager(1, 4, 2, 2)
     with pytest.raises(ValueError, match="block_size"):
         BlockManager(4, 0, 2, 2)
+
+
+def test_core_never_imports_jax():
+    # House rule 1: checked on the source, so it holds whatever jaxllm/__init__ imports.
+    root = pathlib.Path(__file__).resolve().parents[1] / "jaxllm"
+    for path in [root / "request.py", *sorted((root / "core").glob("*.py"))]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            for n in names:
+                assert n.split(".")[0] != "jax", f"{path.name} imports {n}"
