@@ -131,7 +131,7 @@ class EngineProbe:
     """Times engine phases and samples cache occupancy by wrapping the engine's callables.
 
     Wraps (restoring them on `close`): scheduler.schedule / scheduler.update (instance attributes),
-    jaxllm.engine.prepare_batch / build_sampling_arrays (module globals the engine calls),
+    jaxllm.engine.prepare_batch / build_sampling_inputs (module globals the engine calls),
     runner.execute, and engine.step. Nothing in jaxllm/ is modified on disk.
     """
 
@@ -140,17 +140,17 @@ class EngineProbe:
 
         self.engine, self.cost, self._mod = engine, cost, engine_mod
         self.steps: list[dict] = []
-        self.captured: dict[str, tuple] = {}  # "decode" / "prefill" -> (batch, arrays, flags)
+        self.captured: dict[str, tuple] = {}  # "decode" / "prefill" -> (StepInputs, size)
         self._cur: dict = {}
         self._orig = {
             "schedule": engine.scheduler.schedule, "update": engine.scheduler.update,
-            "prepare_batch": engine_mod.prepare_batch, "build_sampling_arrays": engine_mod.build_sampling_arrays,
+            "prepare_batch": engine_mod.prepare_batch, "build_sampling_inputs": engine_mod.build_sampling_inputs,
             "execute": engine.runner.execute, "step": engine.step,
         }
         engine.scheduler.schedule = self._timed("schedule", self._orig["schedule"])
         engine.scheduler.update = self._timed("update", self._orig["update"])
         engine_mod.prepare_batch = self._timed("prepare_batch", self._orig["prepare_batch"])
-        engine_mod.build_sampling_arrays = self._timed("sampling_arrays", self._orig["build_sampling_arrays"])
+        engine_mod.build_sampling_inputs = self._timed("sampling_arrays", self._orig["build_sampling_inputs"])
         engine.runner.execute = self._execute
         engine.step = self._step
 
@@ -158,7 +158,7 @@ class EngineProbe:
         e = self.engine
         e.scheduler.schedule, e.scheduler.update = self._orig["schedule"], self._orig["update"]
         self._mod.prepare_batch = self._orig["prepare_batch"]
-        self._mod.build_sampling_arrays = self._orig["build_sampling_arrays"]
+        self._mod.build_sampling_inputs = self._orig["build_sampling_inputs"]
         for name in ("execute", "step"):
             delattr(e.runner if name == "execute" else e, name)  # back to the class methods
 
@@ -170,17 +170,17 @@ class EngineProbe:
             return out
         return wrapper
 
-    def _execute(self, batch, arrays, flags, *args, **kwargs):
+    def _execute(self, step):
         t0 = time.perf_counter()
-        out = self._orig["execute"](batch, arrays, flags, *args, **kwargs)
+        out = self._orig["execute"](step)
         self._cur["execute"] = time.perf_counter() - t0
-        self._cur["batch"] = batch
+        batch = self._cur["batch"] = step.batch
         # Keep one representative batch of each kind for the phase-breakdown replay.
         decode = batch.num_tokens == batch.num_seqs
         key = "decode" if decode else "prefill"
         size = batch.num_seqs if decode else batch.num_tokens
-        if key not in self.captured or size > self.captured[key][3]:
-            self.captured[key] = (batch, arrays, flags, size)
+        if key not in self.captured or size > self.captured[key][1]:
+            self.captured[key] = (step, size)
         return out
 
     def _step(self):
@@ -227,11 +227,9 @@ def run_jaxllm(model_dir: str, workload, args, cost: ModelCost, roof: dict) -> d
     llm = LLM(**kw)
     t_load = time.perf_counter() - t0
     engine = llm.engine
-    # Greedy + ignore_eos: the same sampling features as the timed run, so warm-up compiles exactly
-    # the variants the run uses (sampling features are jit statics).
-    warm = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+    # Every token bucket and step variant (sampling parameters are data, not jit statics).
     t0 = time.perf_counter()
-    engine.warmup(warm)
+    engine.warmup()
     t_compile = time.perf_counter() - t0
     compiles_after_warmup = engine.get_stats()["num_compilations"]
 
@@ -397,11 +395,11 @@ def replay_phases(engine, captured: dict, reps: int = 5) -> dict:
             ts.append(time.perf_counter() - t0)
         return 1e3 * float(np.median(ts))
 
-    @functools.partial(jax.jit, static_argnames="flags")
-    def matmuls_only(params, token_ids, positions, logits_indices, inputs_, flags):
+    @functools.partial(jax.jit, static_argnames="sampler")
+    def matmuls_only(params, token_ids, positions, logits_indices, inputs_, sampler):
         hidden, _ = llama.forward(params, cfg, token_ids, positions, None, lambda i, q, k, v, c: (q, c))
         logits = llama.compute_logits(params, cfg, hidden[logits_indices])
-        return sampling.sample(logits, inputs_, flags).token_ids
+        return sampling.sample(logits, inputs_, sampler).token_ids
 
     def attention_all_layers(kv_caches, q, k, v, md):
         outs = []
@@ -416,12 +414,13 @@ def replay_phases(engine, captured: dict, reps: int = 5) -> dict:
 
     attention_jit = jax.jit(attention_all_layers, donate_argnums=0)
 
-    @functools.partial(jax.jit, static_argnames="flags")
-    def sampling_only(params, hidden, inputs_, flags):
-        return sampling.sample(llama.compute_logits(params, cfg, hidden), inputs_, flags).token_ids
+    @functools.partial(jax.jit, static_argnames="sampler")
+    def sampling_only(params, hidden, inputs_, sampler):
+        return sampling.sample(llama.compute_logits(params, cfg, hidden), inputs_, sampler).token_ids
 
-    for name, (batch, arrays, flags, _) in captured.items():
-        inputs_ = sampling.SamplingInputs(**arrays)
+    for name, (step, _) in captured.items():
+        batch, sampler = step.batch, step.sampler
+        inputs_ = step.sampling.with_neutral_arrays(engine.resolved.max_model_len, cfg.vocab_size)
         md = AttentionMetadata(slot_mapping=batch.slot_mapping, block_tables=batch.block_tables,
                                kv_lens=batch.kv_lens, cu_q_lens=batch.cu_q_lens)
         T = batch.padded_num_tokens
@@ -440,11 +439,11 @@ def replay_phases(engine, captured: dict, reps: int = 5) -> dict:
             "padded_seqs": batch.padded_num_seqs, "sum_kv_lens": int(batch.kv_lens.sum()),
             # The real engine path; the KV it writes lands on slots the batch already owned (or the
             # sink), and those requests are finished by now, so this is harmless.
-            "full_ms": best(lambda: runner.execute(batch, arrays, flags)),
+            "full_ms": best(lambda: runner.execute(step)),
             "matmuls_ms": best(lambda: matmuls_only(runner.params, batch.token_ids, batch.positions,
-                                                    batch.logits_indices, inputs_, flags).block_until_ready()),
+                                                    batch.logits_indices, inputs_, sampler).block_until_ready()),
             "attention_ms": best(run_attention),
-            "sampling_ms": best(lambda: sampling_only(runner.params, hidden, inputs_, flags).block_until_ready()),
+            "sampling_ms": best(lambda: sampling_only(runner.params, hidden, inputs_, sampler).block_until_ready()),
         }
         r["dense_layers_ms"] = r["matmuls_ms"] - r["sampling_ms"]
         r["other_ms"] = r["full_ms"] - r["matmuls_ms"] - r["attention_ms"]

@@ -62,7 +62,7 @@ def inspect(config, tp: int, *, dtype="float32", num_tokens=64, num_seqs=8, num_
     from jaxllm.models import weights
     from jaxllm.parallel import kv_cache_sharding, make_mesh, replicated, shardings_for, tp_model_config, validate_tp
     from jaxllm.runner.runner import paged_step
-    from jaxllm.runner.sampling_inputs import build_sampling_arrays
+    from jaxllm.runner.sampling_inputs import build_sampling_inputs
     from jaxllm.sampling_params import SamplingParams
 
     validate_tp(config, tp)
@@ -86,13 +86,12 @@ def inspect(config, tp: int, *, dtype="float32", num_tokens=64, num_seqs=8, num_
 
     rep = replicated(mesh)
     rows = [(SamplingParams(temperature=0.0), 0, [1], [], [2])] * num_seqs
-    arrays, flags = build_sampling_arrays(rows, num_seqs)
-    from jaxllm.sampling import SamplingInputs
+    sampling, sampler = build_sampling_inputs(rows, num_seqs, vocab_size=config.vocab_size, history_width=0)
 
     def spec_of(x):
         return jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype, sharding=rep)
 
-    inputs = SamplingInputs(**{k: spec_of(v) for k, v in arrays.items()})
+    inputs = jax.tree.map(spec_of, sampling)
     i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32, sharding=rep)  # noqa: E731
     max_blocks = 8
     metadata = AttentionMetadata(slot_mapping=i32(num_tokens), block_tables=i32(num_seqs, max_blocks),
@@ -100,8 +99,8 @@ def inspect(config, tp: int, *, dtype="float32", num_tokens=64, num_seqs=8, num_
 
     def step(params, kv_caches, token_ids, positions, metadata, logits_indices, sampling_inputs, prompt_targets):
         return paged_step(params, kv_caches, token_ids, positions, metadata, logits_indices, sampling_inputs,
-                          prompt_targets, config=run_config, attention_fn=ragged_paged_attention, flags=flags,
-                          prompt_logprobs_k=0)
+                          prompt_targets, config=run_config, attention_fn=ragged_paged_attention,
+                          sampler=sampler, prompt_logprobs=False)
 
     jitted = jax.jit(step, donate_argnums=(1,), out_shardings=(rep, [(kv_sh, kv_sh)] * config.num_layers))
     compiled = jitted.lower(abstract, kv_abstract, i32(num_tokens), i32(num_tokens), metadata, i32(num_seqs),

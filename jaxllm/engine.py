@@ -12,6 +12,7 @@ touches any engine state, so one bad request never disturbs the others.
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 
 import numpy as np
@@ -31,8 +32,11 @@ from jaxllm.outputs import (
 )
 from jaxllm.request import Request, RequestOutput, RequestStatus
 from jaxllm.runner.batch import prepare_batch
-from jaxllm.runner.sampling_inputs import build_sampling_arrays
+from jaxllm.runner.sampling_inputs import GENERAL, build_sampling_inputs
+from jaxllm.runner.step_io import STEP_VARIANTS, StepInputs
 from jaxllm.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
 
 
 class Engine:
@@ -80,6 +84,7 @@ class Engine:
         self.num_steps = 0
         self.num_prompt_tokens_processed = 0
         self.num_generated_tokens = 0
+        self.num_failed_steps = 0
 
     # ---------------------------------------------------------------- requests in and out
 
@@ -133,8 +138,14 @@ class Engine:
         """Run one scheduling step; returns an output for every request that produced a token
         or finished in it (incremental: each holds the request's whole output so far)."""
         plan = self.scheduler.schedule()
-        sampled = self._execute(plan) if plan.scheduled else {}
-        finished = self.scheduler.update(plan, sampled, now=time.monotonic())
+        sampled: dict[str, int] = {}
+        failed: list[Request] = []
+        if plan.scheduled:
+            try:
+                sampled = self._execute(plan)
+            except Exception as e:  # noqa: BLE001 - a failed step must not take the engine down
+                failed = self._fail_step(plan, e)
+        finished = self.scheduler.update(plan, sampled, now=time.monotonic()) + failed
         self.num_steps += bool(plan.scheduled)
 
         outputs = []
@@ -163,10 +174,10 @@ class Engine:
         if stop is not None and not req.is_finished:
             self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_STOPPED, "stop", stop)
 
-    def _execute(self, plan) -> dict[str, int]:
-        """Run the planned batch on the device; returns request_id -> sampled token."""
+    def build_step_inputs(self, scheduled) -> StepInputs:
+        """The one builder of a step's inputs from the scheduler's ScheduledRequest items."""
         batch = prepare_batch(
-            plan.scheduled,
+            scheduled,
             self.block_manager.block_table,
             self.block_manager.row_of,
             self.config.cache.block_size,
@@ -181,13 +192,18 @@ class Engine:
                 item.request.output_token_ids,
                 item.request.eos_token_ids,
             )
-            for item in plan.scheduled
+            for item in scheduled
         ]
-        arrays, flags = build_sampling_arrays(rows, batch.padded_num_seqs)
-        targets, prompt_k = prompt_logprob_targets(plan.scheduled, batch.cu_q_lens, batch.padded_num_tokens)
-        result = self.runner.execute(batch, arrays, flags, targets, prompt_k)
-        if prompt_k:
-            collect_prompt_logprobs(plan.scheduled, batch.cu_q_lens, result, self._states, self._logprob_fmt)
+        targets = prompt_logprob_targets(scheduled, batch.cu_q_lens, batch.padded_num_tokens)
+        sampling, sampler = self._sampling_inputs(rows, batch.padded_num_seqs, force_general=targets is not None)
+        return StepInputs(batch, sampling, sampler, targets)
+
+    def _execute(self, plan) -> dict[str, int]:
+        """Run the planned batch on the device; returns request_id -> sampled token."""
+        step = self.build_step_inputs(plan.scheduled)
+        result = self.runner.execute(step)
+        if step.prompt_logprobs:
+            collect_prompt_logprobs(plan.scheduled, step.batch.cu_q_lens, result, self._states, self._logprob_fmt)
 
         sampled: dict[str, int] = {}
         for i, item in enumerate(plan.scheduled):
@@ -198,7 +214,7 @@ class Engine:
                 - req.num_computed_tokens,
             )
             if item.samples:
-                token = int(result["token_ids"][i])
+                token = int(result.token_ids[i])
                 sampled[req.request_id] = token
                 k = req.sampling_params.logprobs
                 if k is not None:
@@ -206,20 +222,48 @@ class Engine:
         self.num_generated_tokens += len(sampled)
         return sampled
 
-    def warmup(self, params: SamplingParams | None = None) -> None:
-        """Compile the step for every token bucket, for batches sampled like `params`.
+    def _sampling_inputs(self, rows, num_rows_padded: int, force_general: bool = False):
+        return build_sampling_inputs(
+            rows, num_rows_padded,
+            vocab_size=self.model.config.vocab_size,
+            history_width=self.resolved.max_model_len,
+            force_general=force_general,
+        )
+
+    def _fail_step(self, plan, error: Exception) -> list[Request]:
+        """A step that raised (a compilation out of memory, an XLA error): its requests end with
+        an error naming the cause; the others keep running. If the failure consumed the donated
+        KV cache, a fresh one is allocated and the other running requests recompute (preemption)."""
+        message = f"engine step failed: {type(error).__name__}: {error}"
+        logger.error("%s (finishing %d requests)", message, len(plan.scheduled), exc_info=error)
+        self.num_failed_steps += 1
+        failed = []
+        for item in plan.scheduled:
+            req = self.scheduler.finish_request(item.request_id, RequestStatus.FINISHED_ERROR, error=message)
+            if req is not None:
+                failed.append(req)
+        if self.runner.kv_cache_lost():
+            self.runner.reset_kv_cache()
+            self.scheduler.preempt_all_running()
+        return failed
+
+    def warmup(self) -> int:
+        """Compile the step for every token bucket and every step variant (runner.STEP_VARIANTS:
+        the greedy sampler, the general one, the general one with prompt logprobs). Sampling
+        parameters are data, so after this no request mix compiles anything. Returns the number
+        of compilations it caused (0 when another engine on the same model compiled them).
 
         Runs all-padding batches (their K/V go to sink block 0), so no request state changes.
-        Sampling features a batch switches on (penalties, top-k, logprobs...) are jit statics:
-        warm up once per kind of SamplingParams the experiment will use.
         """
-        params = params if params is not None else SamplingParams()
         bs, max_seqs = self.config.cache.block_size, self.config.scheduler.max_num_seqs
+        before = self.runner.num_compilations
         for t in self.resolved.token_buckets:
             batch = prepare_batch([], self.block_manager.block_table, None, bs, (t,), max_seqs)
-            # One dummy row so the flags match `params`; it samples from a padding row.
-            arrays, flags = build_sampling_arrays([(params, 0, [0], [], ())], batch.padded_num_seqs)
-            self.runner.execute(batch, arrays, flags)
+            for sampler, prompt_logprobs in STEP_VARIANTS:
+                sampling, chosen = self._sampling_inputs([], batch.padded_num_seqs, force_general=sampler == GENERAL)
+                targets = np.zeros(batch.padded_num_tokens, np.int32) if prompt_logprobs else None
+                self.runner.execute(StepInputs(batch, sampling, chosen, targets))
+        return self.runner.num_compilations - before
 
     # ---------------------------------------------------------------- helpers
 
@@ -241,6 +285,12 @@ class Engine:
             "num_waiting": self.scheduler.num_waiting,
             "num_preemptions": self.scheduler.num_preemptions,
             "num_compilations": self.runner.num_compilations,
+            # Step variants this engine has run: at most len(STEP_VARIANTS) per token bucket,
+            # whatever the requests ask for. num_executables counts the compiled steps alive in
+            # the whole process (every engine sharing the jit), which is what costs memory.
+            "num_step_variants": len(self.runner.step_variants_used),
+            "num_executables": self.runner.num_executables,
+            "num_failed_steps": self.num_failed_steps,
             "num_steps": self.num_steps,
             "num_prompt_tokens_processed": self.num_prompt_tokens_processed,
             "num_generated_tokens": self.num_generated_tokens,

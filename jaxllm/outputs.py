@@ -1,7 +1,7 @@
 """What the engine keeps per request beyond the scheduler's Request, and how it becomes a
 vLLM-style RequestOutput: text (with stop strings), sampled-token logprobs, prompt logprobs.
 
-Host only: the device step returns numpy arrays (see runner.paged_step), read here.
+Host only: the device step returns a StepOutputs of numpy arrays (see runner.paged_step), read here.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import numpy as np
 
 from jaxllm.detokenizer import Detokenizer
 from jaxllm.request import CompletionOutput, Logprob, Request, RequestOutput
-from jaxllm.sampling_params import logprobs_bucket
+from jaxllm.runner.step_io import StepOutputs
 
 
 @dataclasses.dataclass
@@ -38,31 +38,29 @@ class LogprobFormatter:
             out[token] = Logprob(float(token_lp), None, self._decode(token))
         return out
 
-    def sampled(self, result: dict, row: int, token: int, k: int) -> dict[int, Logprob]:
+    def sampled(self, result: StepOutputs, row: int, token: int, k: int) -> dict[int, Logprob]:
         """Entry of the token sampled for batch row `row`, with the top-k shown."""
-        return self.entry(result["top_token_ids"][row][:k], result["top_logprobs"][row][:k], token,
-                          result["logprobs"][row])
+        return self.entry(result.top_token_ids[row][:k], result.top_logprobs[row][:k], token,
+                          result.logprobs[row])
 
     def _decode(self, token: int) -> str | None:
         return None if self.tokenizer is None else self.tokenizer.decode([token])
 
 
-def prompt_logprob_targets(scheduled, cu_q_lens: np.ndarray, num_tokens_padded: int):
-    """([T] int32 targets: the token after each scheduled token, top-k width) for a step, or
-    (None, 0) when no scheduled request wants prompt_logprobs (the step then skips them)."""
-    wanted = [item.request.sampling_params.prompt_logprobs for item in scheduled]
-    if all(k is None for k in wanted):
-        return None, 0
+def prompt_logprob_targets(scheduled, cu_q_lens: np.ndarray, num_tokens_padded: int) -> np.ndarray | None:
+    """[T] int32 targets (the token after each scheduled token) for a step, or None when no
+    scheduled request wants prompt_logprobs (the step then skips them)."""
+    if all(item.request.sampling_params.prompt_logprobs is None for item in scheduled):
+        return None
     targets = np.zeros(num_tokens_padded, np.int32)
     for i, item in enumerate(scheduled):
         req, start = item.request, item.request.num_computed_tokens
         nxt = req.all_token_ids[start + 1 : start + item.num_new_tokens + 1]
         targets[cu_q_lens[i] : cu_q_lens[i] + len(nxt)] = nxt
-    # At least 1: prompt_logprobs=0 still needs the step to compute the targets' logprobs.
-    return targets, max(1, logprobs_bucket(max(k or 0 for k in wanted)))
+    return targets
 
 
-def collect_prompt_logprobs(scheduled, cu_q_lens, result: dict, states: dict[str, RequestState],
+def collect_prompt_logprobs(scheduled, cu_q_lens, result: StepOutputs, states: dict[str, RequestState],
                             fmt: LogprobFormatter) -> None:
     """Append prompt-logprob entries for prompt positions seen for the first time; positions
     recomputed after a preemption were recorded already and are skipped."""
@@ -81,9 +79,9 @@ def collect_prompt_logprobs(scheduled, cu_q_lens, result: dict, states: dict[str
             if pos != len(entries) or pos >= req.num_prompt_tokens:
                 continue
             t = cu_q_lens[i] + j
-            entries.append(fmt.entry(result["prompt_top_token_ids"][t][:k],
-                                     result["prompt_top_logprobs"][t][:k],
-                                     req.prompt_token_ids[pos], result["prompt_logprobs"][t]))
+            entries.append(fmt.entry(result.prompt_top_token_ids[t][:k],
+                                     result.prompt_top_logprobs[t][:k],
+                                     req.prompt_token_ids[pos], result.prompt_logprobs[t]))
 
 
 def make_output(req: Request, state: RequestState) -> RequestOutput:

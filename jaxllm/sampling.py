@@ -23,38 +23,16 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from jaxllm.sampling_params import SAMPLING_EPS, SamplingFlags
+from jaxllm.runner.sampling_inputs import GENERAL, GREEDY, SamplingInputs
+from jaxllm.sampling_params import MAX_LOGPROBS, SAMPLING_EPS
 
-__all__ = ["SamplingFlags", "SamplingInputs", "SamplerOutput", "sample", "token_logprobs"]
+__all__ = ["SamplingInputs", "SamplerOutput", "sample", "token_logprobs", "GREEDY", "GENERAL"]
 
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class SamplingInputs:
-    """Per-row sampling parameters of one step, as device arrays (built on host by
-    jaxllm.runner.sampling_inputs.build_sampling_arrays, whose dict keys are these field names).
-
-    Padding rows are greedy no-ops. Histories and stop ids are padded with -1.
-    """
-
-    temperature: jax.Array  # [S] f32; < 1e-5 means greedy
-    top_k: jax.Array  # [S] int32; 0 = off
-    top_p: jax.Array  # [S] f32; 1 = off
-    min_p: jax.Array  # [S] f32; 0 = off
-    repetition_penalty: jax.Array  # [S] f32; 1 = off
-    presence_penalty: jax.Array  # [S] f32; 0 = off
-    frequency_penalty: jax.Array  # [S] f32; 0 = off
-    rng_keys: jax.Array  # [S, 2] uint32: threefry key data of jax.random.PRNGKey(seed)
-    steps: jax.Array  # [S] int32: output tokens generated so far (folded into the key)
-    mask_stop_tokens: jax.Array  # [S] bool: row has fewer than min_tokens outputs
-    stop_token_ids: jax.Array  # [S, M] int32: ids masked while mask_stop_tokens; -1 padded
-    prompt_token_ids: jax.Array  # [S, Lp] int32: for repetition penalty; -1 padded (Lp may be 0)
-    output_token_ids: jax.Array  # [S, Lo] int32: for all penalties; -1 padded (Lo may be 0)
-
-    @classmethod
-    def from_arrays(cls, arrays: dict) -> "SamplingInputs":
-        """From build_sampling_arrays' dict of numpy arrays (uses jnp.asarray: default device)."""
-        return cls(**{f.name: jnp.asarray(arrays[f.name]) for f in dataclasses.fields(cls)})
+# One typed record on both sides of the boundary: the host builds it from numpy arrays
+# (jaxllm/runner/sampling_inputs.py, which cannot import jax), the jitted step receives it as a pytree.
+jax.tree_util.register_dataclass(
+    SamplingInputs, data_fields=[f.name for f in dataclasses.fields(SamplingInputs)], meta_fields=[]
+)
 
 
 @jax.tree_util.register_dataclass
@@ -62,50 +40,69 @@ class SamplingInputs:
 class SamplerOutput:
     token_ids: jax.Array  # [S] int32: sampled tokens
     logprobs: jax.Array  # [S] f32: raw logprob (log_softmax of the input logits) of token_ids
-    top_logprobs: jax.Array  # [S, K] f32: K = flags.num_logprobs largest raw logprobs, descending
+    top_logprobs: jax.Array  # [S, K] f32: K largest raw logprobs, descending; K = 0 (GREEDY) or min(20, V)
     top_token_ids: jax.Array  # [S, K] int32: their token ids
 
 
-def sample(logits: jax.Array, inputs: SamplingInputs, flags: SamplingFlags) -> SamplerOutput:
+def sample(logits: jax.Array, inputs: SamplingInputs, sampler: str) -> SamplerOutput:
     """Sample one token per row. logits: [S, V] (any float; computed in f32).
 
-    flags is static (pass via jit static_argnames, or close over it); it only skips work, the
-    result for a row never depends on flags beyond what the row itself asks for.
+    sampler (static) is GREEDY (argmax; the inputs' wide arrays have width 0) or GENERAL (every
+    feature, chosen per row by its values; lax.cond skips a feature no row uses, so a GENERAL
+    step pays only for what its rows ask for). A row's result never depends on the sampler chosen.
     """
     logits = logits.astype(jnp.float32)
     raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
+    s = logits.shape[0]
 
-    if flags.any_min_tokens:
-        logits = _mask_stop_tokens(logits, inputs.mask_stop_tokens, inputs.stop_token_ids)
-    if flags.any_penalties:
-        logits = apply_penalties(
+    if sampler == GREEDY:
+        token_ids = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        top_logprobs, top_ids = jnp.zeros((s, 0), jnp.float32), jnp.zeros((s, 0), jnp.int32)
+    elif sampler == GENERAL:
+        logits = jnp.where(inputs.stop_token_mask, -jnp.inf, logits)  # min_tokens
+        logits = jax.lax.cond(
+            jnp.any((inputs.repetition_penalty != 1.0) | (inputs.presence_penalty != 0.0)
+                    | (inputs.frequency_penalty != 0.0)),
+            lambda x: apply_penalties(
+                x, inputs.token_history, inputs.num_prompt_tokens, inputs.repetition_penalty,
+                inputs.presence_penalty, inputs.frequency_penalty,
+            ),
+            lambda x: x,
             logits,
-            inputs.prompt_token_ids,
-            inputs.output_token_ids,
-            inputs.repetition_penalty,
-            inputs.presence_penalty,
-            inputs.frequency_penalty,
         )
-
-    # Greedy rows see penalties and min_tokens but nothing temperature-dependent (as vLLM).
-    token_ids = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    if flags.any_random:
-        is_greedy = inputs.temperature < SAMPLING_EPS
-        temperature = jnp.where(is_greedy, 1.0, inputs.temperature)  # no 0-division in greedy rows
-        scaled = logits / temperature[:, None]
-        if flags.any_min_p:
-            scaled = _min_p_mask(scaled, inputs.min_p)
-        if flags.any_top_k or flags.any_top_p:
-            scaled = _top_k_top_p_mask(
-                scaled, inputs.top_k, inputs.top_p, flags.any_top_k, flags.any_top_p
-            )
-        gumbel = _row_gumbels(inputs.rng_keys, inputs.steps, logits.shape[-1])
-        sampled = jnp.argmax(scaled + gumbel, axis=-1).astype(jnp.int32)
-        token_ids = jnp.where(is_greedy, token_ids, sampled)
+        # Greedy rows see penalties and min_tokens but nothing temperature-dependent (as vLLM).
+        greedy_ids = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        token_ids = jax.lax.cond(
+            jnp.any(inputs.temperature >= SAMPLING_EPS),
+            lambda: _sample_random_rows(logits, inputs, greedy_ids),
+            lambda: greedy_ids,
+        )
+        k = min(MAX_LOGPROBS, logits.shape[-1])
+        top_logprobs, top_ids = jax.lax.cond(
+            jnp.any(inputs.num_top_logprobs > 0),
+            lambda: _top_k_static(raw_logprobs, k),
+            lambda: (jnp.zeros((s, k), jnp.float32), jnp.zeros((s, k), jnp.int32)),
+        )
+    else:
+        raise ValueError(f"sampler must be {GREEDY!r} or {GENERAL!r}, got {sampler!r}")
 
     logprobs = jnp.take_along_axis(raw_logprobs, token_ids[:, None], axis=-1)[:, 0]
-    top_logprobs, top_ids = _top_k_static(raw_logprobs, flags.num_logprobs)
     return SamplerOutput(token_ids, logprobs, top_logprobs, top_ids)
+
+
+def _sample_random_rows(logits, inputs: SamplingInputs, greedy_ids):
+    """Tokens for a batch with some random rows: [S] int32 (greedy rows keep greedy_ids).
+
+    vLLM order: / temperature -> min_p -> top_k -> top_p -> Gumbel-max with the row's own key.
+    """
+    is_greedy = inputs.temperature < SAMPLING_EPS
+    temperature = jnp.where(is_greedy, 1.0, inputs.temperature)  # no 0-division in greedy rows
+    scaled = logits / temperature[:, None]
+    scaled = jax.lax.cond(jnp.any(inputs.min_p > 0), _min_p_mask, lambda x, _: x, scaled, inputs.min_p)
+    scaled = _top_k_top_p_mask(scaled, inputs.top_k, inputs.top_p)
+    gumbel = _row_gumbels(inputs.rng_keys, inputs.steps, logits.shape[-1])
+    sampled = jnp.argmax(scaled + gumbel, axis=-1).astype(jnp.int32)
+    return jnp.where(is_greedy, greedy_ids, sampled)
 
 
 def token_logprobs(logits: jax.Array, target_ids: jax.Array, k: int):
@@ -119,17 +116,21 @@ def token_logprobs(logits: jax.Array, target_ids: jax.Array, k: int):
     return target, top, ids
 
 
-def apply_penalties(logits, prompt_ids, output_ids, repetition, presence, frequency):
-    """vLLM/HF penalties. logits [S, V] f32; prompt_ids [S, Lp], output_ids [S, Lo] int32 (-1 pad);
-    repetition/presence/frequency [S] f32. Returns [S, V] f32.
+def apply_penalties(logits, token_history, num_prompt_tokens, repetition, presence, frequency):
+    """vLLM/HF penalties. logits [S, V] f32; token_history [S, H] int32 (prompt ids, then output
+    ids, -1 padded); num_prompt_tokens [S] int32; repetition/presence/frequency [S] f32.
+    Returns [S, V] f32.
 
-    Counts are scatter-added here so the host ships token ids, not dense [S, V] arrays.
+    Repetition applies to tokens seen in the prompt or the output, presence and frequency to
+    output tokens only. Counts are scatter-added here so the host ships token ids, not [S, V].
     """
     s, v = logits.shape
     rows = jnp.arange(s)[:, None]
+    is_output = jnp.arange(token_history.shape[1])[None, :] >= num_prompt_tokens[:, None]
     # -1 padding would wrap to V-1 under jnp indexing; send it out of bounds and drop it instead.
-    out_ids = jnp.where(output_ids >= 0, output_ids, v)
-    prompt_ids = jnp.where(prompt_ids >= 0, prompt_ids, v)
+    valid = token_history >= 0
+    out_ids = jnp.where(valid & is_output, token_history, v)
+    prompt_ids = jnp.where(valid & ~is_output, token_history, v)
     out_counts = jnp.zeros((s, v), jnp.int32).at[rows, out_ids].add(1, mode="drop")
     in_prompt = jnp.zeros((s, v), jnp.bool_).at[rows, prompt_ids].set(True, mode="drop")
     in_output = out_counts > 0
@@ -144,13 +145,6 @@ def apply_penalties(logits, prompt_ids, output_ids, repetition, presence, freque
     )
 
 
-def _mask_stop_tokens(logits, mask_rows, stop_ids):
-    """min_tokens: -inf at stop_ids [S, M] (-1 pad) of rows where mask_rows [S] is set."""
-    s, v = logits.shape
-    ids = jnp.where(mask_rows[:, None] & (stop_ids >= 0), stop_ids, v)
-    return logits.at[jnp.arange(s)[:, None], ids].set(-jnp.inf, mode="drop")
-
-
 def _min_p_mask(logits, min_p):
     """Drop tokens with prob < min_p * max prob, i.e. logit < max logit + log(min_p).
 
@@ -160,34 +154,39 @@ def _min_p_mask(logits, min_p):
     return jnp.where(logits < threshold, -jnp.inf, logits)
 
 
-def _top_k_top_p_mask(logits, top_k, top_p, do_k: bool, do_p: bool):
+def _top_k_top_p_mask(logits, top_k, top_p):
     """top_k [S] int32 (0 = off), then top_p [S] f32 on the top-k survivors (vLLM order).
 
     Each is a per-row logit threshold found by bisection over the 2**32 ordered float32 keys:
     32 vectorised passes over [S, V] with no sort. A full sort (vLLM's way) was 3x slower here
-    on CPU (S=8, V=32k) and sorts are slow on TPU; lax.top_k needs a static k, but k differs per row. The threshold
-    is exact: it equals the k-th largest logit / the least likely token top_p keeps.
+    on CPU (S=8, V=32k) and sorts are slow on TPU; lax.top_k needs a static k, but k differs per
+    row. The threshold is exact: it equals the k-th largest logit / the least likely token top_p
+    keeps. Each pass is skipped (lax.cond) when no row of the batch uses it.
     """
     keys = _ordered_keys(logits)
-    if do_k:
-        v = logits.shape[-1]
+    num_rows, v = logits.shape
+
+    def top_k_mask(logits):
         k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v)[:, None]
         # Largest key x with count(keys >= x) >= k, i.e. the k-th largest logit.
         kth = _bisect(lambda x: jnp.sum(keys >= x[:, None], axis=-1, keepdims=True) >= k,
-                      keys.shape[0], largest=True)
-        logits = jnp.where(keys < kth[:, None], -jnp.inf, logits)
-    if do_p:
+                      num_rows, largest=True)
+        return jnp.where(keys < kth[:, None], -jnp.inf, logits)
+
+    def top_p_mask(logits):
         probs = jax.nn.softmax(logits, axis=-1)
         p = top_p[:, None]
         # Token i is kept iff the tokens strictly more likely hold < top_p of the mass (the most
         # likely is always kept). Smallest key x with mass(keys > x) < top_p = least likely kept.
         p_min = _bisect(
             lambda x: jnp.sum(jnp.where(keys > x[:, None], probs, 0.0), -1, keepdims=True) < p,
-            keys.shape[0], largest=False)
+            num_rows, largest=False)
         # top_p = 1 rows skip the test: a mass rounding to >= 1 must not cut the tail.
         drop = (keys < p_min[:, None]) & (p < 1.0)
-        logits = jnp.where(drop, -jnp.inf, logits)
-    return logits
+        return jnp.where(drop, -jnp.inf, logits)
+
+    logits = jax.lax.cond(jnp.any(top_k > 0), top_k_mask, lambda x: x, logits)
+    return jax.lax.cond(jnp.any(top_p < 1.0), top_p_mask, lambda x: x, logits)
 
 
 def _ordered_keys(x):
@@ -232,13 +231,11 @@ def _row_gumbels(rng_keys, steps, vocab_size: int):
 
 
 def _top_k_static(logprobs, k: int):
-    if k == 0:
-        s = logprobs.shape[0]
-        return jnp.zeros((s, 0), jnp.float32), jnp.zeros((s, 0), jnp.int32)
-    top, ids = jax.lax.top_k(logprobs, k)
+    """(top-k values [S, k'] descending, their ids [S, k'] int32), k' = min(k, V)."""
+    top, ids = jax.lax.top_k(logprobs, min(k, logprobs.shape[-1]))
     return top, ids.astype(jnp.int32)
 
 
 # Convenience for tests and simple callers; the runner fuses sample() into its own jitted step.
-sample_jit = jax.jit(sample, static_argnames=("flags",))
+sample_jit = jax.jit(sample, static_argnames=("sampler",))
 token_logprobs_jit = jax.jit(token_logprobs, static_argnames=("k",))

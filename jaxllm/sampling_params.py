@@ -1,4 +1,4 @@
-"""SamplingParams (vLLM names and meanings) and SamplingFlags (the jit statics of the sampler).
+"""SamplingParams: how to sample one request, with vLLM's names and meanings.
 
 Host-only: this module never imports jax, so the scheduler and the batch builder can use it.
 """
@@ -13,18 +13,9 @@ import numbers
 SAMPLING_EPS = 1e-5
 # vLLM clamps tiny positive temperatures up to this, because logits / 1e-4 overflow to inf/NaN in f32.
 MIN_TEMPERATURE = 1e-2
-# Largest top-N for logprobs / prompt_logprobs. The sampler's top-N output is bucketed (see
-# logprobs_bucket) so each bucket compiles once; a larger cap would mean a bigger top_k per step.
+# Largest top-N for logprobs / prompt_logprobs (vLLM's default max_logprobs). The sampler always
+# has room for this many (its width is data-independent, so no request compiles a new step).
 MAX_LOGPROBS = 20
-LOGPROBS_BUCKETS = (0, 5, MAX_LOGPROBS)
-
-
-def logprobs_bucket(n: int) -> int:
-    """Smallest bucket in LOGPROBS_BUCKETS that holds n top logprobs (a jit static)."""
-    for b in LOGPROBS_BUCKETS:
-        if n <= b:
-            return b
-    raise ValueError(f"num logprobs must be <= {MAX_LOGPROBS}, got {n}")
 
 
 @dataclasses.dataclass
@@ -122,22 +113,6 @@ class SamplingParams:
         if not self.ignore_eos:
             ids += [int(t) for t in eos_token_ids if int(t) not in ids]
         return ids
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingFlags:
-    """Static (jit) switches of jaxllm.sampling.sample: a batch only pays for what some row uses.
-
-    Each combination compiles once; runner/sampling_inputs.py derives them from the batch.
-    """
-
-    any_random: bool = False  # some row has temperature > 0 (else: pure argmax, no RNG)
-    any_penalties: bool = False  # some row has repetition/presence/frequency penalty
-    any_min_tokens: bool = False  # some row still masks its stop tokens (min_tokens not reached)
-    any_top_k: bool = False
-    any_top_p: bool = False
-    any_min_p: bool = False
-    num_logprobs: int = 0  # K of the top-K logprobs output, a LOGPROBS_BUCKETS value
 
 
 def _check_number(name, value, ok, allowed: str) -> None:

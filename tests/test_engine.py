@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from jaxllm import LLM, SamplingParams
+from jaxllm.runner.step_io import STEP_VARIANTS
 from tests.helpers.tiny_models import assert_greedy_match, hf_greedy_with_margins, make_tiny_model, random_prompt
 
 NUM_PROMPTS = 16
@@ -74,31 +75,50 @@ def test_policies_match_transformers(model_dir, workload, policy):
     _run(llm, workload, priorities)
 
 
+MIXED_PARAMS = [
+    SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True),
+    SamplingParams(temperature=0.8, top_p=0.9, seed=1, max_tokens=5),
+    SamplingParams(temperature=1.1, top_k=5, min_p=0.05, max_tokens=3, logprobs=3),
+    SamplingParams(temperature=0.0, repetition_penalty=1.3, presence_penalty=0.5, max_tokens=4),
+    SamplingParams(temperature=0.7, frequency_penalty=1.0, min_tokens=2, stop_token_ids=[5], max_tokens=4),
+    SamplingParams(temperature=0.0, prompt_logprobs=2, logprobs=0, max_tokens=2),
+    SamplingParams(temperature=0.0, logprobs=20, max_tokens=3),
+]
+
+
 def test_no_compilation_in_steady_state(model_dir, workload):
+    """After warmup(), no mix of sampling parameters compiles anything, and each token bucket
+    has at most len(STEP_VARIANTS) executables."""
     llm = LLM(model_dir, num_kv_blocks=512, max_num_seqs=16, max_num_batched_tokens=512)
-    greedy = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
-    llm.engine.warmup(greedy)
-    warm = llm.get_stats()["num_compilations"]
+    buckets = llm.engine.resolved.token_buckets
     # Compiled steps are shared across engines in a process, so earlier tests may have compiled
-    # some buckets already; warm-up compiles at most one step per bucket.
-    assert warm <= len(llm.engine.resolved.token_buckets)
+    # some variants already; warm-up compiles at most every variant of every bucket.
+    assert llm.engine.warmup() <= len(STEP_VARIANTS) * len(buckets)
+    warm = llm.get_stats()["num_compilations"]
     prompts = workload[0]
-    llm.generate([{"prompt_token_ids": p} for p in prompts], greedy, use_tqdm=False)
-    assert llm.get_stats()["num_compilations"] == warm
+    for shift in range(3):  # each prompt under several parameter sets, in changing company
+        params = [MIXED_PARAMS[(i + shift) % len(MIXED_PARAMS)] for i in range(len(prompts))]
+        llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    stats = llm.get_stats()
+    assert stats["num_compilations"] == warm
+    assert stats["num_step_variants"] == len(STEP_VARIANTS) * len(buckets)  # warm-up ran them all
 
 
 def test_engines_share_compiled_steps(model_dir, workload):
     greedy = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
     first = LLM(model_dir, num_kv_blocks=300, max_num_seqs=8, max_num_batched_tokens=64)
-    first.engine.warmup(greedy)
-    # A cache shape no other test uses: every bucket compiles exactly once here.
-    assert first.get_stats()["num_compilations"] == len(first.engine.resolved.token_buckets)
+    # A cache shape no other test uses: every bucket and variant compiles exactly once here.
+    expected = len(STEP_VARIANTS) * len(first.engine.resolved.token_buckets)
+    executables = first.get_stats()["num_executables"]
+    assert first.engine.warmup() == expected
+    assert first.get_stats()["num_executables"] == executables + expected
     # Same model and shapes, another policy: nothing to compile.
     second = LLM(model_dir, num_kv_blocks=300, max_num_seqs=8, max_num_batched_tokens=64,
                  scheduling_policy="sjf")
-    second.engine.warmup(greedy)
-    second.generate([{"prompt_token_ids": p} for p in workload[0][:4]], greedy, use_tqdm=False)
+    assert second.engine.warmup() == 0
+    second.generate([{"prompt_token_ids": p} for p in workload[0][:4]], MIXED_PARAMS[:4], use_tqdm=False)
     assert second.get_stats()["num_compilations"] == 0
+    assert second.get_stats()["num_executables"] == executables + expected
 
 
 def test_request_alone_equals_batched(model_dir, workload):

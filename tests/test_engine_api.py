@@ -229,3 +229,63 @@ def test_max_tokens_none_runs_to_max_model_len(llm):
     # vLLM's meaning of max_tokens=None: generate until the request reaches max_model_len (256).
     out = llm.generate(ids(240, 22), greedy(None), use_tqdm=False)[0].outputs[0]
     assert len(out.token_ids) == 16 and out.finish_reason == "length"
+
+
+def _failing_step(runner, should_fail, consume_kv_cache: bool):
+    """Wrap the runner's jitted step so calls matching `should_fail(statics)` raise, as a failed
+    compilation (nothing consumed) or a failed execution (the donated KV cache consumed) would."""
+    real = runner._jitted
+
+    def step(params, kv_caches, *args, **statics):
+        if should_fail(statics):
+            if consume_kv_cache:
+                for k, v in kv_caches:
+                    k.delete()
+                    v.delete()
+            raise RuntimeError("LLVM compilation error: Cannot allocate memory")
+        return real(params, kv_caches, *args, **statics)
+
+    runner._jitted = step
+    return real
+
+
+def test_failed_compilation_ends_its_requests_and_the_engine_keeps_serving(model_dir):
+    llm = LLM(model_dir, num_kv_blocks=64, max_num_seqs=4, max_num_batched_tokens=64)
+    expected = llm.generate(ids(12, 30), greedy(5), use_tqdm=False)[0].outputs[0].token_ids
+    real = _failing_step(llm.engine.runner, lambda s: s["sampler"] == "general", consume_kv_cache=False)
+    random_params = SamplingParams(temperature=0.8, max_tokens=5)
+    outs = llm.generate([ids(12, 30), ids(20, 31)], [greedy(5), random_params], use_tqdm=False)
+    for out in outs:  # the failed step held both: both end with the cause named
+        assert out.finished and out.outputs[0].finish_reason == "error"
+        assert "Cannot allocate memory" in out.error
+    # The engine still serves requests that do not need the failing variant, and lost nothing.
+    assert llm.generate(ids(12, 30), greedy(5), use_tqdm=False)[0].outputs[0].token_ids == expected
+    stats = llm.get_stats()
+    assert stats["num_failed_steps"] == 1 and stats["kv_blocks_used"] == 0
+    llm.engine.runner._jitted = real
+
+
+def test_failed_step_that_consumed_the_kv_cache_recomputes_the_others(model_dir):
+    # One seat: "b" waits while "a" runs; a failure that consumed the donated KV cache ends "a",
+    # and "b" then runs on a fresh cache with the right tokens.
+    llm = LLM(model_dir, num_kv_blocks=64, max_num_seqs=1, max_num_batched_tokens=64)
+    expected = llm.generate(ids(9, 33), greedy(4), use_tqdm=False)[0].outputs[0].token_ids
+    engine = llm.engine
+    calls = []
+
+    def second_call(statics):  # "a"'s prefill succeeds, its first decode fails
+        calls.append(statics)
+        return len(calls) == 2
+
+    real = _failing_step(engine.runner, second_call, consume_kv_cache=True)
+    engine.add_request("a", ids(9, 32), greedy(4))
+    engine.add_request("b", ids(9, 33), greedy(4))
+    finished = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = out
+    assert finished["a"].outputs[0].finish_reason == "error" and "Cannot allocate" in finished["a"].error
+    assert finished["b"].outputs[0].token_ids == expected and finished["b"].error is None
+    assert not engine.runner.kv_cache_lost() and llm.get_stats()["kv_blocks_used"] == 0
+    engine.runner._jitted = real

@@ -4,16 +4,11 @@
 import functools
 
 import jax
-import numpy as np
 import pytest
 from jax.sharding import AbstractDevice, AbstractMesh
 
 from jaxllm import LLM, SamplingParams
-from jaxllm.attention.metadata import AttentionMetadata
-from jaxllm.runner.batch import prepare_batch
 from jaxllm.runner.runner import attention_impl, paged_step
-from jaxllm.runner.sampling_inputs import build_sampling_arrays
-from jaxllm.sampling import SamplingInputs
 from tests.helpers.tiny_models import make_tiny_model, random_prompt
 
 TPU_MESH = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(
@@ -50,15 +45,10 @@ def test_engine_step_exports_to_mosaic(model_dir, platform, marker):
     engine.add_request("a", {"prompt_token_ids": random_prompt(11, 512, seed=1)},
                        SamplingParams(temperature=0.0, max_tokens=2))
     plan = engine.scheduler.schedule()
-    bm = engine.block_manager
-    batch = prepare_batch(plan.scheduled, bm.block_table, bm.row_of, 8, engine.resolved.token_buckets, 4)
-    rows = [(s.request.sampling_params, 0, s.request.prompt_token_ids, [], ()) for s in plan.scheduled]
-    arrays, flags = build_sampling_arrays(rows, batch.padded_num_seqs)
-    metadata = AttentionMetadata(batch.slot_mapping, batch.block_tables, batch.kv_lens, batch.cu_q_lens)
-    step = functools.partial(paged_step, config=engine.runner.config,
-                             attention_fn=attention_impl("pallas"), flags=flags, prompt_logprobs_k=0)
-    args = (engine.runner.params, engine.runner.kv_caches, batch.token_ids, batch.positions, metadata,
-            batch.logits_indices, SamplingInputs(**arrays), np.zeros_like(batch.token_ids))
+    inputs = engine.build_step_inputs(plan.scheduled)
+    step = functools.partial(paged_step, config=engine.runner.config, attention_fn=attention_impl("pallas"),
+                             sampler=inputs.sampler, prompt_logprobs=inputs.prompt_logprobs)
+    args = (engine.runner.params, engine.runner.kv_caches, *engine.runner.device_args(inputs))
     if platform == "tpu":
         with jax.sharding.use_abstract_mesh(TPU_MESH):
             exported = jax.export.export(jax.jit(step), platforms=[platform])(*args)

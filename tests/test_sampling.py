@@ -1,20 +1,16 @@
 """Device sampler: exact logit processing against numpy, sampled distributions against numpy
 targets (many rows with different seeds, fixed so the test is deterministic), batch independence."""
 
+import functools
+
 import numpy as np
 import pytest
 
 import jax
 import jax.numpy as jnp
 
-from jaxllm.runner.sampling_inputs import build_sampling_arrays
-from jaxllm.sampling import (
-    SamplingFlags,
-    SamplingInputs,
-    apply_penalties,
-    sample_jit,
-    token_logprobs_jit,
-)
+from jaxllm.runner.sampling_inputs import GENERAL, GREEDY, build_sampling_inputs
+from jaxllm.sampling import apply_penalties, sample, sample_jit, token_logprobs_jit
 from jaxllm.sampling_params import SamplingParams
 
 V = 8
@@ -69,14 +65,24 @@ def np_target(logits, p: SamplingParams):
     return q / q.sum()
 
 
-def run(rows, logits, num_rows_padded=None):
-    arrays, flags = build_sampling_arrays(rows, num_rows_padded or len(rows))
+HISTORY = 64  # token_history width (the engine uses max_model_len)
+
+
+def build(rows, num_rows_padded, vocab, force_general=False):
+    """(SamplingInputs with neutral arrays materialised, sampler) as the runner would pass them."""
+    inputs, sampler = build_sampling_inputs(rows, num_rows_padded, vocab_size=vocab, history_width=HISTORY,
+                                            force_general=force_general)
+    return inputs.with_neutral_arrays(HISTORY, vocab), sampler
+
+
+def run(rows, logits, num_rows_padded=None, force_general=False):
     logits = np.asarray(logits, np.float32)
-    if logits.shape[0] < arrays["temperature"].shape[0]:
-        pad = np.zeros((arrays["temperature"].shape[0] - logits.shape[0], logits.shape[1]))
+    inputs, sampler = build(rows, num_rows_padded or len(rows), logits.shape[1], force_general)
+    if logits.shape[0] < inputs.num_rows:
+        pad = np.zeros((inputs.num_rows - logits.shape[0], logits.shape[1]))
         logits = np.concatenate([logits, pad.astype(np.float32)])
-    out = sample_jit(jnp.asarray(logits), SamplingInputs.from_arrays(arrays), flags=flags)
-    return jax.tree.map(np.asarray, out), flags
+    out = sample_jit(jnp.asarray(logits), inputs, sampler=sampler)
+    return jax.tree.map(np.asarray, out), sampler
 
 
 CONFIGS = [
@@ -96,8 +102,8 @@ def test_distributions_match_numpy_targets():
         (p, 1000 * c + i, [], [], [EOS]) for c, p in enumerate(CONFIGS) for i in range(N_DRAWS)
     ]
     logits = np.tile(LOGITS, (len(rows), 1))
-    out, flags = run(rows, logits)
-    assert flags.any_random and flags.any_top_k and flags.any_top_p and flags.any_min_p
+    out, sampler = run(rows, logits)
+    assert sampler == GENERAL
     tokens = out.token_ids.reshape(len(CONFIGS), N_DRAWS)
     for c, p in enumerate(CONFIGS):
         target = np_target(LOGITS, p)
@@ -161,9 +167,12 @@ def test_greedy_is_argmax_of_penalised_logits():
         expected = np_penalties(logits[i], prompts[i], outputs[i], params[i])
         assert out.token_ids[i] == np.argmax(expected)
     assert out.token_ids[2] != np.argmax(logits[2])  # the penalty moved the argmax
-    out_greedy_only, flags = run(rows[:3], logits[:3])
-    assert not flags.any_random
+    out_greedy_only, sampler = run(rows[:3], logits[:3])
+    assert sampler == GENERAL  # penalties need the general sampler even with greedy rows only
     np.testing.assert_array_equal(out_greedy_only.token_ids, out.token_ids[:3])
+    plain, sampler = run(rows[:2], logits[:2])
+    assert sampler == GREEDY
+    np.testing.assert_array_equal(plain.token_ids, out.token_ids[:2])
 
 
 def test_penalties_exact():
@@ -180,15 +189,15 @@ def test_penalties_exact():
     prompts = [list(rng.integers(0, vocab, size=n)) for n in (5, 3, 7, 0, 9)]
     outputs = [list(rng.integers(0, vocab, size=n)) for n in (4, 6, 10, 3, 11)]  # with repeats
     rows = [(p, 0, prompts[i], outputs[i], [0]) for i, p in enumerate(params)]
-    a, flags = build_sampling_arrays(rows, s)
-    assert flags.any_penalties
+    a, sampler = build(rows, s, vocab)
+    assert sampler == GENERAL
     got = jax.jit(apply_penalties)(
         jnp.asarray(logits),
-        jnp.asarray(a["prompt_token_ids"]),
-        jnp.asarray(a["output_token_ids"]),
-        jnp.asarray(a["repetition_penalty"]),
-        jnp.asarray(a["presence_penalty"]),
-        jnp.asarray(a["frequency_penalty"]),
+        jnp.asarray(a.token_history),
+        jnp.asarray(a.num_prompt_tokens),
+        jnp.asarray(a.repetition_penalty),
+        jnp.asarray(a.presence_penalty),
+        jnp.asarray(a.frequency_penalty),
     )
     for i, p in enumerate(params):
         np.testing.assert_allclose(
@@ -217,8 +226,8 @@ def test_min_tokens_masks_eos_and_stop_ids():
     for temperature in (0.0, 1.0):
         p = SamplingParams(temperature=temperature, min_tokens=2, stop_token_ids=[3])
         rows = [(p, i, [], [], [EOS]) for i in range(200)]
-        out, flags = run(rows, np.tile(logits, (200, 1)))
-        assert flags.any_min_tokens
+        out, sampler = run(rows, np.tile(logits, (200, 1)))
+        assert sampler == GENERAL
         assert not np.isin(out.token_ids, [EOS, 3]).any()
         # The mass moves to the best unmasked token.
         assert (out.token_ids == 1).sum() > 100
@@ -243,8 +252,8 @@ def test_logprobs_are_raw_and_top_k_matches_numpy():
         SamplingParams(temperature=1.0),
     ] * 2
     rows = [(p, i, [1, 2], [3], [0]) for i, p in enumerate(params)]
-    out, flags = run(rows, logits)
-    assert flags.num_logprobs == 20
+    out, sampler = run(rows, logits)
+    assert sampler == GENERAL and out.top_logprobs.shape == (s, 20)
     ref = np_log_softmax(logits)
     np.testing.assert_allclose(
         out.logprobs, ref[np.arange(s), out.token_ids], rtol=1e-5, atol=1e-5
@@ -254,10 +263,13 @@ def test_logprobs_are_raw_and_top_k_matches_numpy():
     np.testing.assert_allclose(
         out.top_logprobs, np.take_along_axis(ref, order, -1), rtol=1e-5, atol=1e-5
     )
-    # No logprobs requested: a [S, 0] output, no top_k work.
-    out, flags = run([(SamplingParams(), 0, [], [], [0])], logits[:1])
-    assert flags.num_logprobs == 0 and out.top_logprobs.shape == (1, 0)
+    # No logprobs requested, greedy: the greedy sampler's [S, 0] output, no top_k work.
+    out, sampler = run([(SamplingParams(temperature=0, logprobs=0), 0, [], [], [0])], logits[:1])
+    assert sampler == GREEDY and out.top_logprobs.shape == (1, 0)
     assert out.top_token_ids.shape == (1, 0)
+    # A vocabulary smaller than 20: the top logprobs are all of it.
+    out, _ = run([(SamplingParams(logprobs=20), 0, [], [], [0])], logits[:1, :8])
+    assert out.top_logprobs.shape == (1, 8)
 
 
 def test_token_logprobs_for_prompt_logprobs():
@@ -272,31 +284,42 @@ def test_token_logprobs_for_prompt_logprobs():
     np.testing.assert_allclose(top, np.take_along_axis(ref, order, -1), rtol=1e-5, atol=1e-5)
 
 
-def test_flags_only_skip_work():
-    """Turning every flag on gives the same tokens as the minimal flags of the batch."""
+def test_general_sampler_equals_greedy_sampler_on_greedy_rows():
+    """The general sampler gives greedy rows the greedy sampler's tokens and logprobs."""
     rng = np.random.default_rng(5)
-    rows = [
-        (SamplingParams(temperature=0.8), 1, [1], [2], [0]),
-        (SamplingParams(temperature=0), 2, [1], [2], [0]),
-        (SamplingParams(temperature=1.2, seed=3), 3, [4], [], [0]),
-    ]
-    logits = jnp.asarray(rng.normal(size=(3, 16)).astype(np.float32))
-    arrays, flags = build_sampling_arrays(rows, 3)
-    assert flags == SamplingFlags(any_random=True)
-    all_on = SamplingFlags(True, True, True, True, True, True, 5)
-    # Histories of width 0 are fine for the penalty code: neutral penalties change nothing.
-    inputs = SamplingInputs.from_arrays(arrays)
-    a = sample_jit(logits, inputs, flags=flags)
-    b = sample_jit(logits, inputs, flags=all_on)
+    rows = [(SamplingParams(temperature=0), i, [1], [2], [0]) for i in range(3)]
+    logits = rng.normal(size=(3, 16)).astype(np.float32)
+    a, sampler_a = run(rows, logits)
+    b, sampler_b = run(rows, logits, force_general=True)
+    assert (sampler_a, sampler_b) == (GREEDY, GENERAL)
     np.testing.assert_array_equal(a.token_ids, b.token_ids)
     np.testing.assert_allclose(a.logprobs, b.logprobs)
+
+
+def test_every_feature_is_data_one_compilation():
+    """Batches switching on any mix of features reuse one compiled general sampler."""
+    rng = np.random.default_rng(7)
+    logits = jnp.asarray(rng.normal(size=(4, 16)).astype(np.float32))
+    mixes = [
+        [SamplingParams(temperature=0.9)],
+        [SamplingParams(temperature=0.9, top_k=3), SamplingParams(temperature=0, logprobs=4)],
+        [SamplingParams(top_p=0.5, min_p=0.1), SamplingParams(repetition_penalty=1.2, temperature=0)],
+        [SamplingParams(min_tokens=3, stop_token_ids=[2]), SamplingParams(frequency_penalty=0.5, logprobs=20)],
+    ]
+    sample_fn = jax.jit(functools.partial(sample, sampler=GENERAL))
+    for mix in mixes:
+        rows = [(p, i, [1, 2], [3], [0]) for i, p in enumerate(mix)]
+        inputs, sampler = build(rows, 4, 16)
+        assert sampler == GENERAL
+        sample_fn(logits, inputs)
+    assert sample_fn._cache_size() == 1
 
 
 def test_bf16_logits_and_extreme_values_are_finite():
     logits = jnp.asarray(np.array([[1e4, -1e4, 0, 3] + [0] * 4] * 2), jnp.bfloat16)
     rows = [(SamplingParams(temperature=0.01, top_p=0.5, logprobs=1), i, [], [], [0]) for i in range(2)]
-    arrays, flags = build_sampling_arrays(rows, 2)
-    out = sample_jit(logits, SamplingInputs.from_arrays(arrays), flags=flags)
+    inputs, sampler = build(rows, 2, 8)
+    out = sample_jit(logits, inputs, sampler=sampler)
     assert (np.asarray(out.token_ids) == 0).all()
     assert np.isfinite(np.asarray(out.logprobs)).all()
 
@@ -327,9 +350,7 @@ def test_bisection_thresholds_match_sort_reference():
     top_p = rng.uniform(0.05, 1.0, size=s).astype(np.float32)
     top_p[::6] = 1.0
     got = np.asarray(
-        jax.jit(_top_k_top_p_mask, static_argnums=(3, 4))(
-            jnp.asarray(logits), jnp.asarray(top_k), jnp.asarray(top_p), True, True
-        )
+        jax.jit(_top_k_top_p_mask)(jnp.asarray(logits), jnp.asarray(top_k), jnp.asarray(top_p))
     )
     for i in range(s):
         x = logits[i].astype(np.float64)

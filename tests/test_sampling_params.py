@@ -5,13 +5,14 @@ import dataclasses
 import numpy as np
 import pytest
 
-from jaxllm.runner.sampling_inputs import (
-    FIELDS,
-    build_sampling_arrays,
-    seed_to_key_data,
-    width_bucket,
-)
-from jaxllm.sampling_params import SamplingFlags, SamplingParams, logprobs_bucket
+from jaxllm.runner.sampling_inputs import GENERAL, GREEDY, build_sampling_inputs, seed_to_key_data
+from jaxllm.sampling_params import SamplingParams
+
+V, H = 16, 32  # vocabulary and token_history width of the builder tests
+
+
+def build(rows, num_rows_padded, **kwargs):
+    return build_sampling_inputs(rows, num_rows_padded, vocab_size=V, history_width=H, **kwargs)
 
 
 @pytest.mark.parametrize(
@@ -72,18 +73,6 @@ def test_all_stop_token_ids():
     assert SamplingParams(stop_token_ids=[5], ignore_eos=True).all_stop_token_ids([2]) == [5]
 
 
-def test_logprobs_bucket():
-    assert [logprobs_bucket(n) for n in (0, 1, 5, 6, 20)] == [0, 5, 5, 20, 20]
-    with pytest.raises(ValueError):
-        logprobs_bucket(21)
-
-
-def test_fields_match_sampling_inputs():
-    from jaxllm.sampling import SamplingInputs
-
-    assert FIELDS == tuple(f.name for f in dataclasses.fields(SamplingInputs))
-
-
 def test_seed_to_key_data_matches_prng_key():
     import jax
 
@@ -92,26 +81,19 @@ def test_seed_to_key_data_matches_prng_key():
     np.testing.assert_array_equal(seed_to_key_data(2**32 + 5), [1, 5])
 
 
-def test_width_bucket():
-    assert [width_bucket(n) for n in (0, 1, 8, 9, 16, 17, 1000)] == [0, 8, 8, 16, 16, 32, 1024]
-    assert [width_bucket(n, (64, 512)) for n in (0, 1, 64, 65, 512)] == [0, 64, 64, 512, 512]
-    with pytest.raises(ValueError, match="width bucket"):
-        width_bucket(513, (64, 512))
-    p = SamplingParams(frequency_penalty=1.0)
-    a, _ = build_sampling_arrays([(p, 0, [1], [2, 3], [0])], 2, width_buckets=(128,))
-    assert a["output_token_ids"].shape == (2, 128)
-
-
 def test_build_all_greedy_batch_is_minimal():
-    rows = [(SamplingParams(temperature=0), 1, [1, 2], [3], [0])]
-    arrays, flags = build_sampling_arrays(rows, 4)
-    assert flags == SamplingFlags()
-    assert set(arrays) == set(FIELDS)
-    assert all(arrays[k].shape[0] == 4 for k in FIELDS)
-    # No penalties / min_tokens: the history and stop arrays have width 0.
-    for k in ("stop_token_ids", "prompt_token_ids", "output_token_ids"):
-        assert arrays[k].shape == (4, 0)
-    np.testing.assert_array_equal(arrays["steps"], [1, 0, 0, 0])
+    rows = [(SamplingParams(temperature=0, logprobs=0), 1, [1, 2], [3], [0])]
+    a, sampler = build(rows, 4)
+    assert sampler == GREEDY
+    assert all(getattr(a, f.name).shape[0] == 4 for f in dataclasses.fields(a))
+    # The greedy sampler reads no history and no stop mask: width 0.
+    assert a.token_history.shape == (4, 0) and a.stop_token_mask.shape == (4, 0)
+    np.testing.assert_array_equal(a.steps, [1, 0, 0, 0])
+    # prompt logprobs (force_general) and any non-greedy feature switch to the general sampler
+    assert build(rows, 4, force_general=True)[1] == GENERAL
+    for p in (SamplingParams(temperature=0.5), SamplingParams(temperature=0, logprobs=1),
+              SamplingParams(temperature=0, presence_penalty=0.1), SamplingParams(temperature=0, min_tokens=2)):
+        assert build([(p, 1, [1], [], [0])], 4)[1] == GENERAL, p
 
 
 def test_build_arrays_values_and_padding():
@@ -126,51 +108,51 @@ def test_build_arrays_values_and_padding():
         ),
         (SamplingParams(top_p=0.5, min_p=0.1, frequency_penalty=0.5), 2**40 + 7, [5], list(range(9)), [2]),
     ]
-    a, flags = build_sampling_arrays(rows, 4)
-    assert flags == SamplingFlags(
-        any_random=True,
-        any_penalties=True,
-        any_min_tokens=True,
-        any_top_k=True,
-        any_top_p=True,
-        any_min_p=True,
-        num_logprobs=5,
-    )
-    np.testing.assert_allclose(a["temperature"], [0.7, 0, 1, 0])
-    np.testing.assert_array_equal(a["top_k"], [4, 0, 0, 0])
-    np.testing.assert_allclose(a["top_p"], [1, 1, 0.5, 1])
-    np.testing.assert_allclose(a["min_p"], [0, 0, 0.1, 0])
-    np.testing.assert_allclose(a["repetition_penalty"], [1, 1.3, 1, 1])
-    np.testing.assert_allclose(a["frequency_penalty"], [0, 0, 0.5, 0])
-    np.testing.assert_array_equal(a["rng_keys"], [[0, 3], [0, 11], [2**8, 7], [0, 0]])
-    np.testing.assert_array_equal(a["steps"], [0, 2, 9, 0])
-    np.testing.assert_array_equal(a["mask_stop_tokens"], [False, True, False, False])
-    assert a["stop_token_ids"].shape == (4, 8)
-    np.testing.assert_array_equal(a["stop_token_ids"][1, :3], [6, 2, -1])
-    assert (a["stop_token_ids"][[0, 2, 3]] == -1).all()
-    # Prompt history only where repetition_penalty is on; output history where any penalty is.
-    assert a["prompt_token_ids"].shape == (4, 8)
-    np.testing.assert_array_equal(a["prompt_token_ids"][1, :4], [1, 2, 3, -1])
-    assert (a["prompt_token_ids"][[0, 2, 3]] == -1).all()
-    assert a["output_token_ids"].shape == (4, 16)
-    np.testing.assert_array_equal(a["output_token_ids"][2, :10], list(range(9)) + [-1])
-    np.testing.assert_array_equal(a["output_token_ids"][1, :3], [4, 4, -1])
-    assert a["temperature"].dtype == np.float32 and a["top_k"].dtype == np.int32
-    assert a["rng_keys"].dtype == np.uint32 and a["mask_stop_tokens"].dtype == np.bool_
+    a, sampler = build(rows, 4)
+    assert sampler == GENERAL
+    np.testing.assert_allclose(a.temperature, [0.7, 0, 1, 0])
+    np.testing.assert_array_equal(a.top_k, [4, 0, 0, 0])
+    np.testing.assert_allclose(a.top_p, [1, 1, 0.5, 1])
+    np.testing.assert_allclose(a.min_p, [0, 0, 0.1, 0])
+    np.testing.assert_allclose(a.repetition_penalty, [1, 1.3, 1, 1])
+    np.testing.assert_allclose(a.frequency_penalty, [0, 0, 0.5, 0])
+    np.testing.assert_array_equal(a.rng_keys, [[0, 3], [0, 11], [2**8, 7], [0, 0]])
+    np.testing.assert_array_equal(a.steps, [0, 2, 9, 0])
+    np.testing.assert_array_equal(a.num_top_logprobs, [2, 0, 0, 0])
+    np.testing.assert_array_equal(a.num_prompt_tokens, [3, 3, 1, 0])
+    # min_tokens: row 1 masks its stop id and EOS; nobody else masks anything.
+    assert a.stop_token_mask.shape == (4, V)
+    np.testing.assert_array_equal(np.nonzero(a.stop_token_mask[1])[0], [2, 6])
+    assert not a.stop_token_mask[[0, 2, 3]].any()
+    # History (prompt, then outputs) only for rows with penalties, -1 padded to H.
+    assert a.token_history.shape == (4, H)
+    np.testing.assert_array_equal(a.token_history[1, :6], [1, 2, 3, 4, 4, -1])
+    np.testing.assert_array_equal(a.token_history[2, :11], [5] + list(range(9)) + [-1])
+    assert (a.token_history[[0, 3]] == -1).all()
+    assert a.temperature.dtype == np.float32 and a.top_k.dtype == np.int32
+    assert a.rng_keys.dtype == np.uint32 and a.stop_token_mask.dtype == np.bool_
+
+
+def test_unused_wide_arrays_are_left_to_the_runner():
+    """A general step where no row has penalties or a min_tokens mask ships neither wide array."""
+    a, sampler = build([(SamplingParams(temperature=1.0, top_k=3), 0, [1, 2], [3], [0])], 2)
+    assert sampler == GENERAL and a.token_history is None and a.stop_token_mask is None
+    full = a.with_neutral_arrays(H, V)
+    assert full.token_history.shape == (2, H) and (full.token_history == -1).all()
+    assert full.stop_token_mask.shape == (2, V) and not full.stop_token_mask.any()
 
 
 def test_min_tokens_mask_turns_off_once_reached():
     p = SamplingParams(min_tokens=2)
-    masked, _ = build_sampling_arrays([(p, 0, [1], [5], [2])], 1)
-    done, flags = build_sampling_arrays([(p, 0, [1], [5, 6], [2])], 1)
-    assert masked["mask_stop_tokens"][0] and not done["mask_stop_tokens"][0]
-    assert not flags.any_min_tokens
+    masked, _ = build([(p, 0, [1], [5], [2])], 1)
+    done, _ = build([(p, 0, [1], [5, 6], [2])], 1)
+    assert masked.stop_token_mask[0, 2] and done.stop_token_mask is None
     # ignore_eos and no stop ids: nothing to mask.
     p = SamplingParams(min_tokens=2, ignore_eos=True)
-    a, flags = build_sampling_arrays([(p, 0, [1], [], [2])], 1)
-    assert not a["mask_stop_tokens"][0] and not flags.any_min_tokens
+    a, _ = build([(p, 0, [1], [], [2])], 1)
+    assert a.stop_token_mask is None
 
 
 def test_too_many_rows():
     with pytest.raises(ValueError, match="num_rows_padded"):
-        build_sampling_arrays([(SamplingParams(), 0, [], [], [])] * 3, 2)
+        build([(SamplingParams(), 0, [], [], [])] * 3, 2)

@@ -473,3 +473,21 @@ def drive(ops, cache_tokens, block_size, max_num_seqs, budget, policy, chunked):
         if r.finish_reason == "length" and r.status == RequestStatus.FINISHED_LENGTH:
             assert r.num_output_tokens <= r.sampling_params.max_tokens
     return s
+
+
+def test_preempt_all_running_keeps_the_admission_order():
+    # The engine calls this when a failed step consumed the KV cache: every running request
+    # recomputes, oldest first, ahead of the requests that were already waiting.
+    s, bm, _ = make(num_blocks=64, max_num_seqs=2, max_num_batched_tokens=32)
+    a, b, c = req("a", 5), req("b", 6, arrival=1.0), req("c", 3, arrival=2.0)
+    for r in (a, b, c):
+        s.add_request(r)
+    step(s)
+    assert [r.request_id for r in s.running] == ["a", "b"]
+    s.preempt_all_running()
+    assert not s.running and bm.num_used_blocks == 0 and s.num_preemptions == 2
+    assert [r.request_id for r in s.waiting] == ["a", "b", "c"]
+    assert all(r.status == RequestStatus.PREEMPTED and r.num_computed_tokens == 0 for r in (a, b))
+    out, _ = step(s)
+    assert plan(out) == [("a", 6, True), ("b", 7, True)]  # prompt + first output, recomputed
+    bm.check_invariants()

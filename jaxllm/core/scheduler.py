@@ -225,6 +225,12 @@ class Scheduler:
         self._num_preemptions += 1
         self.waiting.appendleft(request)
 
+    def preempt_all_running(self) -> None:
+        """Preempt (recompute) every running request: the engine lost the KV cache's contents."""
+        # Newest first: each goes to the front of the queue, so the oldest ends up first again.
+        for request in reversed(list(self.running)):
+            self._preempt(request)
+
     # -- one step --
     def schedule(self) -> SchedulerOutput:
         """Choose this step's batch. See the module docstring for the rules."""

@@ -17,8 +17,10 @@ from jaxllm.attention.metadata import AttentionMetadata
 from jaxllm.config import ResolvedEngineConfig
 from jaxllm.models import llama
 from jaxllm.models.model_config import ModelConfig
-from jaxllm.runner.batch import BatchInputs
+from jaxllm.runner.sampling_inputs import GENERAL, SamplingInputs
+from jaxllm.runner.step_io import StepInputs, StepOutputs
 from jaxllm import sampling
+from jaxllm.sampling_params import MAX_LOGPROBS
 
 
 def attention_impl(backend: str):
@@ -56,58 +58,66 @@ def make_paged_attention(config: ModelConfig, metadata: AttentionMetadata, atten
 
 
 def paged_step(params, kv_caches, token_ids, positions, metadata, logits_indices, sampling_inputs,
-               prompt_targets, *, config: ModelConfig, attention_fn, flags, prompt_logprobs_k: int):
+               prompt_targets, *, config: ModelConfig, attention_fn, sampler: str, prompt_logprobs: bool):
     """One engine step as a pure function: forward the ragged batch, sample a token per row.
 
     Args:
       token_ids, positions: [T] int32.
       metadata: AttentionMetadata for S rows.
       logits_indices: [S] int32, the token whose logits each row samples from.
+      sampling_inputs: SamplingInputs with [S, ...] arrays (no None fields).
       prompt_targets: [T] int32, the next prompt token after each token (for prompt_logprobs).
-      prompt_logprobs_k: static; 0 skips prompt logprobs, else the top-k width.
+      sampler: static, GREEDY or GENERAL (jaxllm/runner/sampling_inputs.py).
+      prompt_logprobs: static; True computes every token's logits and the top-20 prompt logprobs.
     Returns:
-      ({"token_ids", "logprobs", "top_logprobs", "top_token_ids": [S, ...] arrays, and with
-        prompt_logprobs_k > 0 "prompt_logprobs" [T], "prompt_top_logprobs", "prompt_top_token_ids"
-        [T, k]}, updated kv_caches).
+      (StepOutputs of [S, ...] / [T, ...] arrays, updated kv_caches).
     """
     attention = make_paged_attention(config, metadata, attention_fn)
     hidden, kv_caches = llama.forward(params, config, token_ids, positions, kv_caches, attention)
     logits = llama.compute_logits(params, config, hidden[logits_indices])
-    sampled = sampling.sample(logits, sampling_inputs, flags)
-    out = {f.name: getattr(sampled, f.name) for f in dataclasses.fields(sampled)}
-    if prompt_logprobs_k:
+    sampled = sampling.sample(logits, sampling_inputs, sampler)
+    out = StepOutputs(sampled.token_ids, sampled.logprobs, sampled.top_logprobs, sampled.top_token_ids)
+    if prompt_logprobs:
         # Logits of every token, only in steps where some request asked for prompt logprobs.
         all_logits = llama.compute_logits(params, config, hidden)
-        lp, top, ids = sampling.token_logprobs(all_logits, prompt_targets, prompt_logprobs_k)
-        out.update(prompt_logprobs=lp, prompt_top_logprobs=top, prompt_top_token_ids=ids)
+        lp, top, ids = sampling.token_logprobs(all_logits, prompt_targets, MAX_LOGPROBS)
+        out = dataclasses.replace(out, prompt_logprobs=lp, prompt_top_logprobs=top, prompt_top_token_ids=ids)
     return out, kv_caches
 
+
+jax.tree_util.register_dataclass(
+    StepOutputs, data_fields=[f.name for f in dataclasses.fields(StepOutputs)], meta_fields=[]
+)
 
 # Compiled steps are shared by every runner in the process: an ablation that builds one LLM per
 # policy or cache size on the same model compiles each bucket once, not once per LLM. Keyed by the
 # jit's sharding arguments (None for a single device); the static arguments (model config,
-# attention function, sampling flags) key the jit's own cache.
+# attention function, sampler, prompt_logprobs) key the jit's own cache. Sampling parameters are
+# data, so each token bucket has at most len(STEP_VARIANTS) executables, whatever the requests.
 _STEP_FUNCTIONS: dict = {}
-_NUM_TRACES = [0]  # traces of any shared step function == compilations
+
+# XLA compilations are counted from jax's own monitoring event, not from traces: jax can compile
+# again without retracing (e.g. for new argument shardings), and each executable costs memory and
+# hundreds of memory mappings, so the engine reports what was really compiled.
+_BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+_NUM_XLA_COMPILES = [0]  # every XLA compilation in the process
+_NUM_STEP_COMPILES = [0]  # those made while running an engine step == step executables
 
 
-def _traced_paged_step(params, kv_caches, token_ids, positions, metadata, logits_indices,
-                       sampling_inputs, prompt_targets, config, attention_fn, flags, prompt_logprobs_k):
-    # Runs only while tracing, so it counts compilations, not calls.
-    _NUM_TRACES[0] += 1
-    return paged_step(
-        params, kv_caches, token_ids, positions, metadata, logits_indices, sampling_inputs,
-        prompt_targets, config=config, attention_fn=attention_fn, flags=flags,
-        prompt_logprobs_k=prompt_logprobs_k,
-    )
+def _count_compile(event: str, duration_secs: float, **kwargs) -> None:
+    if event == _BACKEND_COMPILE_EVENT:
+        _NUM_XLA_COMPILES[0] += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_count_compile)
 
 
 def _step_function(jit_kwargs_key, jit_kwargs: dict):
     fn = _STEP_FUNCTIONS.get(jit_kwargs_key)
     if fn is None:
         fn = _STEP_FUNCTIONS[jit_kwargs_key] = jax.jit(
-            _traced_paged_step,
-            static_argnames=("config", "attention_fn", "flags", "prompt_logprobs_k"),
+            paged_step,
+            static_argnames=("config", "attention_fn", "sampler", "prompt_logprobs"),
             donate_argnames=("kv_caches",),
             **jit_kwargs,
         )
@@ -122,6 +132,8 @@ class ModelRunner:
         self.config: ModelConfig = model.config
         self.resolved = resolved
         self.num_compilations = 0
+        # (token bucket, sampler, prompt_logprobs) of every step run: the executables it needs.
+        self.step_variants_used: set[tuple[int, str, bool]] = set()
         self._attention_fn = attention_impl(resolved.engine.attention_backend)
         self.params = model.params
         self.mesh = mesh
@@ -138,7 +150,9 @@ class ModelRunner:
             kv_sharding = runtime.kv_cache_sharding(mesh)
             jit_kwargs = runtime.jit_shardings(mesh, self.config.num_layers)
             jit_key = (mesh, self.config.num_layers)
+        self._kv_sharding = kv_sharding
         self.kv_caches = self._allocate_kv_cache(kv_sharding)
+        self._neutral: dict = {}  # (shape, dtype) -> device array, see _fill_neutral
         self._jitted = _step_function(jit_key, jit_kwargs)
 
     def _allocate_kv_cache(self, sharding):
@@ -154,30 +168,76 @@ class ModelRunner:
         caches = [(zeros(), zeros()) for _ in range(cfg.num_layers)]
         return caches
 
-    def execute(self, batch: BatchInputs, sampling_arrays: dict, flags, prompt_targets=None,
-                prompt_logprobs_k: int = 0) -> dict[str, np.ndarray]:
-        """Run one step; returns the step's outputs (see paged_step) as numpy arrays.
+    def execute(self, step: StepInputs) -> StepOutputs:
+        """Run one step; returns its outputs as numpy arrays."""
+        compiles = _NUM_XLA_COMPILES[0]
+        try:
+            out, self.kv_caches = self._jitted(
+                self.params, self.kv_caches, *self.device_args(step), config=self.config,
+                attention_fn=self._attention_fn, sampler=step.sampler, prompt_logprobs=step.prompt_logprobs,
+            )
+        finally:
+            new = _NUM_XLA_COMPILES[0] - compiles
+            self.num_compilations += new
+            _NUM_STEP_COMPILES[0] += new
+        self.step_variants_used.add((step.batch.padded_num_tokens, step.sampler, step.prompt_logprobs))
+        return jax.tree.map(np.asarray, out)
 
-        prompt_targets: [T] int32 or None (zeros); prompt_logprobs_k: a logprobs bucket, 0 = off.
-        """
-        if prompt_targets is None:
-            prompt_targets = np.zeros_like(batch.token_ids)
+    def device_args(self, step: StepInputs) -> tuple:
+        """paged_step's arguments after (params, kv_caches), ready for the jitted step."""
+        if step.prompt_logprobs and step.sampler != GENERAL:
+            raise ValueError("a step with prompt logprobs must use the GENERAL sampler")
+        batch = step.batch
+        targets = step.prompt_targets if step.prompt_logprobs else np.zeros_like(batch.token_ids)
         metadata = AttentionMetadata(
             slot_mapping=batch.slot_mapping,
             block_tables=batch.block_tables,
             kv_lens=batch.kv_lens,
             cu_q_lens=batch.cu_q_lens,
         )
-        inputs = sampling.SamplingInputs(**sampling_arrays)
-        args = (batch.token_ids, batch.positions, metadata, batch.logits_indices, inputs, prompt_targets)
+        args = (batch.token_ids, batch.positions, metadata, batch.logits_indices, step.sampling, targets)
         if self.mesh is not None:
             from jaxllm.parallel.runtime import to_global
 
             args = to_global(self.mesh, args)  # global replicated arrays (needed multi-host)
-        traces = _NUM_TRACES[0]
-        out, self.kv_caches = self._jitted(
-            self.params, self.kv_caches, *args, config=self.config, attention_fn=self._attention_fn,
-            flags=flags, prompt_logprobs_k=prompt_logprobs_k,
-        )
-        self.num_compilations += _NUM_TRACES[0] - traces
-        return {name: np.asarray(value) for name, value in out.items()}
+        return (*args[:4], self._fill_neutral(args[4]), args[5])
+
+    def _fill_neutral(self, inputs: SamplingInputs) -> SamplingInputs:
+        """Replace the None wide arrays (no row uses them) by cached neutral device arrays, so a
+        GENERAL step ships [S, H] history or an [S, V] mask only when some row needs them."""
+        s = inputs.num_rows
+        replace = {}
+        if inputs.token_history is None:
+            replace["token_history"] = self._neutral_array((s, self.resolved.max_model_len), np.int32, -1)
+        if inputs.stop_token_mask is None:
+            replace["stop_token_mask"] = self._neutral_array((s, self.config.vocab_size), np.bool_, False)
+        return dataclasses.replace(inputs, **replace) if replace else inputs
+
+    def _neutral_array(self, shape, dtype, value):
+        key = (shape, np.dtype(dtype).name)
+        array = self._neutral.get(key)
+        if array is None:
+            host = np.full(shape, value, dtype)
+            if self.mesh is not None:
+                from jaxllm.parallel.runtime import to_global
+
+                array = to_global(self.mesh, host)
+            else:
+                array = jax.device_put(host)
+            array = self._neutral[key] = array
+        return array
+
+    @property
+    def num_executables(self) -> int:
+        """Step executables compiled in this process by every runner (whatever its model or
+        cache shape; jit keeps them all). Each holds memory and hundreds of memory mappings,
+        which is why their number must stay bounded."""
+        return _NUM_STEP_COMPILES[0]
+
+    def kv_cache_lost(self) -> bool:
+        """True when a failed step consumed the donated KV cache (its buffers are deleted)."""
+        return any(k.is_deleted() or v.is_deleted() for k, v in self.kv_caches)
+
+    def reset_kv_cache(self) -> None:
+        """Allocate a fresh zeroed KV cache (after kv_cache_lost); every cached token is gone."""
+        self.kv_caches = self._allocate_kv_cache(self._kv_sharding)
