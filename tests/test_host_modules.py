@@ -15,6 +15,7 @@ HOST_MODULES = [
     "jaxllm.core.policies",
     "jaxllm.runner.batch",
     "jaxllm.runner.sampling_inputs",
+    "jaxllm.runner.step_io",
     "jaxllm.sampling_params",
     "jaxllm.inputs",
     "jaxllm.outputs",
