@@ -44,6 +44,12 @@ def _generate(llm):
 
     prompts = [{"prompt_token_ids": random_prompt(n, VOCAB, seed=i)} for i, n in enumerate(PROMPT_LENS)]
     params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True, logprobs=1) for m in MAX_TOKENS]
+    # The general sampler's features under a vocabulary-sharded LM head: a seeded top-k/min-p row
+    # and a penalised row with min_tokens (both still report logprobs for the comparison).
+    params[2] = SamplingParams(temperature=0.7, top_k=20, min_p=0.02, seed=11, max_tokens=MAX_TOKENS[2],
+                               ignore_eos=True, logprobs=1)
+    params[3] = SamplingParams(temperature=0.0, repetition_penalty=1.4, frequency_penalty=0.3, min_tokens=2,
+                               max_tokens=MAX_TOKENS[3], logprobs=1)
     outs = llm.generate(prompts, params, use_tqdm=False)
     tokens = [o.outputs[0].token_ids for o in outs]
     logprobs = [[float(step[t].logprob) for step, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)] for o in outs]
