@@ -248,7 +248,7 @@ class Engine:
         return failed
 
     def warmup(self) -> int:
-        """Compile the step for every token bucket and every step variant (runner.STEP_VARIANTS:
+        """Compile the step for every token bucket and every step variant (step_io.STEP_VARIANTS:
         the greedy sampler, the general one, the general one with prompt logprobs). Sampling
         parameters are data, so after this no request mix compiles anything. Returns the number
         of compilations it caused (0 when another engine on the same model compiled them).

@@ -1,15 +1,21 @@
 """Device-side sampling: one vectorised, jit-friendly pass over a batch of S rows.
 
-Pipeline (vLLM v1 order):
+Every sampling parameter is data (jaxllm/runner/sampling_inputs.py builds them), so two compiled
+samplers serve any mix of requests:
+  GREEDY   argmax of the logits (every row greedy, nothing else asked for)
+  GENERAL  the whole vLLM v1 pipeline below, each stage skipped by lax.cond when no row uses it
+
+GENERAL pipeline (vLLM v1 order):
   raw logprobs = log_softmax(logits)                      # returned logprobs (vLLM "raw_logprobs")
   min_tokens: stop ids (incl. EOS unless ignore_eos) -> -inf while outputs < min_tokens
   penalties: repetition (prompt+output tokens), frequency & presence (output tokens)
   greedy rows: argmax here
   random rows: / temperature -> min_p -> top_k -> top_p -> Gumbel-max with the row's own key
+  top logprobs: the 20 largest raw logprobs of every row (the host keeps each row's own N)
 
 Randomness: row r uses key fold_in(PRNGKey(seed_r), step_r) with step_r = number of tokens the
 request has generated, and draws V Gumbels from it. So a request's token depends only on its seed,
-its step and its logits, never on batch composition or row position (tested).
+its step and its logits, never on batch composition, row position or sampler (tested).
 
 Ties: top_k / top_p / min_p are applied as a threshold on the logit value, so tokens tied with the
 last kept one are kept too (vLLM's top_k does the same; its top_p breaks ties by sort order).
@@ -163,10 +169,13 @@ def _top_k_top_p_mask(logits, top_k, top_p):
     row. The threshold is exact: it equals the k-th largest logit / the least likely token top_p
     keeps. Each pass is skipped (lax.cond) when no row of the batch uses it.
     """
-    keys = _ordered_keys(logits)
     num_rows, v = logits.shape
 
+    # Keys are computed inside each branch: an operand computed outside a lax.cond is computed
+    # even when the cond skips the branch. Top-p's keys come from the top-k-masked logits; the
+    # masked tokens have zero probability there, so the threshold is the same.
     def top_k_mask(logits):
+        keys = _ordered_keys(logits)
         k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v)[:, None]
         # Largest key x with count(keys >= x) >= k, i.e. the k-th largest logit.
         kth = _bisect(lambda x: jnp.sum(keys >= x[:, None], axis=-1, keepdims=True) >= k,
@@ -174,6 +183,7 @@ def _top_k_top_p_mask(logits, top_k, top_p):
         return jnp.where(keys < kth[:, None], -jnp.inf, logits)
 
     def top_p_mask(logits):
+        keys = _ordered_keys(logits)
         probs = jax.nn.softmax(logits, axis=-1)
         p = top_p[:, None]
         # Token i is kept iff the tokens strictly more likely hold < top_p of the mass (the most
