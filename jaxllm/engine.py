@@ -11,6 +11,7 @@ touches any engine state, so one bad request never disturbs the others.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
@@ -25,6 +26,7 @@ from jaxllm.detokenizer import Detokenizer
 from jaxllm.inputs import tokenize_prompt, validate_prompt
 from jaxllm.outputs import (
     LogprobFormatter,
+    ParentRequest,
     RequestState,
     collect_prompt_logprobs,
     make_output,
@@ -79,6 +81,8 @@ class Engine:
         self.runner = ModelRunner(self.model, res, mesh=self.mesh)
         self._seed_rng = np.random.default_rng(config.seed)
         self._states: dict[str, RequestState] = {}  # unfinished requests' engine-side state
+        self._parents: dict[str, ParentRequest] = {}  # unfinished requests with n > 1
+        self._parent_of: dict[str, tuple[ParentRequest, int]] = {}  # child id -> (parent, index)
         self._logprob_fmt = LogprobFormatter(tokenizer)
         self._ids = itertools.count()
         self.num_steps = 0
@@ -91,9 +95,12 @@ class Engine:
     def add_request(self, request_id, prompt, params: SamplingParams | None = None,
                     arrival_time: float | None = None, priority: int = 0) -> None:
         """Queue a request. `prompt` is a string, a list of token ids, or a dict
-        {"prompt_token_ids": [...], "prompt": optional text}. Raises ValueError on bad input."""
+        {"prompt_token_ids": [...], "prompt": optional text}. Raises ValueError on bad input.
+
+        With params.n > 1 the request runs as n child requests (see outputs.ParentRequest) and
+        step() reports them as one RequestOutput with n completions."""
         request_id = str(request_id) if request_id is not None else str(next(self._ids))
-        if request_id in self._states:
+        if request_id in self._states or request_id in self._parents:
             raise ValueError(f"request_id {request_id!r} is already in use")
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
@@ -108,12 +115,32 @@ class Engine:
         )
         if not isinstance(priority, int):
             raise ValueError(f"priority must be an int, got {priority!r}")
+        arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        if params.n == 1:
+            self._add_one(request_id, token_ids, text, params, arrival_time, priority)
+            return
+        child_ids = [ParentRequest.child_id(request_id, i) for i in range(params.n)]
+        taken = [c for c in child_ids if c in self._states or c in self._parents]
+        if taken:
+            raise ValueError(f"request_id {request_id!r}: its samples' ids {taken} are already in use")
+        parent = self._parents[request_id] = ParentRequest(request_id, child_ids)
+        for i, child_id in enumerate(child_ids):
+            child_params = dataclasses.replace(
+                params, n=1,
+                seed=params.seed + i if params.seed is not None else None,
+                prompt_logprobs=params.prompt_logprobs if i == 0 else None,
+            )
+            self._add_one(child_id, token_ids, text, child_params, arrival_time, priority)
+            self._parent_of[child_id] = (parent, i)
+
+    def _add_one(self, request_id: str, token_ids: list[int], text, params: SamplingParams,
+                 arrival_time: float, priority: int) -> None:
         req = Request(
             request_id=request_id,
             prompt_token_ids=token_ids,
             sampling_params=params,
             eos_token_ids=self._eos_token_ids(),
-            arrival_time=time.monotonic() if arrival_time is None else arrival_time,
+            arrival_time=arrival_time,
             priority=priority,
             prompt=text,
         )
@@ -124,10 +151,16 @@ class Engine:
         )
 
     def abort_request(self, request_id) -> None:
-        """Stop a request and free its blocks; unknown or finished ids are ignored, as in vLLM."""
+        """Stop a request and free its blocks; unknown or finished ids are ignored, as in vLLM.
+        Aborting a request with n > 1 (or any one of its samples) aborts all its samples."""
         request_id = str(request_id)
-        if self._states.pop(request_id, None) is not None:
-            self.scheduler.abort_request(request_id)
+        if request_id in self._parent_of:
+            request_id = self._parent_of[request_id][0].request_id
+        parent = self._parents.pop(request_id, None)
+        for rid in parent.child_ids if parent is not None else [request_id]:
+            self._parent_of.pop(rid, None)
+            if self._states.pop(rid, None) is not None:
+                self.scheduler.abort_request(rid)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
@@ -160,10 +193,21 @@ class Engine:
                         req.request_id, RequestStatus.FINISHED_ERROR, error=f"detokenization failed: {e!r}"
                     )
                 req.error = req.error or f"detokenization failed: {e!r}"
-            outputs.append(make_output(req, self._states[req.request_id]))
+            output = make_output(req, self._states[req.request_id])
             if req.is_finished:
                 del self._states[req.request_id]
-        return outputs
+            outputs.append(self._fan_in(output) if req.request_id in self._parent_of else output)
+        # A request with n > 1 reports once per step, with all its samples so far.
+        return list({out.request_id: out for out in outputs}.values())
+
+    def _fan_in(self, child_output: RequestOutput) -> RequestOutput:
+        parent, index = self._parent_of[child_output.request_id]
+        output = parent.update(index, child_output)
+        if child_output.finished:
+            del self._parent_of[child_output.request_id]
+        if output.finished:
+            del self._parents[parent.request_id]
+        return output
 
     def _detokenize(self, req: Request) -> None:
         """Update the request's text and end it at a stop string."""

@@ -65,3 +65,9 @@ def validate_prompt(token_ids: list[int], params: SamplingParams, *, vocab_size:
             f"max_tokens={params.max_tokens}), but the whole cache has {num_usable_blocks}; "
             f"it could never run"
         )
+    # n samples run side by side; each needs its own blocks (they share nothing yet).
+    if params.n * needed_blocks > num_usable_blocks:
+        raise ValueError(
+            f"n={params.n} samples need {params.n * needed_blocks} KV blocks together ({needed_blocks} "
+            f"each), but the whole cache has {num_usable_blocks}; they could never run together"
+        )

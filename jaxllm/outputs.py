@@ -109,3 +109,39 @@ def make_output(req: Request, state: RequestState) -> RequestOutput:
         metrics=req.metrics,
         error=req.error,
     )
+
+
+class ParentRequest:
+    """Fan-in of a request with SamplingParams(n > 1), run as n child requests (vLLM v1's way).
+
+    Child i is its own Request (id f"{i}_{request_id}", seed + i when a seed is set) whose blocks
+    the scheduler manages like any other; the prompt's blocks are shared through the prefix cache
+    where it is on. The caller sees one RequestOutput with n CompletionOutputs, index 0..n-1.
+    """
+
+    def __init__(self, request_id: str, child_ids: list[str]):
+        self.request_id = request_id
+        self.child_ids = child_ids
+        self._latest: list[RequestOutput | None] = [None] * len(child_ids)
+
+    @staticmethod
+    def child_id(request_id: str, index: int) -> str:
+        return f"{index}_{request_id}"
+
+    def update(self, index: int, child: RequestOutput) -> RequestOutput:
+        """Record child `index`'s latest output; return the parent's cumulative output."""
+        completion = dataclasses.replace(child.outputs[0], index=index)
+        self._latest[index] = dataclasses.replace(child, outputs=[completion])
+        outputs = [o.outputs[0] for o in self._latest if o is not None]
+        first = next(o for o in self._latest if o is not None)
+        return RequestOutput(
+            request_id=self.request_id,
+            prompt=first.prompt,
+            prompt_token_ids=first.prompt_token_ids,
+            # Only sample 0 asks for prompt logprobs (they are the same for every sample).
+            prompt_logprobs=self._latest[0].prompt_logprobs if self._latest[0] is not None else None,
+            outputs=outputs,
+            finished=all(o is not None and o.finished for o in self._latest),
+            metrics=first.metrics,  # the first sample to report (its TTFT is the request's)
+            error=next((o.error for o in self._latest if o is not None and o.error), None),
+        )

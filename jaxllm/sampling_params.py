@@ -26,7 +26,8 @@ class SamplingParams:
     as vLLM does, so they never switch on work the sampler could skip.
     """
 
-    n: int = 1  # only 1 is supported (no parallel sampling / beam search)
+    n: int = 1  # >= 1 samples of the prompt (one RequestOutput with n CompletionOutputs); sample i
+    # uses seed + i when seed is set (vLLM)
     temperature: float = 1.0  # >= 0; < 1e-5 means greedy; (1e-5, 1e-2) is clamped to 1e-2 (vLLM)
     top_p: float = 1.0  # (0, 1]: keep the smallest set of most likely tokens with mass >= top_p
     top_k: int = 0  # 0 or -1 = off (-1 is normalised to 0); else keep the k most likely tokens
@@ -48,8 +49,9 @@ class SamplingParams:
     skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
-        if self.n != 1:
-            raise ValueError(f"n must be 1 (parallel sampling is not supported), got {self.n!r}")
+        _check_int("n", self.n)
+        if self.n < 1:
+            raise ValueError(f"n must be an int >= 1, got {self.n!r}")
         self.stop = _normalize_stop(self.stop)
         self.stop_token_ids = _normalize_stop_token_ids(self.stop_token_ids)
         self._verify()

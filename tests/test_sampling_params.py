@@ -18,7 +18,8 @@ def build(rows, num_rows_padded, **kwargs):
 @pytest.mark.parametrize(
     "kwargs, field",
     [
-        (dict(n=2), "n"),
+        (dict(n=0), "n"),
+        (dict(n=1.5), "n"),
         (dict(temperature=-0.1), "temperature"),
         (dict(temperature=float("nan")), "temperature"),
         (dict(temperature="hot"), "temperature"),
