@@ -17,7 +17,7 @@ import time
 import numpy as np
 
 from jaxllm.config import EngineConfig, ResolvedEngineConfig
-from jaxllm.core.block_manager import BlockManager
+from jaxllm.core.kv_cache import KVCacheManager
 from jaxllm.core.policies import get_policy
 from jaxllm.core.scheduler import Scheduler
 from jaxllm.detokenizer import Detokenizer
@@ -58,14 +58,16 @@ class Engine:
             tokenizer = load_tokenizer(config.model)
         self.tokenizer = tokenizer
         res, sched = self.resolved, config.scheduler
-        self.block_manager = BlockManager(
+        self.kv_cache_manager = KVCacheManager(
             num_blocks=res.num_kv_blocks,
             block_size=config.cache.block_size,
             max_num_seqs=sched.max_num_seqs,
             max_blocks_per_seq=res.max_blocks_per_seq,
+            enable_caching=config.cache.enable_prefix_caching,
         )
+        self.block_manager = self.kv_cache_manager  # the older name: block_table, row_of, counts
         self.scheduler = Scheduler(
-            self.block_manager,
+            self.kv_cache_manager,
             get_policy(sched.scheduling_policy),
             max_num_seqs=sched.max_num_seqs,
             max_num_batched_tokens=sched.max_num_batched_tokens,

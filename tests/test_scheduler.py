@@ -1,4 +1,4 @@
-"""Scheduler + BlockManager without a device: exact plans, preemption, stops, and a property test."""
+"""Scheduler + KVCacheManager without a device: exact plans, preemption, stops, and a property test."""
 
 import random
 
@@ -6,7 +6,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from jaxllm.core.block_manager import BlockManager, cdiv
+from jaxllm.core.kv_cache import KVCacheManager, cdiv
 from jaxllm.core.scheduler import Scheduler
 from jaxllm.request import Request, RequestStatus
 from jaxllm.sampling_params import SamplingParams
@@ -23,8 +23,11 @@ class FakeClock:
 
 
 def make(num_blocks=64, block_size=4, max_num_seqs=4, max_num_batched_tokens=16, max_model_len=64,
-         policy="fcfs", chunked=True):
-    bm = BlockManager(num_blocks, block_size, max_num_seqs, cdiv(max_model_len, block_size))
+         policy="fcfs", chunked=True, caching=False):
+    # Prefix caching is off by default here: req() gives every prompt the same leading tokens, and
+    # these exact plans are about budgets and preemption; tests/test_prefix_caching.py covers hits.
+    bm = KVCacheManager(num_blocks, block_size, max_num_seqs, cdiv(max_model_len, block_size),
+                        enable_caching=caching)
     clock = FakeClock()
     s = Scheduler(bm, policy, max_num_seqs, max_num_batched_tokens, max_model_len,
                   enable_chunked_prefill=chunked, clock=clock)
@@ -42,7 +45,7 @@ def step(s, tokens=None, default=7):
     out = s.schedule()
     sampled = {x.request_id: tokens.get(x.request_id, default) for x in s_samples(out)}
     finished = s.update(out, sampled)
-    s.block_manager.check_invariants()
+    s.kv_cache_manager.check_invariants()
     return out, finished
 
 
@@ -403,7 +406,7 @@ def drive(ops, cache_tokens, block_size, max_num_seqs, budget, policy, chunked):
     num_blocks = cdiv(cache_tokens, block_size) + 1
     if not chunked:
         budget = max(budget, max_model_len)
-    bm = BlockManager(num_blocks, block_size, max_num_seqs, cdiv(max_model_len, block_size))
+    bm = KVCacheManager(num_blocks, block_size, max_num_seqs, cdiv(max_model_len, block_size))
     s = Scheduler(bm, policy, max_num_seqs, budget, max_model_len, enable_chunked_prefill=chunked,
                   clock=lambda: 0.0)
     added: list[Request] = []
