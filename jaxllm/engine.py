@@ -21,7 +21,7 @@ from jaxllm.core.kv_cache import KVCacheManager
 from jaxllm.core.policies import get_policy
 from jaxllm.core.scheduler import Scheduler
 from jaxllm.detokenizer import Detokenizer
-from jaxllm.inputs import tokenize_prompt, validate_prompt
+from jaxllm.inputs import parse_cache_salt, tokenize_prompt, validate_prompt
 from jaxllm.outputs import (
     LogprobFormatter,
     RequestState,
@@ -86,9 +86,11 @@ class Engine:
     # ---------------------------------------------------------------- requests in and out
 
     def add_request(self, request_id, prompt, params: SamplingParams | None = None,
-                    arrival_time: float | None = None, priority: int = 0) -> None:
+                    arrival_time: float | None = None, priority: int = 0, cache_salt: str | None = None) -> None:
         """Queue a request. `prompt` is a string, a list of token ids, or a dict
-        {"prompt_token_ids": [...], "prompt": optional text}. Raises ValueError on bad input."""
+        {"prompt_token_ids": [...], "prompt": optional text, "cache_salt": optional str}.
+        `cache_salt` (or the dict's): requests with different salts share no prefix-cache block.
+        Raises ValueError on bad input."""
         request_id = str(request_id) if request_id is not None else str(next(self._ids))
         if request_id in self._states:
             raise ValueError(f"request_id {request_id!r} is already in use")
@@ -96,6 +98,7 @@ class Engine:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
         text, token_ids = tokenize_prompt(prompt, self.tokenizer)
+        cache_salt = parse_cache_salt(prompt, cache_salt)
         validate_prompt(
             token_ids, params,
             vocab_size=self.model.config.vocab_size,
@@ -113,6 +116,7 @@ class Engine:
             arrival_time=time.monotonic() if arrival_time is None else arrival_time,
             priority=priority,
             prompt=text,
+            cache_salt=cache_salt,
         )
         self.scheduler.add_request(req)
         self._states[request_id] = RequestState(
@@ -151,7 +155,9 @@ class Engine:
                         req.request_id, RequestStatus.FINISHED_ERROR, error=f"detokenization failed: {e!r}"
                     )
                 req.error = req.error or f"detokenization failed: {e!r}"
-            outputs.append(make_output(req, self._states[req.request_id]))
+            out = make_output(req, self._states[req.request_id])
+            out.num_cached_tokens = max(req.num_cached_tokens, 0)
+            outputs.append(out)
             if req.is_finished:
                 del self._states[req.request_id]
         return outputs
@@ -246,5 +252,14 @@ class Engine:
             "num_steps": self.num_steps,
             "num_prompt_tokens_processed": self.num_prompt_tokens_processed,
             "num_generated_tokens": self.num_generated_tokens,
+            # Prefix cache, over admissions: tokens looked up, tokens found cached.
+            "prefix_cache_queries": bm.prefix_cache_queries,
+            "prefix_cache_hits": bm.prefix_cache_hits,
+            "prefix_cache_hit_rate": bm.prefix_cache_hit_rate,
         }
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget all cached KV content (e.g. after a weight update). As vLLM: returns False,
+        changing nothing, while any request holds blocks."""
+        return self.scheduler.reset_prefix_cache()
 

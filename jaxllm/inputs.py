@@ -32,6 +32,18 @@ def tokenize_prompt(prompt, tokenizer) -> tuple[str | None, list[int]]:
     )
 
 
+def parse_cache_salt(prompt, cache_salt=None) -> str | None:
+    """The request's cache salt: the `cache_salt` argument or the dict prompt's "cache_salt" key
+    (not two different ones). Requests with different salts never share prefix-cache blocks."""
+    from_prompt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
+    for value in (cache_salt, from_prompt):
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"cache_salt must be a str, got {value!r}")
+    if cache_salt is not None and from_prompt is not None and cache_salt != from_prompt:
+        raise ValueError(f"two cache salts: cache_salt={cache_salt!r} and the prompt's {from_prompt!r}")
+    return cache_salt if cache_salt is not None else from_prompt
+
+
 def as_token_list(ids) -> list[int]:
     out = []
     for t in list(ids):
