@@ -11,6 +11,7 @@ from jaxllm.core.kv_cache import KVCacheManager, cdiv
 from jaxllm.core.scheduler import Scheduler
 from jaxllm.request import Request, RequestStatus
 from jaxllm.sampling_params import SamplingParams
+from tests.helpers.sched_ops import drain, end_request, make_scheduler
 
 EOS = 2
 
@@ -262,13 +263,8 @@ def test_seeded_sweep_hits_preempts_and_resumes_from_cache():
 
 def drive(ops, cache_tokens, block_size, max_num_seqs, budget, policy, chunked):
     """Run ops on a fresh scheduler + fake device, checking after every step; then drain."""
-    max_model_len = 40
-    num_blocks = cdiv(cache_tokens, block_size) + 1
-    if not chunked:
-        budget = max(budget, max_model_len)
-    kv = KVCacheManager(num_blocks, block_size, max_num_seqs, cdiv(max_model_len, block_size))
-    s = Scheduler(kv, policy, max_num_seqs, budget, max_model_len, enable_chunked_prefill=chunked,
-                  clock=lambda: 0.0)
+    s, kv = make_scheduler(cache_tokens, block_size, max_num_seqs, budget, policy, chunked, max_model_len=40)
+    budget, num_blocks = s.max_num_batched_tokens, kv.num_blocks
     dev = FakeDevice(kv)
     added: list[Request] = []
     rng = random.Random(0)
@@ -321,22 +317,10 @@ def drive(ops, cache_tokens, block_size, max_num_seqs, budget, policy, chunked):
             assert held or kv.pool.num_cached_blocks == 0
             kv.check_invariants()
         elif added:
-            r = added[op[1] % len(added)]
-            if kind == "abort":
-                s.abort_request(r.request_id)
-            else:
-                s.finish_request(r.request_id, RequestStatus.FINISHED_STOPPED, "stop", "</s>")
+            end_request(s, added, kind, op[1])
             kv.check_invariants()
 
-    bound = 50 + 10 * sum(r.num_prompt_tokens + 8 for r in added)
-    steps = 0
-    while s.has_unfinished_requests():
-        do_step()
-        steps += 1
-        assert steps <= bound, f"no termination after {steps} steps: {s.running} {list(s.waiting)}"
-    assert all(r.is_finished for r in added)
+    drain(s, do_step, added)
     assert kv.num_used_blocks == 0 and not kv.ref_counts.any()
     assert kv.num_free_blocks == kv.num_usable_blocks
-    for r in added:
-        assert r.finish_reason in ("stop", "length", "abort")
     return s, stats

@@ -10,6 +10,7 @@ from jaxllm.core.kv_cache import KVCacheManager, cdiv
 from jaxllm.core.scheduler import Scheduler
 from jaxllm.request import Request, RequestStatus
 from jaxllm.sampling_params import SamplingParams
+from tests.helpers.sched_ops import drain, end_request, make_scheduler
 
 EOS = 2
 
@@ -403,12 +404,8 @@ def test_seeded_random_stress_with_frequent_preemption():
 def drive(ops, cache_tokens, block_size, max_num_seqs, budget, policy, chunked):
     """Run ops on a fresh scheduler, checking invariants after every step; then drain to the end."""
     max_model_len = 24
-    num_blocks = cdiv(cache_tokens, block_size) + 1
-    if not chunked:
-        budget = max(budget, max_model_len)
-    bm = KVCacheManager(num_blocks, block_size, max_num_seqs, cdiv(max_model_len, block_size))
-    s = Scheduler(bm, policy, max_num_seqs, budget, max_model_len, enable_chunked_prefill=chunked,
-                  clock=lambda: 0.0)
+    s, bm = make_scheduler(cache_tokens, block_size, max_num_seqs, budget, policy, chunked, max_model_len)
+    budget, num_blocks = s.max_num_batched_tokens, bm.num_blocks
     added: list[Request] = []
     rng = random.Random(0)
 
@@ -455,24 +452,9 @@ def drive(ops, cache_tokens, block_size, max_num_seqs, budget, policy, chunked):
             rng.seed(op[1])
             do_step()
         elif added:
-            r = added[op[1] % len(added)]
-            if kind == "abort":
-                s.abort_request(r.request_id)
-            else:
-                s.finish_request(r.request_id, RequestStatus.FINISHED_STOPPED, "stop", "</s>")
+            end_request(s, added, kind, op[1])
             bm.check_invariants()
 
-    # Drain: every request must end within a generous bound of steps.
-    bound = 50 + 10 * sum(r.num_prompt_tokens + 8 for r in added)
-    steps = 0
-    while s.has_unfinished_requests():
-        do_step()
-        steps += 1
-        assert steps <= bound, f"no termination after {steps} steps: {s.running} {list(s.waiting)}"
-    assert all(r.is_finished for r in added)
+    drain(s, do_step, added)
     assert bm.num_used_blocks == 0
-    for r in added:
-        assert r.finish_reason in ("stop", "length", "abort")
-        if r.finish_reason == "length" and r.status == RequestStatus.FINISHED_LENGTH:
-            assert r.num_output_tokens <= r.sampling_params.max_tokens
     return s
