@@ -30,6 +30,9 @@ class CacheConfig:
     # 2 GiB per device.
     num_kv_blocks: int | None = None
     kv_cache_memory_bytes: int | None = None
+    # Automatic prefix caching (vLLM v1): full blocks are found again by their chained token hash,
+    # so requests sharing a prompt prefix compute it once. Off: no block is ever shared.
+    enable_prefix_caching: bool = True
 
     def __post_init__(self):
         _require(
@@ -48,6 +51,10 @@ class CacheConfig:
         _require(
             self.kv_cache_memory_bytes is None or self.kv_cache_memory_bytes > 0,
             f"kv_cache_memory_bytes must be > 0, got {self.kv_cache_memory_bytes!r}",
+        )
+        _require(
+            isinstance(self.enable_prefix_caching, bool),
+            f"enable_prefix_caching must be a bool, got {self.enable_prefix_caching!r}",
         )
 
 

@@ -19,11 +19,11 @@ import time
 import numpy as np
 
 from jaxllm.config import EngineConfig, ResolvedEngineConfig
-from jaxllm.core.block_manager import BlockManager
+from jaxllm.core.kv_cache import KVCacheManager
 from jaxllm.core.policies import get_policy
 from jaxllm.core.scheduler import Scheduler
 from jaxllm.detokenizer import Detokenizer
-from jaxllm.inputs import tokenize_prompt, validate_prompt
+from jaxllm.inputs import parse_cache_salt, tokenize_prompt, validate_prompt
 from jaxllm.outputs import (
     LogprobFormatter,
     ParentRequest,
@@ -64,14 +64,16 @@ class Engine:
             tokenizer = load_tokenizer(config.model)
         self.tokenizer = tokenizer
         res, sched = self.resolved, config.scheduler
-        self.block_manager = BlockManager(
+        self.kv_cache_manager = KVCacheManager(
             num_blocks=res.num_kv_blocks,
             block_size=config.cache.block_size,
             max_num_seqs=sched.max_num_seqs,
             max_blocks_per_seq=res.max_blocks_per_seq,
+            enable_caching=config.cache.enable_prefix_caching,
         )
+        self.block_manager = self.kv_cache_manager  # the older name: block_table, row_of, counts
         self.scheduler = Scheduler(
-            self.block_manager,
+            self.kv_cache_manager,
             get_policy(sched.scheduling_policy),
             max_num_seqs=sched.max_num_seqs,
             max_num_batched_tokens=sched.max_num_batched_tokens,
@@ -93,9 +95,11 @@ class Engine:
     # ---------------------------------------------------------------- requests in and out
 
     def add_request(self, request_id, prompt, params: SamplingParams | None = None,
-                    arrival_time: float | None = None, priority: int = 0) -> None:
+                    arrival_time: float | None = None, priority: int = 0, cache_salt: str | None = None) -> None:
         """Queue a request. `prompt` is a string, a list of token ids, or a dict
-        {"prompt_token_ids": [...], "prompt": optional text}. Raises ValueError on bad input.
+        {"prompt_token_ids": [...], "prompt": optional text, "cache_salt": optional str}.
+        `cache_salt` (or the dict's): requests with different salts share no prefix-cache block.
+        Raises ValueError on bad input.
 
         With params.n > 1 the request runs as n child requests (see outputs.ParentRequest) and
         step() reports them as one RequestOutput with n completions."""
@@ -106,18 +110,20 @@ class Engine:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
         text, token_ids = tokenize_prompt(prompt, self.tokenizer)
+        cache_salt = parse_cache_salt(prompt, cache_salt)
         validate_prompt(
             token_ids, params,
             vocab_size=self.model.config.vocab_size,
             max_model_len=self.resolved.max_model_len,
             block_size=self.config.cache.block_size,
             num_usable_blocks=self.resolved.num_kv_blocks - 1,
+            prefix_caching=self.config.cache.enable_prefix_caching,
         )
         if not isinstance(priority, int):
             raise ValueError(f"priority must be an int, got {priority!r}")
         arrival_time = time.monotonic() if arrival_time is None else arrival_time
         if params.n == 1:
-            self._add_one(request_id, token_ids, text, params, arrival_time, priority)
+            self._add_one(request_id, token_ids, text, params, arrival_time, priority, cache_salt)
             return
         child_ids = [ParentRequest.child_id(request_id, i) for i in range(params.n)]
         taken = [c for c in child_ids if c in self._states or c in self._parents]
@@ -130,11 +136,11 @@ class Engine:
                 seed=params.seed + i if params.seed is not None else None,
                 prompt_logprobs=params.prompt_logprobs if i == 0 else None,
             )
-            self._add_one(child_id, token_ids, text, child_params, arrival_time, priority)
+            self._add_one(child_id, token_ids, text, child_params, arrival_time, priority, cache_salt)
             self._parent_of[child_id] = (parent, i)
 
     def _add_one(self, request_id: str, token_ids: list[int], text, params: SamplingParams,
-                 arrival_time: float, priority: int) -> None:
+                 arrival_time: float, priority: int, cache_salt: str | None) -> None:
         req = Request(
             request_id=request_id,
             prompt_token_ids=token_ids,
@@ -143,6 +149,7 @@ class Engine:
             arrival_time=arrival_time,
             priority=priority,
             prompt=text,
+            cache_salt=cache_salt,
         )
         self.scheduler.add_request(req)
         self._states[request_id] = RequestState(
@@ -338,5 +345,14 @@ class Engine:
             "num_steps": self.num_steps,
             "num_prompt_tokens_processed": self.num_prompt_tokens_processed,
             "num_generated_tokens": self.num_generated_tokens,
+            # Prefix cache, over admissions: tokens looked up, tokens found cached.
+            "prefix_cache_queries": bm.prefix_cache_queries,
+            "prefix_cache_hits": bm.prefix_cache_hits,
+            "prefix_cache_hit_rate": bm.prefix_cache_hit_rate,
         }
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget all cached KV content (e.g. after a weight update). As vLLM: returns False,
+        changing nothing, while any request holds blocks."""
+        return self.scheduler.reset_prefix_cache()
 

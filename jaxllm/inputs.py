@@ -32,6 +32,18 @@ def tokenize_prompt(prompt, tokenizer) -> tuple[str | None, list[int]]:
     )
 
 
+def parse_cache_salt(prompt, cache_salt=None) -> str | None:
+    """The request's cache salt: the `cache_salt` argument or the dict prompt's "cache_salt" key
+    (not two different ones). Requests with different salts never share prefix-cache blocks."""
+    from_prompt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
+    for value in (cache_salt, from_prompt):
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"cache_salt must be a str, got {value!r}")
+    if cache_salt is not None and from_prompt is not None and cache_salt != from_prompt:
+        raise ValueError(f"two cache salts: cache_salt={cache_salt!r} and the prompt's {from_prompt!r}")
+    return cache_salt if cache_salt is not None else from_prompt
+
+
 def as_token_list(ids) -> list[int]:
     out = []
     for t in list(ids):
@@ -42,9 +54,11 @@ def as_token_list(ids) -> list[int]:
 
 
 def validate_prompt(token_ids: list[int], params: SamplingParams, *, vocab_size: int,
-                    max_model_len: int, block_size: int, num_usable_blocks: int) -> None:
+                    max_model_len: int, block_size: int, num_usable_blocks: int,
+                    prefix_caching: bool = False) -> None:
     """Refuse an empty prompt, ids outside the vocabulary, a prompt longer than max_model_len,
-    and a request that needs more KV blocks than the whole cache holds (it could never run)."""
+    and a request (or its n samples together) needing more KV blocks than the whole cache holds
+    (it could never run). With prefix caching, n samples share the prompt's full blocks."""
     if not token_ids:
         raise ValueError("the prompt is empty (0 tokens)")
     bad = [t for t in token_ids if not 0 <= t < vocab_size]
@@ -65,9 +79,12 @@ def validate_prompt(token_ids: list[int], params: SamplingParams, *, vocab_size:
             f"max_tokens={params.max_tokens}), but the whole cache has {num_usable_blocks}; "
             f"it could never run"
         )
-    # n samples run side by side; each needs its own blocks (they share nothing yet).
-    if params.n * needed_blocks > num_usable_blocks:
+    # n samples run side by side. Through the prefix cache they share the prompt's full blocks,
+    # except the one holding the last prompt token, which each sample computes itself.
+    shared = (len(token_ids) - 1) // block_size if prefix_caching else 0
+    together = shared + params.n * (needed_blocks - shared)
+    if params.n > 1 and together > num_usable_blocks:
         raise ValueError(
-            f"n={params.n} samples need {params.n * needed_blocks} KV blocks together ({needed_blocks} "
-            f"each), but the whole cache has {num_usable_blocks}; they could never run together"
+            f"n={params.n} samples need {together} KV blocks together ({needed_blocks} each, {shared} "
+            f"shared), but the whole cache has {num_usable_blocks}; they could never run together"
         )

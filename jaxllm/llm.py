@@ -39,6 +39,7 @@ class LLM:
         tensor_parallel_size: int = 1,
         token_buckets: tuple[int, ...] | None = None,
         skip_tokenizer_init: bool = False,
+        enable_prefix_caching: bool = True,
     ):
         config = EngineConfig(
             model=model,
@@ -49,6 +50,7 @@ class LLM:
                 block_size=block_size,
                 num_kv_blocks=num_kv_blocks,
                 kv_cache_memory_bytes=kv_cache_memory_bytes,
+                enable_prefix_caching=enable_prefix_caching,
             ),
             scheduler=SchedulerConfig(
                 max_num_seqs=max_num_seqs,
@@ -70,6 +72,10 @@ class LLM:
     def get_stats(self) -> dict:
         return self.engine.get_stats()
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget the prefix cache's content; False while requests hold blocks (as vLLM)."""
+        return self.engine.reset_prefix_cache()
+
     def generate(
         self,
         prompts,
@@ -79,7 +85,8 @@ class LLM:
     ) -> list[RequestOutput]:
         """Generate completions; returns one RequestOutput per prompt, in input order.
 
-        prompts: a string, a list of strings, a dict {"prompt_token_ids": [...]}, or a list of dicts.
+        prompts: a string, a list of strings, a dict {"prompt_token_ids": [...]}, or a list of dicts
+          (a dict may carry "cache_salt": prompts with different salts share no cached KV blocks).
         sampling_params: one SamplingParams for all prompts, or one per prompt.
         priority: per-prompt priorities for the "priority" policy (lower runs first).
         """

@@ -108,6 +108,7 @@ def make_output(req: Request, state: RequestState) -> RequestOutput:
         finished=req.is_finished,
         metrics=req.metrics,
         error=req.error,
+        num_cached_tokens=max(req.num_cached_tokens, 0),  # -1 until first admitted
     )
 
 
@@ -144,4 +145,5 @@ class ParentRequest:
             finished=all(o is not None and o.finished for o in self._latest),
             metrics=first.metrics,  # the first sample to report (its TTFT is the request's)
             error=next((o.error for o in self._latest if o is not None and o.error), None),
+            num_cached_tokens=first.num_cached_tokens,
         )

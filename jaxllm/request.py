@@ -95,6 +95,7 @@ class Request:
     arrival_time: float = dataclasses.field(default_factory=time.monotonic)
     priority: int = 0  # lower runs first (vLLM convention), used by PriorityPolicy
     prompt: str | None = None
+    cache_salt: str | None = None  # prefix caching: requests with different salts share no block
 
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = dataclasses.field(default_factory=list)
@@ -103,6 +104,11 @@ class Request:
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     stop_reason: int | str | None = None  # stop token id or stop string that ended it; None for EOS
     error: str | None = None  # message when status is FINISHED_ERROR
+    # Prefix caching. block_hashes: one chained hash per full block of all tokens, appended by the
+    # KV-cache manager (it owns block_size and the seed). num_cached_tokens: tokens found in the
+    # prefix cache at first admission (-1 before it, as vLLM).
+    block_hashes: list[bytes] = dataclasses.field(default_factory=list, repr=False)
+    num_cached_tokens: int = -1
 
     # Timings live in `metrics` (a live object: the engine hands it out in RequestOutput).
     # first_scheduled_time, first_token_time, last_token_time, finished_time are properties below.
@@ -148,6 +154,11 @@ class Request:
     @property
     def ignore_eos(self) -> bool:
         return bool(getattr(self.sampling_params, "ignore_eos", False))
+
+    @property
+    def skip_reading_prefix_cache(self) -> bool:
+        """Prompt logprobs need every prompt token's logits, so such a request computes them all."""
+        return getattr(self.sampling_params, "prompt_logprobs", None) is not None
 
     # -- derived state --
     @property
@@ -214,3 +225,4 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics | None = None
     error: str | None = None
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at admission

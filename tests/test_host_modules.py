@@ -1,4 +1,4 @@
-"""House rule 1: host code (scheduler, block manager, batch preparation, request intake and
+"""House rule 1: host code (scheduler, KV-cache manager, batch preparation, request intake and
 outputs) never imports jax, not even transitively. Checked in a fresh interpreter."""
 
 import os
@@ -10,7 +10,11 @@ HOST_MODULES = [
     "jaxllm",  # the package itself imports jax lazily (load_model / Model on first use)
     "jaxllm.config",
     "jaxllm.request",
-    "jaxllm.core.block_manager",
+    "jaxllm.core.kv_cache",
+    "jaxllm.core.kv_cache.block_pool",
+    "jaxllm.core.kv_cache.block_table",
+    "jaxllm.core.kv_cache.hashing",
+    "jaxllm.core.kv_cache.manager",
     "jaxllm.core.scheduler",
     "jaxllm.core.policies",
     "jaxllm.runner.batch",

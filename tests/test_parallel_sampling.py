@@ -97,16 +97,35 @@ def test_abort_stops_every_sample_and_frees_blocks(llm):
     assert not engine.has_unfinished_requests() and llm.get_stats()["kv_blocks_used"] == 0
 
 
+def test_samples_share_the_prompt_blocks_through_the_prefix_cache(model_dir):
+    llm = LLM(model_dir, block_size=8, num_kv_blocks=120, max_num_seqs=8, max_num_batched_tokens=128,
+              skip_tokenizer_init=True)
+    engine = llm.engine
+    engine.add_request("s", ids(64, 11), SamplingParams(n=4, temperature=0.0, max_tokens=3, ignore_eos=True))
+    engine.step()
+    # Sample 0 computes the 8 prompt blocks; samples 1-3, admitted in the same step, find its
+    # first 7 and compute only the block with the last prompt token: 8 + 3 blocks, not 32.
+    assert llm.get_stats()["kv_blocks_used"] == 11
+    while engine.has_unfinished_requests():
+        outs = engine.step()
+    assert len({tuple(c.token_ids) for c in outs[0].outputs}) == 1 and outs[0].num_cached_tokens == 0
+
+
 def test_bad_n_and_samples_that_can_never_fit_together(llm):
     engine = llm.engine
     for bad in (0, -1, 2.5):
         with pytest.raises(ValueError, match=rf"^n must be an int.*{bad!r}"):
             SamplingParams(n=bad)
-    # 119 usable blocks of 8: one sample of 400 tokens needs 50 blocks, three need 150.
-    with pytest.raises(ValueError, match=r"n=3 samples need 150 KV blocks together"):
-        engine.add_request("big", ids(300, 9), SamplingParams(n=3, max_tokens=101))
-    engine.add_request("ok", ids(300, 9), SamplingParams(n=2, max_tokens=101))  # 100 blocks fit
+    # 119 usable blocks of 8: a sample of 300 prompt + 100 output tokens needs 50 blocks; three
+    # share the prompt's 37 full blocks and need 37 + 3 * 13 = 76 together; ten need 167.
+    with pytest.raises(ValueError, match=r"n=10 samples need 167 KV blocks together"):
+        engine.add_request("big", ids(300, 9), SamplingParams(n=10, max_tokens=101))
+    engine.add_request("ok", ids(300, 9), SamplingParams(n=3, max_tokens=101))
     engine.abort_request("ok")
+    no_cache = LLM(llm.engine.config.model, block_size=8, num_kv_blocks=120, max_num_seqs=8,
+                   max_num_batched_tokens=64, skip_tokenizer_init=True, enable_prefix_caching=False)
+    with pytest.raises(ValueError, match=r"n=3 samples need 150 KV blocks together \(50 each, 0 shared\)"):
+        no_cache.engine.add_request("big", ids(300, 9), SamplingParams(n=3, max_tokens=101))
     assert not engine.has_unfinished_requests()
     # An id taken by a sample of another request is refused by name.
     engine.add_request("z", ids(5, 1), SamplingParams(n=2, max_tokens=2))

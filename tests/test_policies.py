@@ -6,7 +6,7 @@ import textwrap
 import pytest
 
 from jaxllm.core import policies
-from jaxllm.core.block_manager import BlockManager
+from jaxllm.core.kv_cache import KVCacheManager
 from jaxllm.core.policies import (
     FCFSPolicy,
     PriorityPolicy,
@@ -107,7 +107,7 @@ def test_docstring_example_runs_and_ages():
     # ...and it plugs into the scheduler by instance and, once registered, by name.
     register_policy("aging", Aging)
     try:
-        bm = BlockManager(16, 4, 2, 4)
+        bm = KVCacheManager(16, 4, 2, 4)
         s = Scheduler(bm, "aging", max_num_seqs=1, max_num_batched_tokens=16, max_model_len=16,
                       clock=lambda: 9.5)
         s.add_request(new_high)

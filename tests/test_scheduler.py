@@ -1,4 +1,4 @@
-"""Scheduler + BlockManager without a device: exact plans, preemption, stops, and a property test."""
+"""Scheduler + KVCacheManager without a device: exact plans, preemption, stops, and a property test."""
 
 import random
 
@@ -6,10 +6,11 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from jaxllm.core.block_manager import BlockManager, cdiv
+from jaxllm.core.kv_cache import KVCacheManager, cdiv
 from jaxllm.core.scheduler import Scheduler
 from jaxllm.request import Request, RequestStatus
 from jaxllm.sampling_params import SamplingParams
+from tests.helpers.sched_ops import drain, end_request, make_scheduler
 
 EOS = 2
 
@@ -23,8 +24,11 @@ class FakeClock:
 
 
 def make(num_blocks=64, block_size=4, max_num_seqs=4, max_num_batched_tokens=16, max_model_len=64,
-         policy="fcfs", chunked=True):
-    bm = BlockManager(num_blocks, block_size, max_num_seqs, cdiv(max_model_len, block_size))
+         policy="fcfs", chunked=True, caching=False):
+    # Prefix caching is off by default here: req() gives every prompt the same leading tokens, and
+    # these exact plans are about budgets and preemption; tests/test_prefix_caching.py covers hits.
+    bm = KVCacheManager(num_blocks, block_size, max_num_seqs, cdiv(max_model_len, block_size),
+                        enable_caching=caching)
     clock = FakeClock()
     s = Scheduler(bm, policy, max_num_seqs, max_num_batched_tokens, max_model_len,
                   enable_chunked_prefill=chunked, clock=clock)
@@ -42,7 +46,7 @@ def step(s, tokens=None, default=7):
     out = s.schedule()
     sampled = {x.request_id: tokens.get(x.request_id, default) for x in s_samples(out)}
     finished = s.update(out, sampled)
-    s.block_manager.check_invariants()
+    s.kv_cache_manager.check_invariants()
     return out, finished
 
 
@@ -400,12 +404,8 @@ def test_seeded_random_stress_with_frequent_preemption():
 def drive(ops, cache_tokens, block_size, max_num_seqs, budget, policy, chunked):
     """Run ops on a fresh scheduler, checking invariants after every step; then drain to the end."""
     max_model_len = 24
-    num_blocks = cdiv(cache_tokens, block_size) + 1
-    if not chunked:
-        budget = max(budget, max_model_len)
-    bm = BlockManager(num_blocks, block_size, max_num_seqs, cdiv(max_model_len, block_size))
-    s = Scheduler(bm, policy, max_num_seqs, budget, max_model_len, enable_chunked_prefill=chunked,
-                  clock=lambda: 0.0)
+    s, bm = make_scheduler(cache_tokens, block_size, max_num_seqs, budget, policy, chunked, max_model_len)
+    budget, num_blocks = s.max_num_batched_tokens, bm.num_blocks
     added: list[Request] = []
     rng = random.Random(0)
 
@@ -452,26 +452,11 @@ def drive(ops, cache_tokens, block_size, max_num_seqs, budget, policy, chunked):
             rng.seed(op[1])
             do_step()
         elif added:
-            r = added[op[1] % len(added)]
-            if kind == "abort":
-                s.abort_request(r.request_id)
-            else:
-                s.finish_request(r.request_id, RequestStatus.FINISHED_STOPPED, "stop", "</s>")
+            end_request(s, added, kind, op[1])
             bm.check_invariants()
 
-    # Drain: every request must end within a generous bound of steps.
-    bound = 50 + 10 * sum(r.num_prompt_tokens + 8 for r in added)
-    steps = 0
-    while s.has_unfinished_requests():
-        do_step()
-        steps += 1
-        assert steps <= bound, f"no termination after {steps} steps: {s.running} {list(s.waiting)}"
-    assert all(r.is_finished for r in added)
+    drain(s, do_step, added)
     assert bm.num_used_blocks == 0
-    for r in added:
-        assert r.finish_reason in ("stop", "length", "abort")
-        if r.finish_reason == "length" and r.status == RequestStatus.FINISHED_LENGTH:
-            assert r.num_output_tokens <= r.sampling_params.max_tokens
     return s
 
 

@@ -1,6 +1,6 @@
-"""Host-side engine core: block manager, scheduler, scheduling policies. Never imports jax."""
+"""Host-side engine core: KV-cache manager, scheduler, scheduling policies. Never imports jax."""
 
-from jaxllm.core.block_manager import BlockManager
+from jaxllm.core.kv_cache import BlockPool, BlockTable, ComputedBlocks, KVCacheManager
 from jaxllm.core.policies import (
     POLICIES,
     FCFSPolicy,
@@ -14,7 +14,10 @@ from jaxllm.core.policies import (
 from jaxllm.core.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 
 __all__ = [
-    "BlockManager",
+    "BlockPool",
+    "BlockTable",
+    "ComputedBlocks",
+    "KVCacheManager",
     "POLICIES",
     "FCFSPolicy",
     "PriorityPolicy",

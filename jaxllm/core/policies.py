@@ -42,8 +42,8 @@ cannot starve; preemption still hits the worst base priority, newest first.
         def choose_victim(self, running):
             return max(running, key=lambda r: (r.priority, r.arrival_time))
 
-    # Scheduler(block_manager, AgingPriorityPolicy(aging_s=0.5), ...) or, after
-    # register_policy("aging", AgingPriorityPolicy), Scheduler(block_manager, "aging", ...).
+    # Scheduler(kv_cache_manager, AgingPriorityPolicy(aging_s=0.5), ...) or, after
+    # register_policy("aging", AgingPriorityPolicy), Scheduler(kv_cache_manager, "aging", ...).
 
 (tests/test_policies.py executes this example, so it stays correct.)
 """

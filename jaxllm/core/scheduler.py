@@ -7,24 +7,30 @@ recomputing all its tokens through the same path.
 
 One step:
   1. Running requests, in admission order, each get min(remaining, budget) tokens (only whole
-     remainders when chunked prefill is off). Blocks are allocated for
-     num_computed_tokens + num_new_tokens slots; the newest sampled token is not in the cache yet
-     (its K/V is written when it is fed), so a decoding request needs exactly one new slot.
+     remainders when chunked prefill is off). Slots are allocated for
+     num_computed_tokens + num_new_tokens tokens; the newest sampled token is not in the cache yet
+     (its K/V is written when it is fed), so a decoding request needs at most one new block.
      If blocks run out, the policy picks a victim among the running requests (possibly the
      requester, possibly one already scheduled this step, which is then unscheduled and its budget
-     refunded). Victims are preempted in recompute mode: blocks freed, num_computed_tokens = 0,
-     status PREEMPTED, pushed to the front of the waiting queue.
+     refunded). Victims are preempted in recompute mode: blocks freed (their full blocks stay in
+     the prefix cache, so a resumed request may hit its own blocks), num_computed_tokens = 0,
+     status PREEMPTED, pushed to the front of the waiting queue. Once no more preemption can
+     happen, the scheduled requests' newly full blocks are offered to the prefix cache.
   2. If nothing was preempted this step (a step that preempted has no room to admit; admitting would
      just thrash), waiting requests are admitted in policy order while seats (max_num_seqs), budget
-     and blocks allow. Head-of-line: admission stops at the first request that does not fit the
-     budget or the free blocks, as in vLLM, so a large request is not starved by a stream of small
-     ones; a request the policy refuses (`can_admit` False) is skipped instead.
+     and blocks allow. An admitted request first takes the longest run of cached full blocks of its
+     tokens (prefix caching; it may hit blocks scheduled earlier in this same step, since the step
+     writes K/V before attention reads it) and num_computed_tokens starts past them.
+     Head-of-line: admission stops at the first request that does not fit the budget or the free
+     blocks, as in vLLM, so a large request is not starved by a stream of small ones; a request
+     the policy refuses (`can_admit` False) is skipped instead.
   3. The engine runs the batch and calls `update` with the sampled tokens: num_computed_tokens
      advances, tokens are appended, stops are checked, finished requests free their blocks.
 
 Capacity: a request is rejected by `add_request` if its prompt alone cannot fit the KV cache, the
-per-sequence block limit or max_model_len. A request that, running alone, needs one more block than
-the whole cache holds is finished with "length" (the cache is then its effective max length).
+per-sequence block limit or max_model_len. A request whose own tokens need more blocks than the
+whole cache holds is finished with "length" (the cache is then its effective max length). Its own
+need, not the blocks in use, decides this: with prefix caching one block may have several owners.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ import dataclasses
 import time
 from typing import Callable
 
-from jaxllm.core.block_manager import BlockManager, cdiv
+from jaxllm.core.kv_cache.manager import KVCacheManager, cdiv
 from jaxllm.core.policies import SchedulingPolicy, get_policy
 from jaxllm.request import Request, RequestStatus
 
@@ -80,9 +86,9 @@ class Scheduler:
     """Continuous batching with chunked prefill and recompute preemption.
 
     Args:
-      block_manager: owns the KV blocks and the block_table rows.
+      kv_cache_manager: owns the KV blocks, the prefix cache and the block_table rows.
       policy: a SchedulingPolicy, or a name for `get_policy` ("fcfs", "priority", "sjf", "static").
-      max_num_seqs: max running requests (seats); <= block_manager.max_num_seqs.
+      max_num_seqs: max running requests (seats); <= kv_cache_manager.max_num_seqs.
       max_num_batched_tokens: max sum of num_new_tokens per step.
       max_model_len: max prompt + output tokens of a request.
       enable_chunked_prefill: if False, a request is only scheduled for all its remaining tokens,
@@ -92,7 +98,7 @@ class Scheduler:
 
     def __init__(
         self,
-        block_manager: BlockManager,
+        kv_cache_manager: KVCacheManager,
         policy: SchedulingPolicy | str | None,
         max_num_seqs: int,
         max_num_batched_tokens: int,
@@ -105,21 +111,21 @@ class Scheduler:
                 f"max_num_seqs, max_num_batched_tokens, max_model_len must be >= 1, got "
                 f"{max_num_seqs}, {max_num_batched_tokens}, {max_model_len}"
             )
-        if max_num_seqs > block_manager.max_num_seqs:
+        if max_num_seqs > kv_cache_manager.max_num_seqs:
             raise ValueError(
-                f"max_num_seqs={max_num_seqs} exceeds the block manager's {block_manager.max_num_seqs} table rows"
+                f"max_num_seqs={max_num_seqs} exceeds the KV-cache manager's {kv_cache_manager.max_num_seqs} table rows"
             )
-        if max_model_len > block_manager.max_tokens_per_seq():
+        if max_model_len > kv_cache_manager.max_tokens_per_seq():
             raise ValueError(
                 f"max_model_len={max_model_len} exceeds max_blocks_per_seq * block_size = "
-                f"{block_manager.max_tokens_per_seq()}"
+                f"{kv_cache_manager.max_tokens_per_seq()}"
             )
         if not enable_chunked_prefill and max_num_batched_tokens < max_model_len:
             raise ValueError(
                 f"without chunked prefill max_num_batched_tokens ({max_num_batched_tokens}) must be >= "
                 f"max_model_len ({max_model_len}), or long prompts could never be scheduled"
             )
-        self.block_manager = block_manager
+        self.kv_cache_manager = kv_cache_manager
         self.policy = get_policy(policy)
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -164,11 +170,11 @@ class Scheduler:
             raise ValueError(f"request {rid!r} has an empty prompt")
         if n > self.max_model_len:
             raise ValueError(f"request {rid!r}: prompt of {n} tokens exceeds max_model_len={self.max_model_len}")
-        bm = self.block_manager
-        if cdiv(n, bm.block_size) > bm.num_usable_blocks:
+        kv = self.kv_cache_manager
+        if cdiv(n, kv.block_size) > kv.num_usable_blocks:
             raise ValueError(
-                f"request {rid!r}: prompt of {n} tokens needs {cdiv(n, bm.block_size)} blocks, but the KV "
-                f"cache has only {bm.num_usable_blocks}"
+                f"request {rid!r}: prompt of {n} tokens needs {cdiv(n, kv.block_size)} blocks, but the KV "
+                f"cache has only {kv.num_usable_blocks}"
             )
         request.status = RequestStatus.WAITING
         self.requests[rid] = request
@@ -211,13 +217,13 @@ class Scheduler:
         if error is not None:
             request.error = error
         request.finished_time = now
-        self.block_manager.free(request.request_id)
+        self.kv_cache_manager.free(request)
         del self.requests[request.request_id]
 
     def _preempt(self, request: Request) -> None:
         """Recompute-mode preemption: drop the cache, wait at the front of the queue."""
         self.running.remove(request)
-        self.block_manager.free(request.request_id)
+        self.kv_cache_manager.free(request)  # before num_computed_tokens is reset: it uses it
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         request.num_preemptions += 1
@@ -235,7 +241,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         """Choose this step's batch. See the module docstring for the rules."""
         now = self.clock()
-        bm = self.block_manager
+        kv = self.kv_cache_manager
         budget = self.max_num_batched_tokens
         scheduled: list[ScheduledRequest] = []
         preempted: list[Request] = []
@@ -250,17 +256,17 @@ class Scheduler:
             if num_new <= 0 or (num_new < remaining and not self.enable_chunked_prefill):
                 i += 1
                 continue
-            while not bm.allocate_for(req.request_id, req.num_computed_tokens + num_new):
-                victim = self.policy.choose_victim(list(self.running))
-                if not any(victim is r for r in self.running):
-                    raise ValueError(f"{self.policy!r}.choose_victim returned {victim!r}, not a running request")
-                if victim is req and bm.num_used_blocks == len(bm.blocks_of(req.request_id)):
-                    # It holds every used block and still needs more: it can never fit. By the
-                    # add_request check this only happens while decoding past the cache's capacity.
+            while not kv.allocate_slots(req, num_new):
+                if self._can_never_fit(req):
+                    # By the add_request check this only happens while decoding past the cache's
+                    # capacity; preempting others would not help.
                     self.running.remove(req)
                     self._finish(req, RequestStatus.FINISHED_LENGTH, None, None, None, now)
                     finished.append(req)
                     break
+                victim = self.policy.choose_victim(list(self.running))
+                if not any(victim is r for r in self.running):
+                    raise ValueError(f"{self.policy!r}.choose_victim returned {victim!r}, not a running request")
                 vi = next(k for k, r in enumerate(self.running) if r is victim)
                 for k, item in enumerate(scheduled):
                     if item.request is victim:  # already scheduled this step: unschedule, refund
@@ -277,6 +283,10 @@ class Scheduler:
                 scheduled.append(ScheduledRequest(req, num_new, num_new == remaining))
                 budget -= num_new
                 i += 1
+        # Preemption is over for this step, so these blocks will be computed: admissions below
+        # may hit them.
+        for item in scheduled:
+            kv.cache_blocks(item.request, item.num_computed_tokens + item.num_new_tokens)
 
         # 2. admission
         if not preempted:
@@ -287,24 +297,32 @@ class Scheduler:
                     break
                 if not self.policy.can_admit(req, running_view):
                     continue  # the policy's veto on this request; others may still join
-                remaining = req.num_tokens - req.num_computed_tokens
+                computed = kv.get_computed_blocks(req)
+                remaining = req.num_tokens - req.num_computed_tokens - computed.num_tokens
                 num_new = min(remaining, budget)
                 if num_new < remaining and not self.enable_chunked_prefill:
                     break  # head-of-line: wait for budget rather than be overtaken
-                if not bm.allocate_for(req.request_id, req.num_computed_tokens + num_new):
-                    if not self.running and bm.num_used_blocks == 0:
-                        # Cannot fit even into an empty cache; add_request prevents this, but
-                        # never let it block the queue forever.
+                if not kv.allocate_slots(req, num_new, computed):
+                    if self._can_never_fit(req):
+                        # Only a request preempted with as many tokens as the cache holds gets
+                        # here (add_request refuses such prompts); never let it block the queue.
                         self.waiting.remove(req)
-                        self._finish(req, RequestStatus.FINISHED_ERROR, None, None,
-                                     "request does not fit in the KV cache", now)
+                        if req.num_output_tokens:
+                            self._finish(req, RequestStatus.FINISHED_LENGTH, None, None, None, now)
+                        else:
+                            self._finish(req, RequestStatus.FINISHED_ERROR, None, None,
+                                         "request does not fit in the KV cache", now)
                         finished.append(req)
                         continue
                     break  # head-of-line: wait for blocks
                 self.waiting.remove(req)
                 req.status = RequestStatus.RUNNING
+                req.num_computed_tokens += computed.num_tokens
+                if req.num_cached_tokens < 0:
+                    req.num_cached_tokens = computed.num_tokens
                 if req.first_scheduled_time is None:
                     req.first_scheduled_time = now
+                kv.cache_blocks(req, req.num_computed_tokens + num_new)
                 self.running.append(req)
                 running_view.append(req)
                 scheduled.append(ScheduledRequest(req, num_new, num_new == remaining))
@@ -317,6 +335,15 @@ class Scheduler:
             num_batched_tokens=self.max_num_batched_tokens - budget,
             finished=finished,
         )
+
+    def _can_never_fit(self, req: Request) -> bool:
+        """Sampling its next token needs slots for all its tokens: more blocks than the cache has?"""
+        kv = self.kv_cache_manager
+        return cdiv(req.num_tokens, kv.block_size) > kv.num_usable_blocks
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget the prefix cache's content; False (nothing changes) while blocks are in use."""
+        return self.kv_cache_manager.reset_prefix_cache()
 
     def update(self, output: SchedulerOutput, sampled: dict[str, int], now: float | None = None) -> list[Request]:
         """Apply a step's results; return the requests that finished (blocks already freed).
