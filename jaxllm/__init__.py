@@ -5,11 +5,12 @@ Importing jaxllm does not import jax: the host side (scheduler, block manager, b
 stays jax-free, and `load_model` / `Model` are imported on first use.
 """
 
+from jaxllm.beam_search import BeamSearchOutput, BeamSearchSequence
 from jaxllm.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig
 from jaxllm.engine import Engine
 from jaxllm.llm import LLM
 from jaxllm.request import CompletionOutput, RequestOutput
-from jaxllm.sampling_params import SamplingParams
+from jaxllm.sampling_params import BeamSearchParams, SamplingParams
 
 __all__ = [
     "LLM",
@@ -19,6 +20,9 @@ __all__ = [
     "SchedulerConfig",
     "ParallelConfig",
     "SamplingParams",
+    "BeamSearchParams",
+    "BeamSearchOutput",
+    "BeamSearchSequence",
     "RequestOutput",
     "CompletionOutput",
     "load_model",

@@ -109,16 +109,8 @@ class Engine:
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
-        text, token_ids = tokenize_prompt(prompt, self.tokenizer)
+        text, token_ids = self.check_prompt(prompt, params)
         cache_salt = parse_cache_salt(prompt, cache_salt)
-        validate_prompt(
-            token_ids, params,
-            vocab_size=self.model.config.vocab_size,
-            max_model_len=self.resolved.max_model_len,
-            block_size=self.config.cache.block_size,
-            num_usable_blocks=self.resolved.num_kv_blocks - 1,
-            prefix_caching=self.config.cache.enable_prefix_caching,
-        )
         if not isinstance(priority, int):
             raise ValueError(f"priority must be an int, got {priority!r}")
         arrival_time = time.monotonic() if arrival_time is None else arrival_time
@@ -139,13 +131,27 @@ class Engine:
             self._add_one(child_id, token_ids, text, child_params, arrival_time, priority, cache_salt)
             self._parent_of[child_id] = (parent, i)
 
+    def check_prompt(self, prompt, params: SamplingParams) -> tuple[str | None, list[int]]:
+        """(text, token ids) of a prompt this engine can serve with `params`; ValueError naming
+        the problem otherwise (the one validation path of add_request and LLM.beam_search)."""
+        text, token_ids = tokenize_prompt(prompt, self.tokenizer)
+        validate_prompt(
+            token_ids, params,
+            vocab_size=self.model.config.vocab_size,
+            max_model_len=self.resolved.max_model_len,
+            block_size=self.config.cache.block_size,
+            num_usable_blocks=self.resolved.num_kv_blocks - 1,
+            prefix_caching=self.config.cache.enable_prefix_caching,
+        )
+        return text, token_ids
+
     def _add_one(self, request_id: str, token_ids: list[int], text, params: SamplingParams,
                  arrival_time: float, priority: int, cache_salt: str | None) -> None:
         req = Request(
             request_id=request_id,
             prompt_token_ids=token_ids,
             sampling_params=params,
-            eos_token_ids=self._eos_token_ids(),
+            eos_token_ids=self.eos_token_ids(),
             arrival_time=arrival_time,
             priority=priority,
             prompt=text,
@@ -318,7 +324,8 @@ class Engine:
 
     # ---------------------------------------------------------------- helpers
 
-    def _eos_token_ids(self) -> tuple[int, ...]:
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """The model's and the tokenizer's EOS ids: what ends a request unless ignore_eos."""
         ids = set(self.model.config.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             ids.add(int(self.tokenizer.eos_token_id))

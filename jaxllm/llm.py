@@ -15,10 +15,11 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 
+from jaxllm.beam_search import BeamSearchOutput, run_beam_search
 from jaxllm.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig
 from jaxllm.engine import Engine
 from jaxllm.request import CompletionOutput, RequestOutput
-from jaxllm.sampling_params import SamplingParams
+from jaxllm.sampling_params import BeamSearchParams, SamplingParams
 
 
 class LLM:
@@ -122,6 +123,25 @@ class LLM:
         if bar is not None:
             bar.close()
         return [results[i] for i in ids]
+
+    def beam_search(self, prompts, params: BeamSearchParams) -> list[BeamSearchOutput]:
+        """Beam search (vLLM's LLM.beam_search): one BeamSearchOutput per prompt, its sequences
+        best first. prompts: as for generate. Beams share KV blocks through the prefix cache; see
+        jaxllm/beam_search.py for the semantics. Raises ValueError for a bad prompt or params."""
+        if not isinstance(params, BeamSearchParams):
+            raise ValueError(f"params must be a BeamSearchParams, got {type(params).__name__}")
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        # The beams of a prompt run side by side, like n samples: refuse what could never fit.
+        as_samples = SamplingParams(n=params.beam_width, max_tokens=params.max_tokens)
+        token_ids = []
+        for i, prompt in enumerate(prompts):
+            try:
+                token_ids.append(self.engine.check_prompt(prompt, as_samples)[1])
+            except ValueError as e:
+                raise ValueError(f"prompt {i}: {e}") from None
+        return run_beam_search(self, token_ids, params, self.engine.eos_token_ids(),
+                               self.engine.resolved.max_model_len)
 
     def chat(self, messages, sampling_params=None, use_tqdm: bool = True,
              add_generation_prompt: bool = True) -> list[RequestOutput]:

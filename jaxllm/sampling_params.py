@@ -1,4 +1,4 @@
-"""SamplingParams: how to sample one request, with vLLM's names and meanings.
+"""SamplingParams (how to sample one request) and BeamSearchParams, with vLLM's names and meanings.
 
 Host-only: this module never imports jax, so the scheduler and the batch builder can use it.
 """
@@ -115,6 +115,32 @@ class SamplingParams:
         if not self.ignore_eos:
             ids += [int(t) for t in eos_token_ids if int(t) not in ids]
         return ids
+
+
+@dataclasses.dataclass
+class BeamSearchParams:
+    """LLM.beam_search's parameters (vLLM's names and meanings; see jaxllm/beam_search.py).
+
+    Each step extends every live beam by its 2 * beam_width most likely tokens and keeps the
+    beam_width best candidates; a candidate ending in EOS (unless ignore_eos) is complete.
+    """
+
+    beam_width: int  # [1, MAX_LOGPROBS // 2]: each beam's candidates are its top 2 * beam_width
+    max_tokens: int  # >= 1 tokens generated at most
+    ignore_eos: bool = False
+    temperature: float = 0.0  # the one-token steps sample at this temperature (0: greedy)
+    length_penalty: float = 1.0  # score = cum_logprob / len(tokens incl. prompt) ** length_penalty
+    include_stop_str_in_output: bool = False  # kept for vLLM compatibility (no stop strings here)
+
+    def __post_init__(self) -> None:
+        _check_int("beam_width", self.beam_width)
+        if not 1 <= self.beam_width <= MAX_LOGPROBS // 2:
+            raise ValueError(f"beam_width must be in [1, {MAX_LOGPROBS // 2}], got {self.beam_width!r}")
+        _check_int("max_tokens", self.max_tokens)
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens!r}")
+        _check_number("temperature", self.temperature, lambda v: v >= 0, ">= 0")
+        _check_number("length_penalty", self.length_penalty, lambda v: True, "")
 
 
 def _check_number(name, value, ok, allowed: str) -> None:
