@@ -24,6 +24,7 @@ from jaxllm.core.policies import get_policy
 from jaxllm.core.scheduler import Scheduler
 from jaxllm.detokenizer import Detokenizer
 from jaxllm.inputs import parse_cache_salt, tokenize_prompt, validate_prompt
+from jaxllm.observers import StepObserver, StepStats
 from jaxllm.outputs import (
     LogprobFormatter,
     ParentRequest,
@@ -91,6 +92,8 @@ class Engine:
         self.num_prompt_tokens_processed = 0
         self.num_generated_tokens = 0
         self.num_failed_steps = 0
+        self._observers: list[StepObserver] = []
+        self._last_padded_tokens = 0  # the token bucket of the last step run (0: it failed)
 
     # ---------------------------------------------------------------- requests in and out
 
@@ -184,6 +187,7 @@ class Engine:
         """Run one scheduling step; returns an output for every request that produced a token
         or finished in it (incremental: each holds the request's whole output so far)."""
         plan = self.scheduler.schedule()
+        kv_blocks_used = self.block_manager.num_used_blocks  # this step's footprint, for observers
         sampled: dict[str, int] = {}
         failed: list[Request] = []
         if plan.scheduled:
@@ -191,7 +195,10 @@ class Engine:
                 sampled = self._execute(plan)
             except Exception as e:  # noqa: BLE001 - a failed step must not take the engine down
                 failed = self._fail_step(plan, e)
-        finished = self.scheduler.update(plan, sampled, now=time.monotonic()) + failed
+        now = time.monotonic()
+        finished = self.scheduler.update(plan, sampled, now=now) + failed
+        if plan.scheduled:
+            self._notify_observers(plan, len(finished), now, kv_blocks_used)
         self.num_steps += bool(plan.scheduled)
 
         outputs = []
@@ -221,6 +228,31 @@ class Engine:
         if output.finished:
             del self._parents[parent.request_id]
         return output
+
+    def add_step_observer(self, observer: StepObserver) -> None:
+        """Call `observer(StepStats)` after every step that ran a batch (jaxllm/observers.py)."""
+        self._observers.append(observer)
+
+    def remove_step_observer(self, observer: StepObserver) -> None:
+        self._observers.remove(observer)
+
+    def _notify_observers(self, plan, num_finished: int, now: float, kv_blocks_used: int) -> None:
+        if not self._observers:
+            return
+        stats = StepStats(
+            step=self.num_steps,
+            time=now,
+            num_scheduled_requests=len(plan.scheduled),
+            num_batched_tokens=plan.num_batched_tokens,
+            num_padded_tokens=self._last_padded_tokens,
+            num_running=self.scheduler.num_running,
+            num_waiting=self.scheduler.num_waiting,
+            num_preempted=len(plan.preempted),
+            num_finished=num_finished,
+            kv_blocks_used=kv_blocks_used,
+        )
+        for observer in list(self._observers):
+            observer(stats)
 
     def _detokenize(self, req: Request) -> None:
         """Update the request's text and end it at a stop string."""
@@ -258,7 +290,9 @@ class Engine:
     def _execute(self, plan) -> dict[str, int]:
         """Run the planned batch on the device; returns request_id -> sampled token."""
         step = self.build_step_inputs(plan.scheduled)
+        self._last_padded_tokens = 0
         result = self.runner.execute(step)
+        self._last_padded_tokens = step.batch.padded_num_tokens
         if step.prompt_logprobs:
             collect_prompt_logprobs(plan.scheduled, step.batch.cu_q_lens, result, self._states, self._logprob_fmt)
 

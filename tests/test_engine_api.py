@@ -289,3 +289,20 @@ def test_failed_step_that_consumed_the_kv_cache_recomputes_the_others(model_dir)
     assert finished["b"].outputs[0].token_ids == expected and finished["b"].error is None
     assert not engine.runner.kv_cache_lost() and llm.get_stats()["kv_blocks_used"] == 0
     engine.runner._jitted = real
+
+
+def test_step_observers_see_every_step(llm):
+    seen = []
+    llm.engine.add_step_observer(seen.append)
+    before = llm.get_stats()["num_steps"]
+    llm.generate([ids(20, 40), ids(150, 41)], greedy(3), use_tqdm=False)
+    llm.engine.remove_step_observer(seen.append)
+    assert len(seen) == llm.get_stats()["num_steps"] - before > 0
+    assert [s.step for s in seen] == list(range(before, before + len(seen)))
+    assert all(s.num_padded_tokens in llm.engine.resolved.token_buckets for s in seen)
+    assert all(s.num_batched_tokens <= s.num_padded_tokens for s in seen)
+    assert max(s.kv_blocks_used for s in seen) >= 11  # the 150-token prompt holds 10 blocks of 16
+    assert sum(s.num_finished for s in seen) == 2 and seen[-1].kv_blocks_used > 0  # held while it ran
+    assert llm.get_stats()["kv_blocks_used"] == 0
+    llm.generate(ids(5, 42), greedy(1), use_tqdm=False)
+    assert len(seen) == llm.get_stats()["num_steps"] - before - 1  # removed: no more records

@@ -26,6 +26,8 @@ HOST_MODULES = [
     "jaxllm.detokenizer",
     "jaxllm.engine",
     "jaxllm.llm",
+    "jaxllm.observers",
+    "jaxllm.beam_search",
 ]
 
 

@@ -1,0 +1,32 @@
+"""Step records pushed to observers: how experiments watch the engine without patching it.
+Host only: never imports jax.
+
+    peak = []
+    llm.engine.add_step_observer(lambda s: peak.append(s.kv_blocks_used))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+
+@dataclasses.dataclass(frozen=True)
+class StepStats:
+    """One engine step that ran a batch (a read-only snapshot taken after the step)."""
+
+    step: int  # index of this step among the engine's steps that ran a batch
+    time: float  # the engine clock (time.monotonic) at the end of the step
+    num_scheduled_requests: int  # requests in the batch
+    num_batched_tokens: int  # real (unpadded) tokens in the batch
+    num_padded_tokens: int  # the token bucket the batch ran in (0 when the step failed)
+    num_running: int  # after the step
+    num_waiting: int  # after the step
+    num_preempted: int  # requests preempted while scheduling this step
+    num_finished: int  # requests that finished in this step
+    # KV blocks held while the step ran (after scheduling, before the requests that finished in
+    # it freed theirs): the step's memory footprint.
+    kv_blocks_used: int
+
+
+StepObserver = Callable[[StepStats], None]
