@@ -18,8 +18,9 @@ import numpy as np
 
 from jaxllm.models.model_config import ModelConfig
 from jaxllm.models import registry, weights
+from jaxllm.models.aliases import known_aliases
 
-GGUF_ALIASES = ("smollm2-135m-instruct",)
+GGUF_ALIASES = known_aliases()
 
 _ST_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
