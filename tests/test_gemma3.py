@@ -271,3 +271,26 @@ def test_real_gguf_engine_greedy_matches_transformers(real_gguf):
     for out, (tokens, margins) in zip(outs, expected):
         assert len(tokens) == REAL_GREEDY_STEPS  # transformers did not stop early
         assert_greedy_match(out.outputs[0].token_ids, tokens, margins)
+
+
+def test_multimodal_checkpoint_loads_its_text_model(gemma_dirs, tmp_path):
+    """A Gemma3ForConditionalGeneration directory (text weights under model.language_model.):
+    the same logits as the text-only model it was made from."""
+    import safetensors.numpy
+    import transformers
+
+    src = gemma_dirs["plain"]
+    out = tmp_path / "multimodal"
+    out.mkdir()
+    tensors = safetensors.numpy.load_file(os.path.join(src, "model.safetensors"))
+    safetensors.numpy.save_file(
+        {"model.language_model." + k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+        | {k: v for k, v in tensors.items() if not k.startswith("model.")},
+        str(out / "model.safetensors"))
+    text = transformers.AutoConfig.from_pretrained(src)
+    mm = transformers.Gemma3Config(text_config=text.to_dict(), architectures=["Gemma3ForConditionalGeneration"])
+    mm.save_pretrained(str(out))
+    ours, ref = load_model(str(out)), load_model(src)
+    assert ours.config == ref.config
+    prompt = random_prompt(64, VOCAB, seed=4)
+    np.testing.assert_array_equal(np.asarray(ours.forward(prompt)), np.asarray(ref.forward(prompt)))

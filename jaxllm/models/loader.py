@@ -85,6 +85,29 @@ def safetensors_getter(directory: str) -> Callable[[str], np.ndarray]:
     return get_tensor
 
 
+# A multimodal checkpoint (Gemma3ForConditionalGeneration) keeps its text model under a prefix:
+# "model.language_model." (transformers 5) or "language_model.model." (4.5x). ModelConfig.from_hf
+# reads its text_config; these let the same HF names find the text weights.
+_TEXT_PART_PREFIXES = ("model.language_model.", "language_model.model.")
+
+
+def _text_part_fallback(get_tensor: Callable[[str], np.ndarray]) -> Callable[[str], np.ndarray]:
+    def get(name: str) -> np.ndarray:
+        try:
+            return get_tensor(name)
+        except KeyError:
+            if not name.startswith("model."):
+                raise
+        for prefix in _TEXT_PART_PREFIXES:
+            try:
+                return get_tensor(prefix + name[len("model."):])
+            except KeyError:
+                pass
+        raise KeyError(name)
+
+    return get
+
+
 def load_config(path: str) -> ModelConfig:
     """ModelConfig of a local HF directory (transformers AutoConfig; never runs remote code)."""
     import transformers
@@ -120,6 +143,6 @@ def load_model(path: str, dtype: str = "float32", place=None):
         raise ValueError(f"{path!r} has no config.json; expected a transformers checkpoint directory")
     config = load_config(path)
     registry.get_model_module(config.architecture)  # fail early on a config we cannot run
-    get_tensor = safetensors_getter(path)
+    get_tensor = _text_part_fallback(safetensors_getter(path))
     params = weights.params_from_hf_tensors(config, get_tensor, jnp.dtype(dtype), place)
     return Model(config=config, params=params, dtype=dtype, path=path)
