@@ -80,7 +80,7 @@ class ModelConfig:
     max_position_embeddings: int
     tie_word_embeddings: bool
     attention_bias: bool  # bias on q/k/v projections (Qwen2); o_proj never has one here
-    qk_norm: bool  # per-head RMSNorm on q and k before RoPE (Qwen3)
+    qk_norm: bool  # per-head RMSNorm on q and k before RoPE (Qwen3, Gemma 3)
     layer_sliding_windows: tuple[int | None, ...]
     hidden_act: str = "silu"  # "silu" (SwiGLU) or "gelu_pytorch_tanh" (GeGLU, Gemma)
     bos_token_id: int | None = None
