@@ -79,6 +79,8 @@ def config_from_dict(d: dict) -> ModelConfig:
     """Inverse of dataclasses.asdict(ModelConfig): json turns tuples into lists, undo that."""
     d = dict(d)
     d["rope"] = RopeConfig(**d["rope"])
+    if d.get("rope_local") is not None:
+        d["rope_local"] = RopeConfig(**d["rope_local"])
     d["layer_sliding_windows"] = tuple(d["layer_sliding_windows"])
     d["eos_token_ids"] = tuple(d["eos_token_ids"])
     return ModelConfig(**d)

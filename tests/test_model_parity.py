@@ -1,5 +1,8 @@
 """Parity of jaxllm's dense forward with transformers (PyTorch CPU, fp32, eager attention).
 
+Llama, Mistral, Qwen2, Qwen3 and Gemma 3 cases; Gemma-specific sensitivity and bad-input checks
+live in test_gemma3.py.
+
 Tolerance (fp32): max |logits_jax - logits_hf| <= 1e-4 * max|logits_hf| on a 220-token prompt
 (observed ~1e-6 at logit scale ~2). Greedy: 32 tokens identical to an HF greedy loop; tie rule: a
 divergence is forgiven only at a step where HF's top-2 logits differ by < 1e-4 (then comparison
@@ -39,6 +42,13 @@ CASES = {
     "qwen3_qknorm_headdim32": ("qwen3", dict(head_dim=32, num_attention_heads=4, num_key_value_heads=2)),
     # per-layer windows: layer 0 full attention, layer 1 sliding (HF layer_types via max_window_layers)
     "qwen2_mixed_swa48": ("qwen2", dict(use_sliding_window=True, sliding_window=48, max_window_layers=1)),
+    # Gemma 3 (helper defaults): layers sliding(48) / global alternating, local RoPE base 10k vs
+    # global 1M, head_dim 32 != hidden/heads, query_pre_attn_scalar 24 != head_dim, 4 norms a layer.
+    "gemma3_swa48_interleaved": ("gemma3", {}),
+    "gemma3_mqa_tied_softcaps_linear_rope": ("gemma3", dict(
+        num_key_value_heads=1, tie_word_embeddings=True, final_logit_softcapping=3.0, attn_logit_softcapping=2.0,
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1_000_000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}})),
 }
 
 
@@ -93,6 +103,13 @@ def test_config_features_exercised(model_dirs):
     q3 = cfg["qwen3_qknorm_headdim32"]
     assert q3.qk_norm and q3.head_dim * q3.num_heads != q3.hidden_size
     assert cfg["qwen2_mixed_swa48"].layer_sliding_windows == (None, 48)
+    g = cfg["gemma3_swa48_interleaved"]
+    assert g.layer_sliding_windows == (48, None, 48, None) and PROMPT_LEN > 48
+    assert g.rope_local.theta != g.rope.theta and g.sm_scale != g.head_dim**-0.5
+    assert g.gemma_norms and g.scale_embeddings and g.qk_norm and g.hidden_act == "gelu_pytorch_tanh"
+    g = cfg["gemma3_mqa_tied_softcaps_linear_rope"]
+    assert g.num_kv_heads == 1 and g.tie_word_embeddings and g.rope.rope_type == "linear"
+    assert g.attn_logit_softcap == 2.0 and g.final_logit_softcap == 3.0
 
 
 def test_llama3_inv_freq_matches_transformers(model_dirs):

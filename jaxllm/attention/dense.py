@@ -19,11 +19,13 @@ def dense_causal_attention(
     sm_scale: float,
     sliding_window: int | None = None,
     positions: jax.Array | None = None,
+    soft_cap: float | None = None,
 ) -> jax.Array:
     """Causal (optionally sliding-window) attention of one sequence.
 
     q [T, nH, D], k/v [T, nKV, D] with nH % nKV == 0; positions [T] int32 (default arange(T)).
     Query at position p sees keys at positions in (p - sliding_window, p]. Softmax in f32.
+    soft_cap: scores (after sm_scale) -> soft_cap * tanh(scores / soft_cap), as the paged kernels.
     Returns [T, nH, D] in q.dtype.
     """
     t, nh, d = q.shape
@@ -35,6 +37,8 @@ def dense_causal_attention(
     # group by broadcasting (HF's repeat_kv orders query heads the same way: head h -> kv h // group).
     qg = q.reshape(t, nkv, group, d)
     scores = jnp.einsum("qkgd,skd->kgqs", qg, k, preferred_element_type=jnp.float32) * sm_scale
+    if soft_cap is not None:
+        scores = soft_cap * jnp.tanh(scores / soft_cap)
     qpos = positions[:, None]
     kpos = positions[None, :]
     mask = kpos <= qpos  # [Tq, Tk]
@@ -49,14 +53,16 @@ def dense_causal_attention(
 def make_dense_attention(config, positions: jax.Array | None = None) -> Callable:
     """The `attention(layer_idx, q, k, v, kv_cache_layer)` callable for llama.forward, no KV cache.
 
-    Reads each layer's window from config.layer_sliding_windows; passes kv_cache_layer through.
+    Reads each layer's window from config.layer_sliding_windows, the scale and soft-cap from
+    config.sm_scale / config.attn_logit_softcap; passes kv_cache_layer through.
     """
-    sm_scale = config.head_dim ** -0.5
+    sm_scale = config.sm_scale
 
     def attention(layer_idx, q, k, v, kv_cache_layer):
         out = dense_causal_attention(
             q, k, v, sm_scale=sm_scale,
             sliding_window=config.layer_sliding_windows[layer_idx], positions=positions,
+            soft_cap=config.attn_logit_softcap,
         )
         return out, kv_cache_layer
 

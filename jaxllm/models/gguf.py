@@ -1,10 +1,13 @@
-"""Load a Llama-architecture GGUF file (llama.cpp's format) into a jaxllm Model, offline.
+"""Load a Llama or Gemma 3 GGUF file (llama.cpp's format) into a jaxllm Model, offline.
 
 Path: GGUF tensors --dequantize--> float32 numpy [out, in] --rename + un-permute q/k--> HF tensors
 --> `params_from_hf_tensors` (the same entry point safetensors checkpoints use). Going through HF
 names means GGUF needs no loader of its own beyond the name map.
 
-Why un-permute: llama.cpp's converter reorders the rows of q_proj/k_proj within each head from
+Gemma 3: llama.cpp stores every norm weight as (1 + w) (Gemma's norm multiplies by 1 + w); the
+reader subtracts 1 again, as transformers' GGUF reader does. Its q/k rows are not permuted.
+
+Why un-permute (Llama): llama.cpp's converter reorders the rows of q_proj/k_proj within each head from
 HF's "rotate halves" RoPE layout [x0..x(D/2-1), y0..y(D/2-1)] to interleaved pairs [x0,y0,x1,y1,...]
 (GPT-J style). jaxllm (like HF) applies rotate-halves RoPE, so the rows are put back.
 
@@ -30,8 +33,8 @@ import numpy as np
 
 from jaxllm.models.aliases import resolve_model_path
 
-# llama.cpp per-block tensor name -> HF name (within "model.layers.{i}.").
-_BLOCK_NAMES = {
+# llama.cpp per-block tensor name -> HF name (within "model.layers.{i}."), per GGUF architecture.
+_LLAMA_BLOCK_NAMES = {
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
     "attn_q": "self_attn.q_proj",
@@ -42,6 +45,17 @@ _BLOCK_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+# Gemma 3: llama.cpp's ffn_norm is the MLP pre-norm (HF pre_feedforward_layernorm), and
+# post_attention_norm is a real post-attention norm (HF post_attention_layernorm).
+_GEMMA3_BLOCK_NAMES = {
+    **_LLAMA_BLOCK_NAMES,
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_attention_norm": "post_attention_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+}
+_BLOCK_NAMES = {"llama": _LLAMA_BLOCK_NAMES, "gemma3": _GEMMA3_BLOCK_NAMES}
 _GLOBAL_NAMES = {
     "token_embd": "model.embed_tokens",
     "output_norm": "model.norm",
@@ -51,12 +65,15 @@ _BLOCK_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 _GLOBAL_RE = re.compile(r"^(\w+)\.(weight|bias)$")
 
 
-def gguf_to_hf_name(name: str) -> str | None:
-    """'blk.3.attn_q.weight' -> 'model.layers.3.self_attn.q_proj.weight'; None if unknown."""
+def gguf_to_hf_name(name: str, arch: str = "llama") -> str | None:
+    """'blk.3.attn_q.weight' -> 'model.layers.3.self_attn.q_proj.weight'; None if unknown.
+
+    arch: the GGUF `general.architecture` ("llama" or "gemma3"; their ffn_norm differ).
+    """
     m = _BLOCK_RE.match(name)
     if m:
         layer, part, kind = m.groups()
-        hf = _BLOCK_NAMES.get(part)
+        hf = _BLOCK_NAMES[arch].get(part)
         return None if hf is None else f"model.layers.{layer}.{hf}.{kind}"
     m = _GLOBAL_RE.match(name)
     if m:
@@ -122,11 +139,13 @@ class GGUFCheckpoint:
             return default if f is None else f.contents()
 
         arch = field("general.architecture")
-        if arch != "llama":
-            raise NotImplementedError(f"GGUF architecture {arch!r} is not supported (only 'llama'): {self.path}")
+        if arch not in _BLOCK_NAMES:
+            raise NotImplementedError(
+                f"GGUF architecture {arch!r} is not supported (only {', '.join(map(repr, _BLOCK_NAMES))}): {self.path}"
+            )
         tensors = {}
         for t in reader.tensors:
-            hf = gguf_to_hf_name(t.name)
+            hf = gguf_to_hf_name(t.name, arch)
             if hf is None:
                 # e.g. rope_freqs (llama3 RoPE scaling baked into a tensor): refuse, don't ignore.
                 raise NotImplementedError(f"unsupported GGUF tensor {t.name!r} in {self.path}")
@@ -139,27 +158,32 @@ class GGUFCheckpoint:
             }
         hidden = int(field(f"{arch}.embedding_length"))
         n_heads = int(field(f"{arch}.attention.head_count"))
+        head_dim = int(field(f"{arch}.attention.key_length", hidden // n_heads))
         scaling = field(f"{arch}.rope.scaling.type", "none")
-        if scaling not in ("none", None):
-            raise NotImplementedError(f"GGUF RoPE scaling {scaling!r} is not supported: {self.path}")
         eos = field("tokenizer.ggml.eos_token_id")
         config = dict(
-            architectures=["LlamaForCausalLM"],
             vocab_size=tensors["model.embed_tokens.weight"]["shape"][0],
             hidden_size=hidden,
             intermediate_size=int(field(f"{arch}.feed_forward_length")),
             num_hidden_layers=int(field(f"{arch}.block_count")),
             num_attention_heads=n_heads,
             num_key_value_heads=int(field(f"{arch}.attention.head_count_kv", n_heads)),
-            head_dim=int(field(f"{arch}.attention.key_length", hidden // n_heads)),
+            head_dim=head_dim,
             rms_norm_eps=float(field(f"{arch}.attention.layer_norm_rms_epsilon")),
-            rope_theta=float(field(f"{arch}.rope.freq_base", 10000.0)),
             max_position_embeddings=int(field(f"{arch}.context_length", 2048)),
             # llama.cpp drops output.weight when the head is tied to the embedding.
             tie_word_embeddings="lm_head.weight" not in tensors,
             bos_token_id=field("tokenizer.ggml.bos_token_id"),
             eos_token_id=None if eos is None else int(eos),
         )
+        theta = float(field(f"{arch}.rope.freq_base", 10000.0))
+        if arch == "llama":
+            if scaling not in ("none", None):
+                raise NotImplementedError(f"GGUF RoPE scaling {scaling!r} is not supported: {self.path}")
+            config.update(model_type="llama", architectures=["LlamaForCausalLM"], rope_theta=theta)
+        else:
+            config.update(model_type="gemma3_text", architectures=["Gemma3ForCausalLM"],
+                          **_gemma3_gguf_fields(field, theta, scaling, head_dim, self.path))
         return {"version": _INDEX_VERSION, "config": config, "tensors": tensors}
 
     def tensor_names(self) -> list[str]:
@@ -173,6 +197,10 @@ class GGUFCheckpoint:
         raw = np.memmap(self.path, dtype=np.dtype(t["dtype"]), mode="r", offset=t["offset"],
                         shape=tuple(t["data_shape"]))
         w = np.asarray(self._dequantize(raw, self._qtype(t["type"])), dtype=np.float32).reshape(t["shape"])
+        if self.hf_config.model_type == "gemma3_text":
+            # llama.cpp stores Gemma's norm weights as the (1 + w) they multiply by; HF (and
+            # jaxllm) keep w. Gemma's q/k rows are not permuted (llama.cpp permutes only Llama's).
+            return w - np.float32(1.0) if hf_name.endswith("norm.weight") else w
         if ".self_attn.q_proj." in hf_name:
             w = unpermute_rope_rows(w, self.hf_config.num_attention_heads)
         elif ".self_attn.k_proj." in hf_name:
@@ -180,13 +208,36 @@ class GGUFCheckpoint:
         return w
 
 
-_INDEX_VERSION = 1
+_INDEX_VERSION = 2  # 2: config carries model_type (llama or gemma3_text)
+
+
+def _gemma3_gguf_fields(field, theta: float, scaling, head_dim: int, path: str) -> dict:
+    """Gemma3TextConfig fields the GGUF header lacks, filled in as llama.cpp does (llama-model.cpp,
+    LLM_ARCH_GEMMA3): every 6th layer global, local RoPE base 10000, attention scale
+    head_dim ** -0.5 (query_pre_attn_scalar = head_dim; only the 27B differs, hidden / heads).
+    transformers' GGUF reader leaves the same fields at Gemma3TextConfig's defaults, which agree
+    for every size but the 27B."""
+    n_layers = int(field("gemma3.block_count"))
+    if n_layers == 62:  # the 27B: llama.cpp's LLM_TYPE_27B scale rule
+        head_dim = int(field("gemma3.embedding_length")) // int(field("gemma3.attention.head_count"))
+    full = {"rope_type": "default", "rope_theta": theta}
+    if scaling == "linear":  # Gemma 3 4B+ (factor 8 on the global layers)
+        full = {"rope_type": "linear", "rope_theta": theta, "factor": float(field("gemma3.rope.scaling.factor"))}
+    elif scaling not in ("none", None):
+        raise NotImplementedError(f"GGUF RoPE scaling {scaling!r} is not supported: {path}")
+    return dict(
+        sliding_window=int(field("gemma3.attention.sliding_window")),
+        layer_types=["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(n_layers)],
+        rope_parameters={"full_attention": full, "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
+        query_pre_attn_scalar=head_dim,
+    )
 
 
 def _hf_config(kwargs: dict):
-    from transformers import LlamaConfig
+    from transformers import CONFIG_MAPPING
 
-    return LlamaConfig(**kwargs)
+    kwargs = dict(kwargs)
+    return CONFIG_MAPPING[kwargs.pop("model_type")](**kwargs)
 
 
 def _try_write_json(path: str, obj) -> None:

@@ -1,4 +1,4 @@
-"""Building blocks of the Llama-family forward: RMSNorm, rotary embeddings, SwiGLU MLP.
+"""Building blocks of the decoder forward: RMSNorm (Llama and Gemma), rotary embeddings, gated MLP.
 
 All functions are pure jnp; numerics follow transformers so that fp32 parity is tight:
 RMSNorm and RoPE tables are computed in float32 and cast back to the activation dtype.
@@ -28,6 +28,23 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return weight.astype(x.dtype) * normed
 
 
+def gemma_rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """Gemma's RMSNorm over the last axis. x [..., H], weight [H] -> [..., H] in x.dtype.
+
+    Scales by (1 + weight), the weight stored as an offset from 1 (so 0 is identity), and
+    multiplies in f32 *before* the cast back: the other order than `rms_norm`, as transformers'
+    Gemma3RMSNorm (they differ in bf16 only).
+    """
+    xf = x.astype(jnp.float32)
+    var = jnp.mean(xf * xf, axis=-1, keepdims=True)
+    return (xf * jax.lax.rsqrt(var + eps) * (1.0 + weight.astype(jnp.float32))).astype(x.dtype)
+
+
+def softcap(x: jax.Array, cap: float | None) -> jax.Array:
+    """cap * tanh(x / cap) (Gemma's logit soft-capping); x unchanged when cap is None."""
+    return x if cap is None else cap * jnp.tanh(x / cap)
+
+
 @functools.lru_cache(maxsize=None)
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> np.ndarray:
     """Inverse frequencies [head_dim // 2] float32, computed once per (rope, head_dim) in numpy.
@@ -39,6 +56,8 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int) -> np.ndarray:
     inv_freq = (1.0 / (np.float32(rope.theta) ** exponent)).astype(np.float32)
     if rope.rope_type == "default":
         return inv_freq
+    if rope.rope_type == "linear":  # transformers' _compute_linear_scaling_rope_parameters
+        return (inv_freq / np.float32(rope.factor)).astype(np.float32)
     if rope.rope_type != "llama3":
         raise ValueError(f"unsupported rope_type {rope.rope_type!r}")
     factor = rope.factor
@@ -87,8 +106,19 @@ def linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:
     return y.astype(x.dtype)
 
 
-def swiglu_mlp(x: jax.Array, gate_w: jax.Array, up_w: jax.Array, down_w: jax.Array) -> jax.Array:
-    """SwiGLU: down(silu(gate(x)) * up(x)). x [T, H], gate/up [H, I], down [I, H] -> [T, H]."""
+_ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    # transformers' "gelu_pytorch_tanh": the tanh approximation of GELU.
+    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+}
+
+
+def gated_mlp(x: jax.Array, gate_w: jax.Array, up_w: jax.Array, down_w: jax.Array, act: str = "silu") -> jax.Array:
+    """down(act(gate(x)) * up(x)): SwiGLU for act="silu", GeGLU (Gemma) for "gelu_pytorch_tanh".
+
+    x [T, H], gate/up [H, I], down [I, H] -> [T, H].
+    """
     gate = linear(x, gate_w)
     up = linear(x, up_w)
-    return linear(jax.nn.silu(gate) * up, down_w)
+    return linear(_ACTIVATIONS[act](gate) * up, down_w)
+

@@ -1,8 +1,11 @@
-"""Llama / Mistral / Qwen2 / Qwen3 decoder as pure functions over the params pytree.
+"""Llama / Mistral / Qwen2 / Qwen3 / Gemma 3 decoder as pure functions over the params pytree.
 
-The four architectures differ only by ModelConfig fields: qkv bias (Qwen2), per-head q/k RMSNorm
-before RoPE (Qwen3), sliding windows (Mistral; read by the attention callable), head_dim that need
-not equal hidden/heads, llama3 RoPE scaling, and tied embeddings. Any GQA ratio works (MHA, MQA).
+The architectures differ only by ModelConfig fields: qkv bias (Qwen2), per-head q/k RMSNorm
+before RoPE (Qwen3, Gemma 3), sliding windows (Mistral, Qwen2, Gemma 3; read by the attention
+callable), head_dim that need not equal hidden/heads, RoPE scaling, tied embeddings, and for
+Gemma 3: (1 + w) norms with post-attention / post-MLP norms, embeddings scaled by sqrt(hidden),
+GeGLU, a different RoPE base on sliding layers, its own attention scale (carried by the attention
+callable, from config.sm_scale) and final logit soft-capping. Any GQA ratio works (MHA, MQA).
 """
 
 from __future__ import annotations
@@ -29,42 +32,58 @@ def forward(
     """Run the decoder stack.
 
     token_ids [T] int32, positions [T] int32 (RoPE positions; the attention callable decides who
-    attends to whom). kv_caches: list with one entry per layer, or None (each entry is passed to
-    `attention` and replaced by what it returns). Returns (hidden [T, H] after the final norm,
-    kv_caches).
+    attends to whom, with config.sm_scale, config.attn_logit_softcap and the layer's window).
+    kv_caches: list with one entry per layer, or None (each entry is passed to `attention` and
+    replaced by what it returns). Returns (hidden [T, H] after the final norm, kv_caches).
     """
     dtype = params["embed"].dtype
     t = token_ids.shape[0]
     nh, nkv, d = config.num_heads, config.num_kv_heads, config.head_dim
     eps = config.rms_norm_eps
-    cos, sin = layers.rope_cos_sin(positions, config.rope, d, dtype)  # [T, D] each, shared by layers
+    norm = layers.gemma_rms_norm if config.gemma_norms else layers.rms_norm
+    # cos/sin [T, D] once per distinct RoPE (Gemma 3: one for sliding layers, one for global ones).
+    tables = {rope: layers.rope_cos_sin(positions, rope, d, dtype) for rope in set(config.layer_ropes)}
 
     x = jnp.take(params["embed"], token_ids, axis=0)  # [T, H]
+    if config.scale_embeddings:
+        # The scale is rounded to the model dtype first, as transformers does (bf16: 25.25 for
+        # sqrt(640) = 25.30); the rounding is part of what the checkpoint was trained with.
+        x = x * jnp.asarray(config.hidden_size**0.5, dtype)
     new_caches = [] if kv_caches is not None else None
     for i, lp in enumerate(params["layers"]):
-        h = layers.rms_norm(x, lp["attn_norm"], eps)
+        cos, sin = tables[config.layer_ropes[i]]
+        h = norm(x, lp["attn_norm"], eps)
         q = layers.linear(h, lp["q_proj"], lp.get("q_bias")).reshape(t, nh, d)
         k = layers.linear(h, lp["k_proj"], lp.get("k_bias")).reshape(t, nkv, d)
         v = layers.linear(h, lp["v_proj"], lp.get("v_bias")).reshape(t, nkv, d)
         if config.qk_norm:
-            # Qwen3 normalises each head before rotating it.
-            q = layers.rms_norm(q, lp["q_norm"], eps)
-            k = layers.rms_norm(k, lp["k_norm"], eps)
+            # Qwen3 and Gemma 3 normalise each head before rotating it.
+            q = norm(q, lp["q_norm"], eps)
+            k = norm(k, lp["k_norm"], eps)
         q = layers.apply_rope(q, cos, sin)
         k = layers.apply_rope(k, cos, sin)
         cache_i = kv_caches[i] if kv_caches is not None else None
         attn, cache_i = attention(i, q, k, v, cache_i)  # [T, nH, D]
         if new_caches is not None:
             new_caches.append(cache_i)
-        x = x + layers.linear(attn.reshape(t, nh * d), lp["o_proj"])
-        h = layers.rms_norm(x, lp["mlp_norm"], eps)
-        x = x + layers.swiglu_mlp(h, lp["gate_proj"], lp["up_proj"], lp["down_proj"])
-    return layers.rms_norm(x, params["final_norm"], eps), new_caches
+        h = layers.linear(attn.reshape(t, nh * d), lp["o_proj"])
+        if config.gemma_norms:
+            h = norm(h, lp["post_attn_norm"], eps)
+        x = x + h
+        h = norm(x, lp["mlp_norm"], eps)
+        h = layers.gated_mlp(h, lp["gate_proj"], lp["up_proj"], lp["down_proj"], config.hidden_act)
+        if config.gemma_norms:
+            h = norm(h, lp["post_mlp_norm"], eps)
+        x = x + h
+    return norm(x, params["final_norm"], eps), new_caches
 
 
 def compute_logits(params: dict, config: ModelConfig, hidden: jax.Array) -> jax.Array:
-    """hidden [N, H] -> logits [N, V] float32 (lm_head, or the embedding when tied)."""
+    """hidden [N, H] -> logits [N, V] float32 (lm_head, or the embedding when tied; soft-capped
+    when config.final_logit_softcap is set)."""
     if config.tie_word_embeddings:
         w = params["embed"]  # [V, H]
-        return jnp.einsum("nh,vh->nv", hidden, w.astype(hidden.dtype), preferred_element_type=jnp.float32)
-    return jnp.matmul(hidden, params["lm_head"].astype(hidden.dtype), preferred_element_type=jnp.float32)
+        logits = jnp.einsum("nh,vh->nv", hidden, w.astype(hidden.dtype), preferred_element_type=jnp.float32)
+    else:
+        logits = jnp.matmul(hidden, params["lm_head"].astype(hidden.dtype), preferred_element_type=jnp.float32)
+    return layers.softcap(logits, config.final_logit_softcap)

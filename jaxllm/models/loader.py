@@ -16,10 +16,11 @@ import ml_dtypes
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm.models.model_config import SUPPORTED_ARCHITECTURES, ModelConfig
+from jaxllm.models.model_config import ModelConfig
 from jaxllm.models import registry, weights
+from jaxllm.models.aliases import known_aliases
 
-GGUF_ALIASES = ("smollm2-135m-instruct",)
+GGUF_ALIASES = known_aliases()
 
 _ST_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
@@ -84,15 +85,35 @@ def safetensors_getter(directory: str) -> Callable[[str], np.ndarray]:
     return get_tensor
 
 
+# A multimodal checkpoint (Gemma3ForConditionalGeneration) keeps its text model under a prefix:
+# "model.language_model." (transformers 5) or "language_model.model." (4.5x). ModelConfig.from_hf
+# reads its text_config; these let the same HF names find the text weights.
+_TEXT_PART_PREFIXES = ("model.language_model.", "language_model.model.")
+
+
+def _text_part_fallback(get_tensor: Callable[[str], np.ndarray]) -> Callable[[str], np.ndarray]:
+    def get(name: str) -> np.ndarray:
+        try:
+            return get_tensor(name)
+        except KeyError:
+            if not name.startswith("model."):
+                raise
+        for prefix in _TEXT_PART_PREFIXES:
+            try:
+                return get_tensor(prefix + name[len("model."):])
+            except KeyError:
+                pass
+        raise KeyError(name)
+
+    return get
+
+
 def load_config(path: str) -> ModelConfig:
     """ModelConfig of a local HF directory (transformers AutoConfig; never runs remote code)."""
     import transformers
 
     hf_config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False)
-    archs = list(getattr(hf_config, "architectures", None) or [])
-    if archs and archs[0] not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(f"unsupported architecture {archs[0]!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
-    return ModelConfig.from_hf(hf_config)
+    return ModelConfig.from_hf(hf_config)  # ValueError naming an unsupported architecture
 
 
 def load_model(path: str, dtype: str = "float32", place=None):
@@ -122,6 +143,6 @@ def load_model(path: str, dtype: str = "float32", place=None):
         raise ValueError(f"{path!r} has no config.json; expected a transformers checkpoint directory")
     config = load_config(path)
     registry.get_model_module(config.architecture)  # fail early on a config we cannot run
-    get_tensor = safetensors_getter(path)
+    get_tensor = _text_part_fallback(safetensors_getter(path))
     params = weights.params_from_hf_tensors(config, get_tensor, jnp.dtype(dtype), place)
     return Model(config=config, params=params, dtype=dtype, path=path)

@@ -1,6 +1,7 @@
 """HF architecture name -> module implementing `forward` and `compute_logits`.
 
-All supported architectures share jaxllm.models.llama; a new family adds one entry here.
+All supported architectures share jaxllm.models.llama (Gemma 3 too: its differences are
+ModelConfig fields); a family that needs another forward adds one entry here.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ _MODULES = {
     "MistralForCausalLM": "jaxllm.models.llama",
     "Qwen2ForCausalLM": "jaxllm.models.llama",
     "Qwen3ForCausalLM": "jaxllm.models.llama",
+    "Gemma3ForCausalLM": "jaxllm.models.llama",
 }
 
 SUPPORTED_ARCHITECTURES = tuple(_MODULES)

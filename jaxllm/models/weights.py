@@ -1,7 +1,8 @@
 """One ParamSpec per weight: the single source of truth for init, loading and sharding.
 
 Logical axes: "vocab", "embed" (H), "q_heads" (nH*D), "kv_heads" (nKV*D), "mlp" (I), None.
-Norm weights (attn/mlp/final norm [H], q/k norm [D]) use (None,): they are tiny and every shard
+Norm weights (attn/mlp/final norm [H], Gemma's post-attn/post-mlp norms [H], q/k norm [D]) use
+(None,): they are tiny and every shard
 needs the whole vector, so they are always replicated. Biases follow their projection's output
 axis ("q_heads" / "kv_heads") so they shard with it.
 """
@@ -58,6 +59,9 @@ def param_specs(config: ModelConfig, dtype=jnp.float32) -> dict:
         if config.qk_norm:
             lp["q_norm"] = s((d,), (None,))
             lp["k_norm"] = s((d,), (None,))
+        if config.gemma_norms:
+            lp["post_attn_norm"] = s((h,), (None,))
+            lp["post_mlp_norm"] = s((h,), (None,))
         layers.append(lp)
     specs = {"embed": s((v, h), ("vocab", "embed")), "layers": layers, "final_norm": s((h,), (None,))}
     if not config.tie_word_embeddings:
@@ -101,7 +105,10 @@ def hf_tensor_names(config: ModelConfig) -> dict:
             "k_proj": (p + "self_attn.k_proj.weight", True),
             "v_proj": (p + "self_attn.v_proj.weight", True),
             "o_proj": (p + "self_attn.o_proj.weight", True),
-            "mlp_norm": (p + "post_attention_layernorm.weight", False),
+            # Llama's second norm is named post_attention_layernorm although it is the MLP's
+            # pre-norm; Gemma 3 has a pre_feedforward_layernorm and uses that name for a real
+            # post-attention norm.
+            "mlp_norm": (p + ("pre_feedforward_layernorm" if config.gemma_norms else "post_attention_layernorm") + ".weight", False),
             "gate_proj": (p + "mlp.gate_proj.weight", True),
             "up_proj": (p + "mlp.up_proj.weight", True),
             "down_proj": (p + "mlp.down_proj.weight", True),
@@ -113,6 +120,9 @@ def hf_tensor_names(config: ModelConfig) -> dict:
         if config.qk_norm:
             lp["q_norm"] = (p + "self_attn.q_norm.weight", False)
             lp["k_norm"] = (p + "self_attn.k_norm.weight", False)
+        if config.gemma_norms:
+            lp["post_attn_norm"] = (p + "post_attention_layernorm.weight", False)
+            lp["post_mlp_norm"] = (p + "post_feedforward_layernorm.weight", False)
         layers.append(lp)
     names = {"embed": ("model.embed_tokens.weight", False), "layers": layers, "final_norm": ("model.norm.weight", False)}
     if not config.tie_word_embeddings:

@@ -38,7 +38,7 @@ def make_paged_attention(config: ModelConfig, metadata: AttentionMetadata, atten
     """Build the per-layer attention callable the model forward expects."""
     from jaxllm.attention.reference import write_kv
 
-    sm_scale = config.head_dim**-0.5
+    sm_scale = config.sm_scale
 
     def attention(layer_idx, q, k, v, kv_cache_layer):
         k_cache, v_cache = write_kv(kv_cache_layer[0], kv_cache_layer[1], k, v, metadata.slot_mapping)
@@ -51,6 +51,7 @@ def make_paged_attention(config: ModelConfig, metadata: AttentionMetadata, atten
             metadata.cu_q_lens,
             sm_scale=sm_scale,
             sliding_window=config.layer_sliding_windows[layer_idx],
+            soft_cap=config.attn_logit_softcap,
         )
         return out, (k_cache, v_cache)
 

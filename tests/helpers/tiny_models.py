@@ -7,9 +7,11 @@
     assert_greedy_match(ours, tokens, margins)                            # with the tie rule below
     random_prompt(n, vocab_size, seed) -> list[int]
 
-Archs: "llama", "mistral", "qwen2", "qwen3" (kwargs override the transformers config fields).
+Archs: "llama", "mistral", "qwen2", "qwen3", "gemma3" (kwargs override the transformers config
+fields). The gemma3 default: 4 layers alternating sliding (window 48) and global attention,
+head_dim 32 != hidden/heads, query_pre_attn_scalar 24 != head_dim, local RoPE base 10k vs global 1M.
 Norm weights and q/k/v biases are randomised too (HF initialises them to 1 / 0, which would hide
-a dropped norm or bias). Tie rule: a greedy divergence is forgiven only at a step where HF's top-2
+a dropped norm or bias; Gemma's (1 + w) norms to 0). Tie rule: a greedy divergence is forgiven only at a step where HF's top-2
 logits differ by less than TIE_TOL; comparison stops there.
 """
 
@@ -35,6 +37,11 @@ _ARCHS = {
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(num_attention_heads=8, num_key_value_heads=2, sliding_window=64)),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(num_key_value_heads=1)),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=32)),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
+        num_hidden_layers=4, head_dim=32, query_pre_attn_scalar=24, sliding_window=48,
+        layer_types=["sliding_attention", "full_attention"] * 2,
+        rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}})),
 }
 
 
@@ -48,10 +55,13 @@ def make_tiny_model(tmp_path, arch: str = "llama", seed: int = 0, name: str | No
     config = getattr(transformers, cfg_name)(**kwargs)
     torch.manual_seed(seed)
     model = getattr(transformers, model_name)(config).to(torch.float32).eval()
+    gemma_offset = 0.0 if arch.startswith("gemma") else 1.0
     with torch.no_grad():
         for pname, p in model.named_parameters():
             if "norm" in pname:
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+                # Effective scale 1 + 0.2 N(0,1) in both conventions: Gemma's norms multiply by
+                # (1 + w), so their w is centred on 0 (centred on 1 it would double every norm).
+                p.copy_(gemma_offset + 0.2 * torch.randn_like(p))
             elif pname.endswith(".bias"):
                 p.copy_(0.1 * torch.randn_like(p))
     if name is not None:
@@ -78,9 +88,16 @@ def hf_logits(path: str, token_ids) -> np.ndarray:
     """Logits [T, V] float32 of one sequence at positions 0..T-1."""
     import torch
 
+    model = hf_model(path)
+    kwargs = {}
+    cap = getattr(model.config, "attn_logit_softcapping", None)
+    if cap is not None and model.config.model_type == "gemma3_text":
+        # transformers' Gemma3Attention reads attn_logit_softcapping but never hands it to the
+        # attention function (Gemma2's does); its eager attention applies `softcap` when given.
+        kwargs["softcap"] = cap
     with torch.no_grad():
         ids = torch.tensor([list(token_ids)], dtype=torch.long)
-        return hf_model(path)(input_ids=ids).logits[0].float().numpy()
+        return model(input_ids=ids, **kwargs).logits[0].float().numpy()
 
 
 def hf_greedy_with_margins(path: str, prompt_ids, n: int) -> tuple[list[int], list[float]]:
