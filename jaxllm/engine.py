@@ -313,11 +313,13 @@ class Engine:
             self.scheduler.preempt_all_running()
         return failed
 
-    def warmup(self) -> int:
+    def warmup(self, step_variants=STEP_VARIANTS) -> int:
         """Compile the step for every token bucket and every step variant (step_io.STEP_VARIANTS:
         the greedy sampler, the general one, the general one with prompt logprobs). Sampling
         parameters are data, so after this no request mix compiles anything. Returns the number
         of compilations it caused (0 when another engine on the same model compiled them).
+        `step_variants` narrows it (a benchmark that runs only greedy steps passes
+        ((GREEDY, False),)); steady state is then free of compilation only for those variants.
 
         With a swap pool it first compiles the block copies for every bucket (runner.swap_buckets;
         copies between sink block 0 and host scratch block 0).
@@ -330,7 +332,7 @@ class Engine:
             self.runner.warmup_swap()
         for t in self.resolved.token_buckets:
             batch = prepare_batch([], self.block_manager.block_table, None, bs, (t,), max_seqs)
-            for sampler, prompt_logprobs in STEP_VARIANTS:
+            for sampler, prompt_logprobs in step_variants:
                 sampling, chosen = self._sampling_inputs([], batch.padded_num_seqs, force_general=sampler == GENERAL)
                 targets = np.zeros(batch.padded_num_tokens, np.int32) if prompt_logprobs else None
                 self.runner.execute(StepInputs(batch, sampling, chosen, targets))
