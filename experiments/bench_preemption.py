@@ -71,16 +71,6 @@ def parse_args(argv=None):
     return args
 
 
-def median_ms(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * float(np.median(times))
-
-
 def make_llm(model_dir: str, args, block_size: int, mode: str):
     from jaxllm import LLM
 
@@ -111,6 +101,7 @@ def end_to_end(llm, prompts, output_len: int) -> dict:
 def per_preemption(recompute_llm, swap_llm, victim_tokens: int, cost, roof: dict, reps: int) -> dict:
     """Micro costs of preempting one victim with victim_tokens computed tokens, both ways."""
     import jax
+    from bench_sampler import best_ms as median_ms  # one warm call, then the median of reps (ms)
     from roofline import roofline_time
 
     from jaxllm import SamplingParams
