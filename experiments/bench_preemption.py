@@ -58,14 +58,14 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     q = args.quick
     defaults = dict(block_sizes="16,64" if q else "8,16,32,64,128,256", num_requests=8 if q else 24,
-                    cache_tokens=256 if q else 1024, output_len=24 if q else 48, reps=3 if q else 5)
+                    cache_tokens=256 if q else 1024, output_len=24 if q else 96, reps=3 if q else 5)
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     args.block_sizes = [int(b) for b in str(args.block_sizes).split(",")]
     args.model = QUICK_MODEL if q else MODEL
     # Prompts and the largest step: a victim's recompute is one step of max_num_batched_tokens.
-    args.prompt_lo, args.prompt_hi = (16, 64) if q else (32, 160)
+    args.prompt_lo, args.prompt_hi = (16, 64) if q else (32, 224)
     args.max_num_batched_tokens = 128 if q else 256
     args.max_model_len = 256 if q else 512
     return args
