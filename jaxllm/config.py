@@ -14,6 +14,8 @@ from jaxllm.models.model_config import ModelConfig
 
 DTYPES = ("float32", "bfloat16")
 ATTENTION_BACKENDS = ("reference", "pallas")
+PREEMPTION_MODES = ("recompute", "swap")
+GiB = 1 << 30
 
 
 def _require(ok: bool, message: str) -> None:
@@ -33,6 +35,11 @@ class CacheConfig:
     # Automatic prefix caching (vLLM v1): full blocks are found again by their chained token hash,
     # so requests sharing a prompt prefix compute it once. Off: no block is ever shared.
     enable_prefix_caching: bool = True
+    # Host (CPU) memory for swapped-out KV blocks, in GiB per device (vLLM's name and default).
+    # Only allocated when preemption can swap (SchedulerConfig.preemption_mode="swap", or a
+    # policy that chooses the mode per victim), and never more than max_num_seqs full-length
+    # requests' blocks. 0: no host pool, every preemption recomputes.
+    swap_space: float = 4
 
     def __post_init__(self):
         _require(
@@ -56,6 +63,11 @@ class CacheConfig:
             isinstance(self.enable_prefix_caching, bool),
             f"enable_prefix_caching must be a bool, got {self.enable_prefix_caching!r}",
         )
+        _require(
+            isinstance(self.swap_space, (int, float)) and not isinstance(self.swap_space, bool)
+            and math.isfinite(self.swap_space) and self.swap_space >= 0,
+            f"swap_space must be a number of GiB >= 0, got {self.swap_space!r}",
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +79,11 @@ class SchedulerConfig:
     # Split long prompts over steps. Off, a prompt runs whole in one step, which needs
     # max_num_batched_tokens >= max_model_len (checked by the scheduler).
     enable_chunked_prefill: bool = True
+    # What a preempted request's KV blocks become (vLLM's name): "recompute" drops them and the
+    # request computes its tokens again; "swap" copies them to the host pool (CacheConfig.swap_space)
+    # and back on resume, falling back to recompute when the pool is full. A policy may choose
+    # per victim (SchedulingPolicy.preemption_mode).
+    preemption_mode: str = "recompute"
 
     def __post_init__(self):
         _require(
@@ -80,6 +97,10 @@ class SchedulerConfig:
         _require(
             self.max_model_len is None or (isinstance(self.max_model_len, int) and self.max_model_len >= 1),
             f"max_model_len must be a positive int, got {self.max_model_len!r}",
+        )
+        _require(
+            self.preemption_mode in PREEMPTION_MODES,
+            f"preemption_mode must be one of {PREEMPTION_MODES}, got {self.preemption_mode!r}",
         )
 
 
@@ -150,6 +171,14 @@ class EngineConfig:
             # One block beyond what max_num_seqs full-length sequences could use: block 0 is the sink.
             wanted = sched.max_num_seqs * max_blocks_per_seq + 1
             num_blocks = max(2, min(wanted, (2 << 30) // bytes_per_block))
+        num_cpu_blocks = 0
+        if self.may_swap():
+            # Block 0 of the host pool is a scratch block (copy padding), like the device's sink.
+            # More blocks than max_num_seqs full-length requests hold would only serve swapped
+            # requests beyond the seats; past that, preemption recomputes.
+            cap = sched.max_num_seqs * max_blocks_per_seq + 1
+            num_cpu_blocks = min(int(self.cache.swap_space * GiB) // bytes_per_block, cap)
+            num_cpu_blocks = num_cpu_blocks if num_cpu_blocks >= 2 else 0
         token_buckets = self.token_buckets or _powers_of_two_up_to(sched.max_num_batched_tokens)
         _require(
             max(token_buckets) >= sched.max_num_batched_tokens,
@@ -163,7 +192,16 @@ class EngineConfig:
             max_blocks_per_seq=max_blocks_per_seq,
             kv_cache_bytes=num_blocks * bytes_per_block,
             token_buckets=tuple(sorted(set(token_buckets))),
+            num_cpu_blocks=num_cpu_blocks,
+            bytes_per_block=bytes_per_block,
         )
+
+    def may_swap(self) -> bool:
+        """Whether any preemption can swap: the configured mode, or a policy choosing per victim."""
+        from jaxllm.core.policies import policy_chooses_preemption_mode
+
+        return (self.scheduler.preemption_mode == "swap"
+                or policy_chooses_preemption_mode(self.scheduler.scheduling_policy))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,6 +212,8 @@ class ResolvedEngineConfig:
     max_blocks_per_seq: int
     kv_cache_bytes: int  # per device
     token_buckets: tuple[int, ...]
+    num_cpu_blocks: int = 0  # host swap pool, including the scratch block 0; 0: no pool
+    bytes_per_block: int = 0  # K and V of all layers, per device
 
 
 def _powers_of_two_up_to(n: int, smallest: int = 8) -> tuple[int, ...]:

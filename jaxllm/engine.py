@@ -15,6 +15,7 @@ import dataclasses
 import itertools
 import logging
 import time
+import warnings
 
 import numpy as np
 
@@ -47,7 +48,8 @@ class Engine:
 
     def __init__(self, config: EngineConfig, model=None, tokenizer=None):
         from jaxllm.models.loader import load_model  # jax-side imports stay out of host modules
-        from jaxllm.runner.runner import ModelRunner
+        from jaxllm.runner.runner import SWAP_MEMORY_KIND, ModelRunner, host_memory_available
+        from jax import devices as jax_devices
         from jaxllm.tokenizer import load_tokenizer
 
         self.config = config
@@ -61,6 +63,11 @@ class Engine:
         else:
             self.model = model if model is not None else load_model(config.model, dtype=config.dtype)
         self.resolved: ResolvedEngineConfig = config.resolve(self.model.config)
+        if self.resolved.num_cpu_blocks and not host_memory_available(
+                self.mesh.devices.flat if self.mesh is not None else jax_devices()):
+            warnings.warn(f"this backend has no '{SWAP_MEMORY_KIND}' memory for the swap pool: "
+                          f"preemption recomputes instead of swapping")
+            self.resolved = dataclasses.replace(self.resolved, num_cpu_blocks=0)
         if tokenizer is None and not config.skip_tokenizer_init:
             tokenizer = load_tokenizer(config.model)
         self.tokenizer = tokenizer
@@ -71,6 +78,7 @@ class Engine:
             max_num_seqs=sched.max_num_seqs,
             max_blocks_per_seq=res.max_blocks_per_seq,
             enable_caching=config.cache.enable_prefix_caching,
+            num_cpu_blocks=self.resolved.num_cpu_blocks,
         )
         self.block_manager = self.kv_cache_manager  # the older name: block_table, row_of, counts
         self.scheduler = Scheduler(
@@ -80,6 +88,7 @@ class Engine:
             max_num_batched_tokens=sched.max_num_batched_tokens,
             max_model_len=res.max_model_len,
             enable_chunked_prefill=sched.enable_chunked_prefill,
+            preemption_mode=sched.preemption_mode,
         )
         self.runner = ModelRunner(self.model, res, mesh=self.mesh)
         self._seed_rng = np.random.default_rng(config.seed)
@@ -190,9 +199,13 @@ class Engine:
         kv_blocks_used = self.block_manager.num_used_blocks  # this step's footprint, for observers
         sampled: dict[str, int] = {}
         failed: list[Request] = []
-        if plan.scheduled:
+        if plan.scheduled or plan.has_swaps:
             try:
-                sampled = self._execute(plan)
+                # Before the forward: swap-outs read blocks this step may reuse, swap-ins land
+                # before they are read (the order is the scheduler's docstring's).
+                self.runner.swap(plan.blocks_to_swap_out, plan.blocks_to_swap_in)
+                if plan.scheduled:
+                    sampled = self._execute(plan)
             except Exception as e:  # noqa: BLE001 - a failed step must not take the engine down
                 failed = self._fail_step(plan, e)
         now = time.monotonic()
@@ -333,24 +346,33 @@ class Engine:
             req = self.scheduler.finish_request(item.request_id, RequestStatus.FINISHED_ERROR, error=message)
             if req is not None:
                 failed.append(req)
-        if self.runner.kv_cache_lost():
+        lost = self.runner.kv_cache_lost()
+        if lost:
             self.runner.reset_kv_cache()
+        if lost or plan.has_swaps:  # a copy may not have happened: swapped content is suspect
             self.scheduler.preempt_all_running()
         return failed
 
-    def warmup(self) -> int:
+    def warmup(self, step_variants=STEP_VARIANTS) -> int:
         """Compile the step for every token bucket and every step variant (step_io.STEP_VARIANTS:
         the greedy sampler, the general one, the general one with prompt logprobs). Sampling
         parameters are data, so after this no request mix compiles anything. Returns the number
         of compilations it caused (0 when another engine on the same model compiled them).
+        `step_variants` narrows it (a benchmark that runs only greedy steps passes
+        ((GREEDY, False),)); steady state is then free of compilation only for those variants.
+
+        With a swap pool it first compiles the block copies for every bucket (runner.swap_buckets;
+        copies between sink block 0 and host scratch block 0).
 
         Runs all-padding batches (their K/V go to sink block 0), so no request state changes.
         """
         bs, max_seqs = self.config.cache.block_size, self.config.scheduler.max_num_seqs
         before = self.runner.num_compilations
+        if self.runner.host_caches is not None:
+            self.runner.warmup_swap()
         for t in self.resolved.token_buckets:
             batch = prepare_batch([], self.block_manager.block_table, None, bs, (t,), max_seqs)
-            for sampler, prompt_logprobs in STEP_VARIANTS:
+            for sampler, prompt_logprobs in step_variants:
                 sampling, chosen = self._sampling_inputs([], batch.padded_num_seqs, force_general=sampler == GENERAL)
                 targets = np.zeros(batch.padded_num_tokens, np.int32) if prompt_logprobs else None
                 self.runner.execute(StepInputs(batch, sampling, chosen, targets))
@@ -390,6 +412,16 @@ class Engine:
             "prefix_cache_queries": bm.prefix_cache_queries,
             "prefix_cache_hits": bm.prefix_cache_hits,
             "prefix_cache_hit_rate": bm.prefix_cache_hit_rate,
+            # Swap preemption: the host pool (usable blocks, 0 without one), requests and blocks
+            # swapped out and in, and swaps that recomputed because the pool was full.
+            "preemption_mode": self.scheduler.preemption_mode,
+            "num_cpu_blocks": bm.num_cpu_blocks,
+            "cpu_blocks_used": bm.num_cpu_blocks - bm.num_free_cpu_blocks,
+            "num_swap_outs": self.scheduler.num_swap_outs,
+            "num_swap_ins": self.scheduler.num_swap_ins,
+            "num_blocks_swapped_out": self.scheduler.num_blocks_swapped_out,
+            "num_blocks_swapped_in": self.scheduler.num_blocks_swapped_in,
+            "num_swap_fallbacks": self.scheduler.num_swap_fallbacks,
         }
 
     def reset_prefix_cache(self) -> bool:

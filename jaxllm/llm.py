@@ -41,6 +41,8 @@ class LLM:
         token_buckets: tuple[int, ...] | None = None,
         skip_tokenizer_init: bool = False,
         enable_prefix_caching: bool = True,
+        preemption_mode: str = "recompute",
+        swap_space: float = 4,
     ):
         config = EngineConfig(
             model=model,
@@ -52,6 +54,7 @@ class LLM:
                 num_kv_blocks=num_kv_blocks,
                 kv_cache_memory_bytes=kv_cache_memory_bytes,
                 enable_prefix_caching=enable_prefix_caching,
+                swap_space=swap_space,
             ),
             scheduler=SchedulerConfig(
                 max_num_seqs=max_num_seqs,
@@ -59,6 +62,7 @@ class LLM:
                 max_model_len=max_model_len,
                 scheduling_policy=scheduling_policy,
                 enable_chunked_prefill=enable_chunked_prefill,
+                preemption_mode=preemption_mode,
             ),
             parallel=ParallelConfig(tensor_parallel_size=tensor_parallel_size),
             token_buckets=token_buckets,

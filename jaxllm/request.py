@@ -20,6 +20,7 @@ class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     PREEMPTED = "preempted"  # waiting again, with num_computed_tokens reset to 0 (recompute)
+    SWAPPED = "swapped"  # waiting again, its computed KV blocks in the host pool (swap)
     FINISHED_STOPPED = "finished_stopped"
     FINISHED_LENGTH = "finished_length"
     FINISHED_ABORTED = "finished_aborted"

@@ -80,3 +80,31 @@ def test_quick_bench_json(tmp_path):
     else:
         assert hc["lengths_match"] and data["ratios"]["jaxllm_vs_hf_continuous"] > 0
     assert r["_path"] == str(out)
+
+
+def test_quick_preemption_bench_json(tmp_path):
+    """experiments/bench_preemption.py --quick: both modes ran, preempted, swapped, gave the same
+    tokens, compiled nothing after warm-up; ratios and roofline fractions are sane."""
+    import bench_preemption
+    import jax
+
+    out = tmp_path / "preemption.json"
+    try:
+        r = bench_preemption.main(["--quick", "--out", str(out), "--model-cache-dir", str(tmp_path / "models")])
+    finally:
+        jax.clear_caches()  # its steps serve no later test, and each maps hundreds of pages
+    data = json.loads(out.read_text())
+    assert r["_path"] == str(out) and [x["block_size"] for x in data["results"]] == [16, 64]
+    assert data["kv_tokens_needed"] > data["cache_tokens"]
+    for x in data["results"]:
+        e, m = x["end_to_end"], x["per_preemption"]
+        assert x["tokens_identical"] and x["num_cpu_blocks"] > 0
+        assert e["recompute"]["num_preemptions"] > 0 and e["recompute"]["num_swap_outs"] == 0
+        assert e["swap"]["num_swap_outs"] > 0 and e["swap"]["num_swap_ins"] == e["swap"]["num_swap_outs"]
+        assert e["swap"]["num_blocks_swapped_in"] == e["swap"]["num_blocks_swapped_out"] > 0
+        for mode in ("recompute", "swap"):
+            assert e[mode]["new_compilations"] == 0 and e[mode]["output_tokens_per_s"] > 0
+        assert x["throughput_swap_over_recompute"] > 0 and math.isfinite(x["throughput_swap_over_recompute"])
+        assert m["victim_blocks"] == -(-m["victim_tokens"] // x["block_size"])
+        assert m["swap_ms"] > 0 and m["recompute_ms"] > 0 and m["swap_over_recompute"] > 0
+        assert 0 < m["swap_copy_bw_fraction"] <= 1.0 and 0 < m["recompute_roofline_fraction"] <= 1.0

@@ -50,6 +50,9 @@ def test_defaults_resolve_from_the_model():
         (lambda: EngineConfig(model="m", dtype="float16"), "dtype must be one of"),
         (lambda: EngineConfig(model="m", attention_backend="triton"), "'triton'"),
         (lambda: ParallelConfig(tensor_parallel_size=0), "tensor_parallel_size"),
+        (lambda: CacheConfig(swap_space=-1), "swap_space must be a number of GiB >= 0, got -1"),
+        (lambda: CacheConfig(swap_space="4"), "got '4'"),
+        (lambda: SchedulerConfig(preemption_mode="evict"), r"preemption_mode must be one of .*got 'evict'"),
     ],
 )
 def test_bad_values_are_named(make, match):
@@ -64,3 +67,24 @@ def test_resolve_rejects_what_the_model_cannot_do():
         EngineConfig(model="m", cache=CacheConfig(kv_cache_memory_bytes=100)).resolve(model_config())
     with pytest.raises(ValueError, match="largest token bucket 64 is below max_num_batched_tokens=512"):
         EngineConfig(model="m", token_buckets=(16, 64)).resolve(model_config())
+
+
+def test_swap_pool_is_sized_from_swap_space_and_only_when_swap_can_happen():
+    from jaxllm.core.policies import FCFSPolicy
+
+    class Swapper(FCFSPolicy):
+        def preemption_mode(self, victim):
+            return "swap"
+
+    # 8192-byte blocks (above); max_pos 160 -> 10 blocks per sequence.
+    def resolve(mode="recompute", policy="fcfs", gib=4.0):
+        sched = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=100, preemption_mode=mode,
+                                scheduling_policy=policy)
+        return EngineConfig(model="m", scheduler=sched, cache=CacheConfig(swap_space=gib)).resolve(
+            model_config(max_pos=160))
+
+    assert resolve().num_cpu_blocks == 0  # recompute: no host pool is allocated
+    assert resolve("swap", gib=8192 * 7 / (1 << 30)).num_cpu_blocks == 7  # scratch block included
+    assert resolve("swap").num_cpu_blocks == 4 * 10 + 1  # 4 GiB capped at max_num_seqs full requests
+    assert resolve("swap", gib=0).num_cpu_blocks == 0
+    assert resolve(policy=Swapper()).num_cpu_blocks == 41  # the policy may swap: the pool exists

@@ -118,3 +118,15 @@ def test_docstring_example_runs_and_ages():
         policies.POLICIES.pop("aging")
     with pytest.raises(TypeError):
         register_policy("bad", object)
+
+
+def test_docstring_swap_example_chooses_the_mode_per_victim():
+    block = re.search(r"\n(    from jaxllm.core.policies import FCFSPolicy\n.*?)\n    # LLM\(model", policies.__doc__, re.S)
+    ns = {}
+    exec(compile(textwrap.dedent(block.group(1)), "policies-docstring-swap", "exec"), ns)
+    p = ns["SwapLongPolicy"](min_swap_tokens=8)
+    long_, short = req("long", 12), req("short", 4)
+    long_.num_computed_tokens, short.num_computed_tokens = 12, 4
+    assert p.preemption_mode(long_) == "swap" and p.preemption_mode(short) == "recompute"
+    assert SchedulingPolicy().preemption_mode(long_) is None  # the engine's mode
+    assert policies.policy_chooses_preemption_mode(p) and not policies.policy_chooses_preemption_mode("fcfs")

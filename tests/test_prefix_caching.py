@@ -28,12 +28,27 @@ class FakeDevice:
     def __init__(self, kv: KVCacheManager):
         self.kv = kv
         self.slots: dict[int, tuple] = {}
+        self.host: dict[int, tuple] = {}  # the host swap pool, slot -> content, like `slots`
 
     def _slot(self, req, pos: int) -> int:
         bs = self.kv.block_size
         return int(self.kv.block_table[self.kv.row_of(req.request_id), pos // bs]) * bs + pos % bs
 
+    def swap(self, out) -> None:
+        """The step's copies in the engine's order: swap-outs, then swap-ins. A host block read
+        by a swap-in is cleared afterwards, so reading it again (a stale plan) is caught."""
+        bs = self.kv.block_size
+        dests = {c for _, c in out.blocks_to_swap_out}
+        assert dests.isdisjoint(c for c, _ in out.blocks_to_swap_in), "host block written and read in one step"
+        for g, c in out.blocks_to_swap_out:
+            for j in range(bs):
+                self.host[c * bs + j] = self.slots.get(g * bs + j)
+        for c, g in out.blocks_to_swap_in:
+            for j in range(bs):
+                self.slots[g * bs + j] = self.host.pop(c * bs + j)
+
     def execute(self, out) -> None:
+        self.swap(out)
         for item in out.scheduled:
             req, start = item.request, item.num_computed_tokens
             tokens = req.all_token_ids
@@ -230,19 +245,22 @@ OPS = st.tuples(
     budget=st.integers(1, 24),
     policy=st.sampled_from(["fcfs", "priority", "sjf", "static"]),
     chunked=st.booleans(),
+    mode=st.sampled_from(["recompute", "swap"]),
+    cpu_tokens=st.integers(0, 40),  # host swap pool; small ones make swaps fall back to recompute
 )
 def test_random_shared_prefixes_read_correct_kv_and_leak_nothing(ops, cache_tokens, block_size, max_num_seqs,
-                                                                 budget, policy, chunked):
-    s, stats = drive(ops, cache_tokens, block_size, max_num_seqs, budget, policy, chunked)
+                                                                 budget, policy, chunked, mode, cpu_tokens):
+    s, stats = drive(ops, cache_tokens, block_size, max_num_seqs, budget, policy, chunked, mode, cpu_tokens)
     event(f"preempted: {s.num_preemptions > 0}")
     event(f"hit: {stats['hits'] > 0}")
+    event(f"swapped in: {s.num_swap_ins > 0}")
 
 
 def test_seeded_sweep_hits_preempts_and_resumes_from_cache():
     # Hypothesis explores edge cases; this sweep makes sure hits, preemption and resumed requests
     # hitting the cache all happen many times.
     rng = random.Random(4321)
-    totals = {"preempting": 0, "hits": 0, "resume_hits": 0}
+    totals = {"preempting": 0, "hits": 0, "resume_hits": 0, "swap_ins": 0, "fallbacks": 0}
 
     def add():
         return ("add", rng.randrange(len(PREFIXES)), rng.randint(0, 20), rng.randint(0, 6),
@@ -254,16 +272,22 @@ def test_seeded_sweep_hits_preempts_and_resumes_from_cache():
             kind = rng.choice(["add", "step", "step", "step", "abort", "finish", "reset"])
             ops.append(add() if kind == "add" else (kind, rng.randint(0, 2**31 - 1)))
         s, stats = drive(ops, rng.randint(8, 40), rng.choice([1, 2, 4]), rng.randint(2, 5),
-                         rng.randint(1, 24), rng.choice(["fcfs", "priority", "sjf", "static"]), rng.random() < 0.7)
+                         rng.randint(1, 24), rng.choice(["fcfs", "priority", "sjf", "static"]), rng.random() < 0.7,
+                         rng.choice(["recompute", "swap", "swap"]), rng.choice([0, 4, 16, 40]))
         totals["preempting"] += s.num_preemptions > 0
         totals["hits"] += stats["hits"] > 0
         totals["resume_hits"] += stats["resume_hits"] > 0
+        totals["swap_ins"] += s.num_swap_ins > 0
+        totals["fallbacks"] += s.num_swap_fallbacks > 0
     assert totals["preempting"] >= 20 and totals["hits"] >= 50 and totals["resume_hits"] >= 5, totals
+    assert totals["swap_ins"] >= 10 and totals["fallbacks"] >= 3, totals
 
 
-def drive(ops, cache_tokens, block_size, max_num_seqs, budget, policy, chunked):
-    """Run ops on a fresh scheduler + fake device, checking after every step; then drain."""
-    s, kv = make_scheduler(cache_tokens, block_size, max_num_seqs, budget, policy, chunked, max_model_len=40)
+def drive(ops, cache_tokens, block_size, max_num_seqs, budget, policy, chunked, mode="recompute", cpu_tokens=0):
+    """Run ops on a fresh scheduler + fake device, checking after every step; then drain.
+    With mode="swap" the fake device also copies blocks to and from its host pool."""
+    s, kv = make_scheduler(cache_tokens, block_size, max_num_seqs, budget, policy, chunked, max_model_len=40,
+                           preemption_mode=mode, cpu_tokens=cpu_tokens)
     budget, num_blocks = s.max_num_batched_tokens, kv.num_blocks
     dev = FakeDevice(kv)
     added: list[Request] = []
@@ -284,7 +308,14 @@ def drive(ops, cache_tokens, block_size, max_num_seqs, budget, policy, chunked):
                 stats["resume_hits"] += 1
         stats["hits"] += kv.prefix_cache_hits > hits_before
         for r in s.waiting:
-            assert not kv.has_blocks(r.request_id) and r.num_computed_tokens == 0
+            assert not kv.has_blocks(r.request_id)
+            if r.status == RequestStatus.SWAPPED:  # keeps its computed tokens, in host blocks
+                assert len(kv.cpu_blocks_of(r.request_id)) == cdiv(r.num_computed_tokens, block_size) > 0
+            else:
+                assert r.num_computed_tokens == 0 and not kv.is_swapped(r.request_id)
+        # Host destinations and swapped-in device blocks are fresh: no block is written twice.
+        assert len({c for _, c in out.blocks_to_swap_out}) == len(out.blocks_to_swap_out)
+        assert len({g for _, g in out.blocks_to_swap_in}) == len(out.blocks_to_swap_in)
         dev.execute(out)
         sampled = {x.request_id: rng.choice([EOS, 7, 8, 9, 10, 11, 12]) for x in out.scheduled if x.samples}
         for r in s.update(out, sampled):
@@ -323,4 +354,6 @@ def drive(ops, cache_tokens, block_size, max_num_seqs, budget, policy, chunked):
     drain(s, do_step, added)
     assert kv.num_used_blocks == 0 and not kv.ref_counts.any()
     assert kv.num_free_blocks == kv.num_usable_blocks
+    assert kv.num_free_cpu_blocks == kv.num_cpu_blocks
+    assert s.num_blocks_swapped_in <= s.num_blocks_swapped_out
     return s, stats

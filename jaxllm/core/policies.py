@@ -7,8 +7,12 @@ blocks, and preempts when blocks run out. A `SchedulingPolicy` only makes three 
   can_admit(request, running) -> bool            may this request join the running batch now?
   choose_victim(running) -> Request              whom to preempt when KV blocks run out
 
-plus an optional hook `begin_admission(running, now)`, called once per step just before admission
-(with the requests that keep running this step), for policies that need per-step state.
+plus two optional hooks: `begin_admission(running, now)`, called once per step just before
+admission (with the requests that keep running this step), for policies that need per-step state;
+and `preemption_mode(victim) -> "recompute" | "swap" | None`, asked for each victim `choose_victim`
+returned: "swap" copies its KV blocks to the host pool and back on resume (keeping its computed
+tokens), "recompute" drops them, None (the default) takes the engine's `preemption_mode`. A swap
+that finds the host pool full recomputes instead (counted in `get_stats()["num_swap_fallbacks"]`).
 
 Contract:
   * `order_waiting` returns a permutation of `waiting` (it may drop nothing). `waiting` arrives in
@@ -45,7 +49,27 @@ cannot starve; preemption still hits the worst base priority, newest first.
     # Scheduler(kv_cache_manager, AgingPriorityPolicy(aging_s=0.5), ...) or, after
     # register_policy("aging", AgingPriorityPolicy), Scheduler(kv_cache_manager, "aging", ...).
 
-(tests/test_policies.py executes this example, so it stays correct.)
+Worked example: swap long requests, recompute short ones. Recomputing a victim costs a forward
+over all its tokens; swapping costs two copies of its blocks over the host link, about
+proportional to its tokens too but far cheaper per token, and a fixed cost per copy. So swapping
+pays off for victims with many computed tokens; a short one is cheaper to recompute, and leaves
+the host pool to the long ones.
+
+    from jaxllm.core.policies import FCFSPolicy
+
+    class SwapLongPolicy(FCFSPolicy):
+        name = "swap_long"
+
+        def __init__(self, min_swap_tokens: int = 256):
+            self.min_swap_tokens = min_swap_tokens
+
+        def preemption_mode(self, victim):
+            return "swap" if victim.num_computed_tokens >= self.min_swap_tokens else "recompute"
+
+    # LLM(model, scheduling_policy=SwapLongPolicy(128)): the engine sees the hook and allocates
+    # the host pool (swap_space) even under preemption_mode="recompute".
+
+(tests/test_policies.py executes these examples, so they stay correct.)
 """
 
 from __future__ import annotations
@@ -75,6 +99,10 @@ class SchedulingPolicy:
     def choose_victim(self, running: list[Request]) -> Request:
         """Preemption victim among `running` (non-empty, admission order). Default: last admitted."""
         return running[-1]
+
+    def preemption_mode(self, victim: Request) -> str | None:
+        """"recompute", "swap", or None for the engine's configured preemption_mode (default)."""
+        return None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -153,6 +181,17 @@ def register_policy(name: str, cls: type[SchedulingPolicy]) -> None:
     if not (isinstance(cls, type) and issubclass(cls, SchedulingPolicy)):
         raise TypeError(f"policy {name!r} must be a SchedulingPolicy subclass, got {cls!r}")
     POLICIES[name.lower()] = cls
+
+
+def policy_chooses_preemption_mode(policy) -> bool:
+    """Whether a policy (name, class or instance) overrides `preemption_mode`, so it may swap
+    even when the engine's mode is "recompute" (the engine then allocates the host pool)."""
+    cls = policy if isinstance(policy, type) else type(policy)
+    if isinstance(policy, str):
+        cls = POLICIES.get(policy.lower(), SchedulingPolicy)
+    if not (isinstance(cls, type) and issubclass(cls, SchedulingPolicy)):
+        return False
+    return cls.preemption_mode is not SchedulingPolicy.preemption_mode
 
 
 def get_policy(name_or_instance: str | SchedulingPolicy | type[SchedulingPolicy] | None) -> SchedulingPolicy:

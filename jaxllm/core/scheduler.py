@@ -12,10 +12,15 @@ One step:
      (its K/V is written when it is fed), so a decoding request needs at most one new block.
      If blocks run out, the policy picks a victim among the running requests (possibly the
      requester, possibly one already scheduled this step, which is then unscheduled and its budget
-     refunded). Victims are preempted in recompute mode: blocks freed (their full blocks stay in
-     the prefix cache, so a resumed request may hit its own blocks), num_computed_tokens = 0,
-     status PREEMPTED, pushed to the front of the waiting queue. Once no more preemption can
-     happen, the scheduled requests' newly full blocks are offered to the prefix cache.
+     refunded). A victim is preempted in the mode `policy.preemption_mode(victim)` names, or the
+     scheduler's `preemption_mode`:
+       recompute: blocks freed (their full blocks stay in the prefix cache, so a resumed request
+         may hit its own blocks), num_computed_tokens = 0, status PREEMPTED;
+       swap: its computed blocks are planned for copying to the host pool (`blocks_to_swap_out`)
+         and its device blocks freed as above; num_computed_tokens stays, status SWAPPED. With
+         the host pool full it is recomputed instead (counted in num_swap_fallbacks).
+     Either way it goes to the front of the waiting queue. Once no more preemption can happen,
+     the scheduled requests' newly full blocks are offered to the prefix cache.
   2. If nothing was preempted this step (a step that preempted has no room to admit; admitting would
      just thrash), waiting requests are admitted in policy order while seats (max_num_seqs), budget
      and blocks allow. An admitted request first takes the longest run of cached full blocks of its
@@ -24,8 +29,17 @@ One step:
      Head-of-line: admission stops at the first request that does not fit the budget or the free
      blocks, as in vLLM, so a large request is not starved by a stream of small ones; a request
      the policy refuses (`can_admit` False) is skipped instead.
+     A SWAPPED request is admitted like any other, in policy order, but it looks nothing up: it
+     needs device blocks for all its swapped blocks plus its new tokens (or it waits, head-of-line),
+     and the copies back are planned (`blocks_to_swap_in`).
   3. The engine runs the batch and calls `update` with the sampled tokens: num_computed_tokens
      advances, tokens are appended, stops are checked, finished requests free their blocks.
+
+Copy order within a step: the engine runs the swap-outs, then the swap-ins, then the forward.
+Swap-outs read device blocks that this step may already have handed to another request, so they
+go before anything writes; swap-ins must land before the forward reads. A step that swaps out
+preempted, so it admits nobody and swaps nothing in: a host block freed by a swap-in is never a
+swap-out's destination in the same step.
 
 Capacity: a request is rejected by `add_request` if its prompt alone cannot fit the KV cache, the
 per-sequence block limit or max_model_len. A request whose own tokens need more blocks than the
@@ -40,7 +54,7 @@ import dataclasses
 import time
 from typing import Callable
 
-from jaxllm.core.kv_cache.manager import KVCacheManager, cdiv
+from jaxllm.core.kv_cache.manager import ComputedBlocks, KVCacheManager, cdiv
 from jaxllm.core.policies import SchedulingPolicy, get_policy
 from jaxllm.request import Request, RequestStatus
 
@@ -72,10 +86,17 @@ class ScheduledRequest:
 @dataclasses.dataclass
 class SchedulerOutput:
     scheduled: list[ScheduledRequest]  # batch order: continuing running requests, then newly admitted
-    preempted: list[Request]  # preempted in this step (now waiting, blocks freed)
+    preempted: list[Request]  # preempted in this step (now waiting, blocks freed; some SWAPPED)
     num_batched_tokens: int  # sum of num_new_tokens
     # finished during scheduling (cache capacity reached / cannot ever fit); update() returns them too
     finished: list[Request] = dataclasses.field(default_factory=list)
+    # Copies the runner makes before the forward, in this order (vLLM v0's names):
+    blocks_to_swap_out: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # (device, host)
+    blocks_to_swap_in: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # (host, device)
+
+    @property
+    def has_swaps(self) -> bool:
+        return bool(self.blocks_to_swap_out or self.blocks_to_swap_in)
 
     @property
     def is_empty(self) -> bool:
@@ -94,6 +115,8 @@ class Scheduler:
       enable_chunked_prefill: if False, a request is only scheduled for all its remaining tokens,
         which needs max_num_batched_tokens >= max_model_len.
       clock: time source for the request timings (seconds).
+      preemption_mode: "recompute" or "swap" (needs the manager's host pool; without one, every
+        swap falls back to recompute); a policy may choose per victim.
     """
 
     def __init__(
@@ -105,6 +128,7 @@ class Scheduler:
         max_model_len: int,
         enable_chunked_prefill: bool = True,
         clock: Callable[[], float] = time.monotonic,
+        preemption_mode: str = "recompute",
     ):
         if max_num_seqs < 1 or max_num_batched_tokens < 1 or max_model_len < 1:
             raise ValueError(
@@ -120,6 +144,7 @@ class Scheduler:
                 f"max_model_len={max_model_len} exceeds max_blocks_per_seq * block_size = "
                 f"{kv_cache_manager.max_tokens_per_seq()}"
             )
+        _check_preemption_mode(preemption_mode, "preemption_mode")
         if not enable_chunked_prefill and max_num_batched_tokens < max_model_len:
             raise ValueError(
                 f"without chunked prefill max_num_batched_tokens ({max_num_batched_tokens}) must be >= "
@@ -132,12 +157,19 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.enable_chunked_prefill = enable_chunked_prefill
         self.clock = clock
+        self.preemption_mode = preemption_mode
 
         self.requests: dict[str, Request] = {}  # unfinished requests by id
         self.waiting: collections.deque[Request] = collections.deque()  # preempted at the front
         self.running: list[Request] = []  # admission order
         self._num_preemptions = 0
         self._finished_in_schedule: list[Request] = []  # handed back by the next update()
+        self._swap_out_plan: list[tuple[int, int]] = []  # this step's, filled by _preempt
+        # Swap counters (get_stats): requests swapped out / in, their blocks, swaps that recomputed
+        # because the host pool was full.
+        self.num_swap_outs = self.num_swap_ins = 0
+        self.num_blocks_swapped_out = self.num_blocks_swapped_in = 0
+        self.num_swap_fallbacks = 0
 
     # -- queries --
     @property
@@ -220,22 +252,40 @@ class Scheduler:
         self.kv_cache_manager.free(request)
         del self.requests[request.request_id]
 
-    def _preempt(self, request: Request) -> None:
-        """Recompute-mode preemption: drop the cache, wait at the front of the queue."""
+    def _preempt(self, request: Request, mode: str | None = None) -> None:
+        """Preempt in `mode` (default: the policy's choice, else the scheduler's): swap its
+        blocks out, or drop them (recompute); either way wait at the front of the queue."""
         self.running.remove(request)
-        self.kv_cache_manager.free(request)  # before num_computed_tokens is reset: it uses it
-        request.status = RequestStatus.PREEMPTED
-        request.num_computed_tokens = 0
+        if mode is None:
+            mode = self.policy.preemption_mode(request) or self.preemption_mode
+            _check_preemption_mode(mode, f"{self.policy!r}.preemption_mode")
+        plan = self.kv_cache_manager.swap_out(request) if mode == "swap" else None
+        if plan is not None:
+            self._swap_out_plan.extend(plan)
+            self.num_swap_outs += 1
+            self.num_blocks_swapped_out += len(plan)
+            request.status = RequestStatus.SWAPPED
+        else:
+            self.num_swap_fallbacks += mode == "swap" and request.num_computed_tokens > 0
+            self.kv_cache_manager.free(request)  # before num_computed_tokens is reset: it uses it
+            request.status = RequestStatus.PREEMPTED
+            request.num_computed_tokens = 0
         request.num_preemptions += 1
         request.metrics.num_preemptions = request.num_preemptions
         self._num_preemptions += 1
         self.waiting.appendleft(request)
 
     def preempt_all_running(self) -> None:
-        """Preempt (recompute) every running request: the engine lost the KV cache's contents."""
+        """Preempt (recompute) every running request, and make swapped ones recompute too: the
+        engine lost the KV cache's (and the host pool's) contents."""
+        for request in self.waiting:
+            if request.status == RequestStatus.SWAPPED:
+                self.kv_cache_manager.free(request)
+                request.status = RequestStatus.PREEMPTED
+                request.num_computed_tokens = 0
         # Newest first: each goes to the front of the queue, so the oldest ends up first again.
         for request in reversed(list(self.running)):
-            self._preempt(request)
+            self._preempt(request, "recompute")
 
     # -- one step --
     def schedule(self) -> SchedulerOutput:
@@ -246,6 +296,8 @@ class Scheduler:
         scheduled: list[ScheduledRequest] = []
         preempted: list[Request] = []
         finished: list[Request] = []
+        self._swap_out_plan = swap_out = []
+        swap_in: list[tuple[int, int]] = []
 
         # 1. running requests, oldest admission first
         i = 0
@@ -297,12 +349,18 @@ class Scheduler:
                     break
                 if not self.policy.can_admit(req, running_view):
                     continue  # the policy's veto on this request; others may still join
-                computed = kv.get_computed_blocks(req)
+                swapped = req.status == RequestStatus.SWAPPED
+                computed = ComputedBlocks() if swapped else kv.get_computed_blocks(req)
                 remaining = req.num_tokens - req.num_computed_tokens - computed.num_tokens
                 num_new = min(remaining, budget)
                 if num_new < remaining and not self.enable_chunked_prefill:
                     break  # head-of-line: wait for budget rather than be overtaken
-                if not kv.allocate_slots(req, num_new, computed):
+                plan = kv.swap_in(req, num_new) if swapped else None
+                if plan is not None:
+                    swap_in.extend(plan)
+                    self.num_swap_ins += 1
+                    self.num_blocks_swapped_in += len(plan)
+                elif swapped or not kv.allocate_slots(req, num_new, computed):
                     if self._can_never_fit(req):
                         # Only a request preempted with as many tokens as the cache holds gets
                         # here (add_request refuses such prompts); never let it block the queue.
@@ -334,6 +392,8 @@ class Scheduler:
             preempted=preempted,
             num_batched_tokens=self.max_num_batched_tokens - budget,
             finished=finished,
+            blocks_to_swap_out=swap_out,
+            blocks_to_swap_in=swap_in,
         )
 
     def _can_never_fit(self, req: Request) -> bool:
@@ -396,3 +456,8 @@ class Scheduler:
         if (max_tokens is not None and req.num_output_tokens >= max_tokens) or req.num_tokens >= self.max_model_len:
             return RequestStatus.FINISHED_LENGTH, None
         return None
+
+
+def _check_preemption_mode(mode, where: str) -> None:
+    if mode not in ("recompute", "swap"):
+        raise ValueError(f"{where} must be 'recompute' or 'swap', got {mode!r}")

@@ -3,11 +3,19 @@
 It owns the parameters, the paged KV cache and the jitted step (forward + sampling). It is the
 only place that moves data to the device. The KV cache is donated to the step, so XLA updates it
 in place; the runner keeps the returned buffers for the next step.
+
+Swap preemption: a host pool of `num_cpu_blocks` blocks per layer (K and V, each
+[num_cpu_blocks, block_size, nKV, D]) in JAX's `pinned_host` memory kind, and two jitted copies
+over it: swap-out gathers device blocks into the (donated) host pool, swap-in gathers host blocks
+into the (donated) device cache. A copy of n block pairs is padded to a power-of-two bucket with
+(sink 0, scratch 0) pairs, and longer copies run in chunks of the largest bucket, so there are at
+most 2 * len(swap_buckets) copy executables; warm-up compiles them all.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -113,6 +121,65 @@ def _count_compile(event: str, duration_secs: float, **kwargs) -> None:
 jax.monitoring.register_event_duration_secs_listener(_count_compile)
 
 
+SWAP_MEMORY_KIND = "pinned_host"
+
+
+def host_memory_available(devices) -> bool:
+    """Whether every device can address a `pinned_host` memory (the swap pool's home)."""
+    try:
+        return all(any(m.kind == SWAP_MEMORY_KIND for m in d.addressable_memories()) for d in devices)
+    except Exception:  # noqa: BLE001 - a backend without the memories API has no host memory kind
+        return False
+
+
+def swap_buckets(max_blocks_per_seq: int) -> tuple[int, ...]:
+    """Block counts a copy is padded to: 1, 2, 4, ... up to the first power of two holding a
+    whole request's blocks (larger copies run in chunks of the largest)."""
+    buckets = [1]
+    while buckets[-1] < max_blocks_per_seq:
+        buckets.append(2 * buckets[-1])
+    return tuple(buckets)
+
+
+def swap_out_blocks(kv_caches, host_caches, device_ids, host_ids, *, host_sharding):
+    """host_caches[l][i][host_ids[j]] = kv_caches[l][i][device_ids[j]] for every layer l, K/V i.
+
+    device_ids: [n] int32 on the device; host_ids: [n] int32 in host memory (a gather or scatter
+    takes its indices from its operand's memory). Returns the new host caches.
+    """
+    return [
+        tuple(h.at[host_ids].set(jax.device_put(c[device_ids], host_sharding)) for c, h in zip(layer, host_layer))
+        for layer, host_layer in zip(kv_caches, host_caches)
+    ]
+
+
+def swap_in_blocks(kv_caches, host_caches, host_ids, device_ids, *, device_sharding):
+    """kv_caches[l][i][device_ids[j]] = host_caches[l][i][host_ids[j]]; returns the new KV caches."""
+    return [
+        tuple(c.at[device_ids].set(jax.device_put(h[host_ids], device_sharding)) for c, h in zip(layer, host_layer))
+        for layer, host_layer in zip(kv_caches, host_caches)
+    ]
+
+
+_SWAP_FUNCTIONS: dict = {}  # (direction, shardings, num_layers) -> jitted copy, shared by runners
+
+
+def _swap_function(direction: str, device_sharding, host_sharding, num_layers: int):
+    key = (direction, device_sharding, host_sharding, num_layers)
+    fn = _SWAP_FUNCTIONS.get(key)
+    if fn is None:
+        if direction == "out":
+            outs = [(host_sharding, host_sharding)] * num_layers
+            fn = jax.jit(functools.partial(swap_out_blocks, host_sharding=host_sharding),
+                         donate_argnums=1, out_shardings=outs)
+        else:
+            outs = [(device_sharding, device_sharding)] * num_layers
+            fn = jax.jit(functools.partial(swap_in_blocks, device_sharding=device_sharding),
+                         donate_argnums=0, out_shardings=outs)
+        _SWAP_FUNCTIONS[key] = fn
+    return fn
+
+
 def _step_function(jit_kwargs_key, jit_kwargs: dict):
     fn = _STEP_FUNCTIONS.get(jit_kwargs_key)
     if fn is None:
@@ -155,13 +222,42 @@ class ModelRunner:
         self.kv_caches = self._allocate_kv_cache(kv_sharding)
         self._neutral: dict = {}  # (shape, dtype) -> device array, see _fill_neutral
         self._jitted = _step_function(jit_key, jit_kwargs)
+        self.host_caches = None  # the swap pool, [(K, V)] per layer, when num_cpu_blocks > 0
+        self.swap_buckets: tuple[int, ...] = ()
+        if resolved.num_cpu_blocks:
+            self._init_swap(kv_sharding)
 
-    def _allocate_kv_cache(self, sharding):
+    def _init_swap(self, kv_sharding) -> None:
+        if kv_sharding is None:
+            kv_sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            index_sharding = kv_sharding
+        else:
+            index_sharding = jax.sharding.NamedSharding(kv_sharding.mesh, jax.sharding.PartitionSpec())
+        self._device_sharding = kv_sharding.with_memory_kind("device")
+        self._host_sharding = kv_sharding.with_memory_kind(SWAP_MEMORY_KIND)
+        self._index_shardings = (index_sharding.with_memory_kind("device"),
+                                 index_sharding.with_memory_kind(SWAP_MEMORY_KIND))
+        self.swap_buckets = swap_buckets(self.resolved.max_blocks_per_seq)
+        n = self.config.num_layers
+        self._swap_out = _swap_function("out", self._device_sharding, self._host_sharding, n)
+        self._swap_in = _swap_function("in", self._device_sharding, self._host_sharding, n)
+        self.host_caches = self._allocate_kv_cache(self._host_sharding, self.resolved.num_cpu_blocks)
+
+    def _allocate_kv_cache(self, sharding, num_blocks: int | None = None):
         """Zeroed K and V caches per layer, each [num_blocks, block_size, nKV, D]; `sharding`
         (None: default device) puts each device's shard straight onto it."""
         cfg, res = self.config, self.resolved
-        shape = (res.num_kv_blocks, res.engine.cache.block_size, cfg.num_kv_heads, cfg.head_dim)
+        num_blocks = res.num_kv_blocks if num_blocks is None else num_blocks
+        shape = (num_blocks, res.engine.cache.block_size, cfg.num_kv_heads, cfg.head_dim)
         dtype = jnp.dtype(res.engine.dtype)
+        if sharding is not None and sharding.memory_kind == SWAP_MEMORY_KIND:
+            # device_put, not a jitted zeros: jax 0.10 types a jit's pinned_host output as device
+            # memory, and the copies then refuse to gather from it.
+            return [tuple(jax.device_put(np.zeros(shape, dtype), sharding) for _ in range(2))
+                    for _ in range(cfg.num_layers)]
+        # Committed to the device even without a mesh: the swap-in copy returns committed
+        # arrays, and the jitted step would compile again for a committed cache.
+        sharding = sharding if sharding is not None else jax.sharding.SingleDeviceSharding(jax.devices()[0])
         # Built once (not per layer: a new lambda is a new jit cache entry, i.e. a compile each).
         zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
         # One array per layer and per K/V: slicing a stacked [layers, ...] cache makes XLA on
@@ -183,6 +279,40 @@ class ModelRunner:
             _NUM_STEP_COMPILES[0] += new
         self.step_variants_used.add((step.batch.padded_num_tokens, step.sampler, step.prompt_logprobs))
         return jax.tree.map(np.asarray, out)
+
+    def swap(self, blocks_to_swap_out, blocks_to_swap_in) -> None:
+        """Copy (device, host) block pairs out, then (host, device) pairs in: swap-outs read
+        blocks this step may reuse, swap-ins must land before the forward (scheduler docstring)."""
+        if not (blocks_to_swap_out or blocks_to_swap_in):
+            return
+        if self.host_caches is None:
+            raise RuntimeError("swap planned but this runner has no host pool (num_cpu_blocks=0)")
+        compiles = _NUM_XLA_COMPILES[0]
+        try:
+            for dev, host in self._swap_chunks(blocks_to_swap_out, swap_in=False):
+                self.host_caches = self._swap_out(self.kv_caches, self.host_caches, dev, host)
+            for host, dev in self._swap_chunks(blocks_to_swap_in, swap_in=True):
+                self.kv_caches = self._swap_in(self.kv_caches, self.host_caches, host, dev)
+        finally:
+            self.num_compilations += _NUM_XLA_COMPILES[0] - compiles
+
+    def _swap_chunks(self, pairs, swap_in: bool):
+        """Bucket-padded index arrays per chunk, each index in its operand's memory: the first
+        of a pair is the source (device for swap-out, host for swap-in)."""
+        largest = self.swap_buckets[-1]
+        device_kind, host_kind = self._index_shardings
+        first, second = (host_kind, device_kind) if swap_in else (device_kind, host_kind)
+        for lo in range(0, len(pairs), largest):
+            chunk = np.asarray(pairs[lo : lo + largest], np.int32).reshape(-1, 2)
+            size = next(b for b in self.swap_buckets if b >= len(chunk))
+            padded = np.zeros((size, 2), np.int32)  # (sink 0, scratch 0) pairs
+            padded[: len(chunk)] = chunk
+            yield jax.device_put(padded[:, 0], first), jax.device_put(padded[:, 1], second)
+
+    def warmup_swap(self) -> None:
+        """Compile both copies for every bucket (all-padding copies between sink and scratch)."""
+        for size in self.swap_buckets:
+            self.swap([(0, 0)] * size, [(0, 0)] * size)
 
     def device_args(self, step: StepInputs) -> tuple:
         """paged_step's arguments after (params, kv_caches), ready for the jitted step."""
@@ -236,9 +366,13 @@ class ModelRunner:
         return _NUM_STEP_COMPILES[0]
 
     def kv_cache_lost(self) -> bool:
-        """True when a failed step consumed the donated KV cache (its buffers are deleted)."""
-        return any(k.is_deleted() or v.is_deleted() for k, v in self.kv_caches)
+        """True when a failed step or copy consumed the donated KV cache or host pool."""
+        caches = self.kv_caches + (self.host_caches or [])
+        return any(k.is_deleted() or v.is_deleted() for k, v in caches)
 
     def reset_kv_cache(self) -> None:
-        """Allocate a fresh zeroed KV cache (after kv_cache_lost); every cached token is gone."""
+        """Allocate a fresh zeroed KV cache and host pool (after kv_cache_lost); every cached
+        or swapped token is gone."""
         self.kv_caches = self._allocate_kv_cache(self._kv_sharding)
+        if self.host_caches is not None:
+            self.host_caches = self._allocate_kv_cache(self._host_sharding, self.resolved.num_cpu_blocks)

@@ -8,15 +8,18 @@ from jaxllm.core.scheduler import Scheduler
 from jaxllm.request import RequestStatus
 
 
-def make_scheduler(cache_tokens, block_size, max_num_seqs, budget, policy, chunked, max_model_len):
-    """(scheduler, its KVCacheManager) for a cache of about `cache_tokens` slots (plus the sink).
+def make_scheduler(cache_tokens, block_size, max_num_seqs, budget, policy, chunked, max_model_len,
+                   preemption_mode="recompute", cpu_tokens=0):
+    """(scheduler, its KVCacheManager) for a cache of about `cache_tokens` slots (plus the sink)
+    and a host swap pool of about `cpu_tokens` slots (plus its scratch block; none for 0).
     Without chunked prefill the budget is raised to max_model_len, which the scheduler requires."""
+    num_cpu_blocks = cdiv(cpu_tokens, block_size) + 1 if cpu_tokens else 0
     kv = KVCacheManager(cdiv(cache_tokens, block_size) + 1, block_size, max_num_seqs,
-                        cdiv(max_model_len, block_size))
+                        cdiv(max_model_len, block_size), num_cpu_blocks=num_cpu_blocks)
     if not chunked:
         budget = max(budget, max_model_len)
     s = Scheduler(kv, policy, max_num_seqs, budget, max_model_len, enable_chunked_prefill=chunked,
-                  clock=lambda: 0.0)
+                  clock=lambda: 0.0, preemption_mode=preemption_mode)
     return s, kv
 
 

@@ -10,7 +10,18 @@ The scheduler asks three things and never touches the pool:
   cache_blocks(request, num_tokens)
                                  after scheduling: make the request's blocks that are full of
                                  its first num_tokens tokens findable by other requests
-and `free(request)` when it finishes or is preempted.
+and `free(request)` when it finishes or is preempted; with a host pool (swap preemption) also
+  swap_out(request)              copy plan of its computed blocks to host blocks; drops its
+                                 device blocks as free() does, or None (nothing changes) if full
+  swap_in(request, n)            device blocks for all its swapped blocks plus n more tokens,
+                                 and the copy plan back; or None (nothing changes)
+
+Swap and the prefix cache: a swapped-out request copies every computed block it holds, shared or
+cached ones included (its own copy), then drops its references exactly as a recompute preemption
+does: a shared block stays with its other owners, a cached one stays findable in the free queue
+until evicted. Swap-in takes fresh device blocks for all of them (never a hit: the request brings
+its content with it); its full blocks are then offered to the cache like any computed block, and
+where another block already holds that hash the first stays the one found.
 
 When may a block be found? Once its K/V is written, or within the step that writes it if every
 write happens before any read. The jaxllm step writes all of a step's K/V into the cache in each
@@ -57,15 +68,19 @@ class KVCacheManager:
       max_blocks_per_seq: block_table columns.
       enable_caching: automatic prefix caching; off, no lookups hit and nothing is cached.
       hash_seed: seeds the block-hash chain (hashing.root_hash).
+      num_cpu_blocks: host swap pool, including its scratch block 0 (copy padding); 0: no pool.
     """
 
     def __init__(self, num_blocks: int, block_size: int, max_num_seqs: int, max_blocks_per_seq: int,
-                 enable_caching: bool = True, hash_seed: int = DEFAULT_HASH_SEED):
+                 enable_caching: bool = True, hash_seed: int = DEFAULT_HASH_SEED, num_cpu_blocks: int = 0):
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         self.block_size = block_size
         self.enable_caching = enable_caching
         self.pool = BlockPool(num_blocks, enable_caching)
+        # The host pool: ref counts and a free queue, never cached (BlockPool's mechanism reused).
+        self.cpu_pool = BlockPool(num_cpu_blocks, enable_caching=False) if num_cpu_blocks else None
+        self._cpu_blocks: dict[str, list[int]] = {}  # swapped request_id -> host block ids, logical order
         self.rows = BlockTable(max_num_seqs, max_blocks_per_seq)
         self._root = root_hash(hash_seed)
         self._blocks: dict[str, list[int]] = {}  # request_id -> block ids, logical order
@@ -109,6 +124,22 @@ class KVCacheManager:
 
     def has_blocks(self, request_id: str) -> bool:
         return request_id in self._blocks
+
+    @property
+    def num_cpu_blocks(self) -> int:
+        """Usable host blocks (scratch block 0 excluded); 0 without a host pool."""
+        return self.cpu_pool.num_usable_blocks if self.cpu_pool is not None else 0
+
+    @property
+    def num_free_cpu_blocks(self) -> int:
+        return self.cpu_pool.num_free_blocks if self.cpu_pool is not None else 0
+
+    def cpu_blocks_of(self, request_id: str) -> list[int]:
+        """A swapped request's host block ids in logical order (a copy; [] if not swapped)."""
+        return list(self._cpu_blocks.get(request_id, ()))
+
+    def is_swapped(self, request_id: str) -> bool:
+        return request_id in self._cpu_blocks
 
     # -- prefix cache --
     def get_computed_blocks(self, request) -> ComputedBlocks:
@@ -195,10 +226,53 @@ class KVCacheManager:
         self._num_cached[rid] += len(hits)
         return True
 
+    # -- swap --
+    def swap_out(self, request) -> list[tuple[int, int]] | None:
+        """Plan the copy of the request's computed blocks to host blocks and drop its device
+        blocks (as `free`). Returns [(device block, host block)] in logical order, or None,
+        changing nothing, when the host pool lacks room. Its num_computed_tokens stays.
+
+        The copy must run before anything writes the freed device blocks, i.e. before the step's
+        forward (they may go to another request in this very step).
+        """
+        rid = request.request_id
+        n = cdiv(request.num_computed_tokens, self.block_size)
+        if self.cpu_pool is None or rid in self._cpu_blocks or not 0 < n <= self.cpu_pool.num_free_blocks:
+            return None
+        cpu = self.cpu_pool.get_new_blocks(n)
+        plan = list(zip(self._blocks[rid][:n], cpu))
+        self.free(request)
+        self._cpu_blocks[rid] = cpu
+        return plan
+
+    def swap_in(self, request, num_new_tokens: int) -> list[tuple[int, int]] | None:
+        """Device blocks for a swapped request's computed tokens plus `num_new_tokens`, and the
+        copy plan [(host block, device block)] back; the host blocks are freed. None, changing
+        nothing, when the device blocks (or max_blocks_per_seq) do not allow it: a swapped request
+        resumes with all its blocks or waits.
+
+        The copy must land before the step's forward reads them. The freed host blocks are not
+        reused in the same step because a step that preempts admits nobody (scheduler rule).
+        """
+        rid = request.request_id
+        cpu = self._cpu_blocks.get(rid)
+        if cpu is None:
+            raise ValueError(f"{rid!r} has no swapped blocks")
+        if rid in self._blocks or not self.allocate_slots(request, num_new_tokens):
+            return None
+        plan = list(zip(cpu, self._blocks[rid][: len(cpu)]))
+        del self._cpu_blocks[rid]
+        self.cpu_pool.free_blocks(reversed(cpu))
+        return plan
+
     def free(self, request) -> None:
         """Release the request's blocks and row (no-op if it holds none). Blocks go back to the
-        free queue tail-first; their cached content stays findable until evicted."""
+        free queue tail-first; their cached content stays findable until evicted. A swapped
+        request's host blocks are freed too."""
         rid = request.request_id
+        cpu = self._cpu_blocks.pop(rid, None)
+        if cpu is not None:
+            self.cpu_pool.free_blocks(reversed(cpu))
         blocks = self._blocks.pop(rid, None)
         if blocks is None:
             return
@@ -223,6 +297,16 @@ class KVCacheManager:
                 owners[b] += 1
         self.pool.check_invariants(owners)
         self.rows.check_invariants(self._blocks)
+        assert self.cpu_pool is not None or not self._cpu_blocks, "swapped blocks without a host pool"
+        if self.cpu_pool is not None:
+            cpu_owners = np.zeros(self.cpu_pool.num_blocks, dtype=np.int64)
+            for rid, cpu in self._cpu_blocks.items():
+                assert cpu and rid not in self._blocks, f"{rid!r} is swapped and holds device blocks: {cpu}"
+                for b in cpu:
+                    assert 0 < b < self.cpu_pool.num_blocks, f"{rid!r} owns invalid host block {b}"
+                    cpu_owners[b] += 1
+            assert cpu_owners.max(initial=0) <= 1, "a host block has two owners"
+            self.cpu_pool.check_invariants(cpu_owners)
         # A held block cached under a hash must hold that content: the owner's block at that
         # position has the same chained hash. This catches a block reused for other tokens while
         # its old hash still names it.
