@@ -196,7 +196,8 @@ class Engine:
         """Run one scheduling step; returns an output for every request that produced a token
         or finished in it (incremental: each holds the request's whole output so far)."""
         plan = self.scheduler.schedule()
-        kv_blocks_used = self.block_manager.num_used_blocks  # this step's footprint, for observers
+        # This step's footprint, for observers.
+        kv_blocks = (self.block_manager.num_used_blocks, self.block_manager.num_referenced_blocks)
         sampled: dict[str, int] = {}
         failed: list[Request] = []
         if plan.scheduled or plan.has_swaps:
@@ -211,7 +212,7 @@ class Engine:
         now = time.monotonic()
         finished = self.scheduler.update(plan, sampled, now=now) + failed
         if plan.scheduled:
-            self._notify_observers(plan, len(finished), now, kv_blocks_used)
+            self._notify_observers(plan, len(finished), now, kv_blocks)
         self.num_steps += bool(plan.scheduled)
 
         outputs = []
@@ -249,7 +250,7 @@ class Engine:
     def remove_step_observer(self, observer: StepObserver) -> None:
         self._observers.remove(observer)
 
-    def _notify_observers(self, plan, num_finished: int, now: float, kv_blocks_used: int) -> None:
+    def _notify_observers(self, plan, num_finished: int, now: float, kv_blocks: tuple[int, int]) -> None:
         if not self._observers:
             return
         stats = StepStats(
@@ -262,7 +263,8 @@ class Engine:
             num_waiting=self.scheduler.num_waiting,
             num_preempted=len(plan.preempted),
             num_finished=num_finished,
-            kv_blocks_used=kv_blocks_used,
+            kv_blocks_used=kv_blocks[0],
+            kv_blocks_referenced=kv_blocks[1],
         )
         for observer in list(self._observers):
             observer(stats)

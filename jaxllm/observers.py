@@ -27,6 +27,10 @@ class StepStats:
     # KV blocks held while the step ran (after scheduling, before the requests that finished in
     # it freed theirs): the step's memory footprint.
     kv_blocks_used: int
+    # The same, counting a block once per request holding it: what the requests would hold
+    # without sharing. 1 - kv_blocks_used / kv_blocks_referenced is the PagedAttention paper's
+    # memory saving from sharing (prefix cache, n > 1 samples, beams).
+    kv_blocks_referenced: int
 
 
 StepObserver = Callable[[StepStats], None]

@@ -108,3 +108,19 @@ def test_quick_preemption_bench_json(tmp_path):
         assert m["victim_blocks"] == -(-m["victim_tokens"] // x["block_size"])
         assert m["swap_ms"] > 0 and m["recompute_ms"] > 0 and m["swap_over_recompute"] > 0
         assert 0 < m["swap_copy_bw_fraction"] <= 1.0 and 0 < m["recompute_roofline_fraction"] <= 1.0
+
+
+def test_quick_sharing_bench():
+    """experiments/bench_sharing.py --quick: sharing holds fewer blocks than no sharing for n > 1
+    and beams (same best beams either way: the bench asserts it), and the prefix cache hits."""
+    import bench_sharing
+
+    r = bench_sharing.main(["--quick", "--skip-hf"])
+    for kind in ("parallel", "beam"):
+        run = r[kind][2]
+        assert 0 < run["shared"]["saving"] < 1 and run["shared"]["steps"] > 0, (kind, run)
+        assert run["independent"]["saving"] == 0  # no prefix cache: nothing shared
+    for shots in (1, 5):
+        p = r["prefix"][shots]
+        assert p["cache_on"]["hit_rate"] > 0.5 and p["cache_off"]["hit_rate"] == 0
+        assert p["cache_on"]["prompt_tokens_computed"] < p["cache_off"]["prompt_tokens_computed"]

@@ -301,6 +301,7 @@ def test_step_observers_see_every_step(llm):
     assert [s.step for s in seen] == list(range(before, before + len(seen)))
     assert all(s.num_padded_tokens in llm.engine.resolved.token_buckets for s in seen)
     assert all(s.num_batched_tokens <= s.num_padded_tokens for s in seen)
+    assert all(s.kv_blocks_referenced >= s.kv_blocks_used for s in seen)
     assert max(s.kv_blocks_used for s in seen) >= 11  # the 150-token prompt holds 10 blocks of 16
     assert sum(s.num_finished for s in seen) == 2 and seen[-1].kv_blocks_used > 0  # held while it ran
     assert llm.get_stats()["kv_blocks_used"] == 0

@@ -107,6 +107,11 @@ class KVCacheManager:
         return self.rows.row_of(request_id)
 
     @property
+    def num_referenced_blocks(self) -> int:
+        """Blocks the requests would hold without sharing: each block counts once per owner."""
+        return int(self.ref_counts.sum())
+
+    @property
     def usage(self) -> float:
         """Fraction of usable blocks (block 0 excluded) held by requests, in [0, 1]."""
         return self.num_used_blocks / self.num_usable_blocks
