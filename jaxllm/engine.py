@@ -35,7 +35,7 @@ from jaxllm.outputs import (
     prompt_logprob_targets,
 )
 from jaxllm.request import Request, RequestOutput, RequestStatus
-from jaxllm.runner.batch import prepare_batch
+from jaxllm.runner.batch import pick_bucket, prepare_batch
 from jaxllm.runner.sampling_inputs import GENERAL, build_sampling_inputs
 from jaxllm.runner.step_io import STEP_VARIANTS, StepInputs
 from jaxllm.sampling_params import SamplingParams
@@ -102,7 +102,6 @@ class Engine:
         self.num_generated_tokens = 0
         self.num_failed_steps = 0
         self._observers: list[StepObserver] = []
-        self._last_padded_tokens = 0  # the token bucket of the last step run (0: it failed)
 
     # ---------------------------------------------------------------- requests in and out
 
@@ -258,7 +257,7 @@ class Engine:
             time=now,
             num_scheduled_requests=len(plan.scheduled),
             num_batched_tokens=plan.num_batched_tokens,
-            num_padded_tokens=self._last_padded_tokens,
+            num_padded_tokens=pick_bucket(plan.num_batched_tokens, self.resolved.token_buckets),
             num_running=self.scheduler.num_running,
             num_waiting=self.scheduler.num_waiting,
             num_preempted=len(plan.preempted),
@@ -305,9 +304,7 @@ class Engine:
     def _execute(self, plan) -> dict[str, int]:
         """Run the planned batch on the device; returns request_id -> sampled token."""
         step = self.build_step_inputs(plan.scheduled)
-        self._last_padded_tokens = 0
         result = self.runner.execute(step)
-        self._last_padded_tokens = step.batch.padded_num_tokens
         if step.prompt_logprobs:
             collect_prompt_logprobs(plan.scheduled, step.batch.cu_q_lens, result, self._states, self._logprob_fmt)
 

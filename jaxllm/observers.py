@@ -19,7 +19,7 @@ class StepStats:
     time: float  # the engine clock (time.monotonic) at the end of the step
     num_scheduled_requests: int  # requests in the batch
     num_batched_tokens: int  # real (unpadded) tokens in the batch
-    num_padded_tokens: int  # the token bucket the batch ran in (0 when the step failed)
+    num_padded_tokens: int  # the token bucket the batch ran in (derived from the plan)
     num_running: int  # after the step
     num_waiting: int  # after the step
     num_preempted: int  # requests preempted while scheduling this step
