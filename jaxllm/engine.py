@@ -16,6 +16,7 @@ import itertools
 import logging
 import time
 import warnings
+from typing import Callable
 
 import numpy as np
 
@@ -46,13 +47,16 @@ logger = logging.getLogger(__name__)
 class Engine:
     """Continuous-batching engine over one model. See the module docstring for the loop."""
 
-    def __init__(self, config: EngineConfig, model=None, tokenizer=None):
+    def __init__(self, config: EngineConfig, model=None, tokenizer=None, clock: Callable[[], float] = time.monotonic):
+        """`clock` (seconds) stamps arrivals, request timings and step records; the scheduler
+        shares it, so a simulator or a multi-host run can give every part one clock."""
         from jaxllm.models.loader import load_model  # jax-side imports stay out of host modules
         from jaxllm.runner.runner import SWAP_MEMORY_KIND, ModelRunner, host_memory_available
         from jax import devices as jax_devices
         from jaxllm.tokenizer import load_tokenizer
 
         self.config = config
+        self.clock = clock
         self.mesh = None
         if config.parallel.tensor_parallel_size > 1:
             from jaxllm.parallel.runtime import load_for_engine
@@ -89,6 +93,7 @@ class Engine:
             max_model_len=res.max_model_len,
             enable_chunked_prefill=sched.enable_chunked_prefill,
             preemption_mode=sched.preemption_mode,
+            clock=clock,
         )
         self.runner = ModelRunner(self.model, res, mesh=self.mesh)
         self._seed_rng = np.random.default_rng(config.seed)
@@ -101,6 +106,7 @@ class Engine:
         self.num_prompt_tokens_processed = 0
         self.num_generated_tokens = 0
         self.num_failed_steps = 0
+        self.num_recorded_steps = 0  # StepStats records made (steps that ran, preempted or copied)
         self._observers: list[StepObserver] = []
 
     # ---------------------------------------------------------------- requests in and out
@@ -124,7 +130,7 @@ class Engine:
         cache_salt = parse_cache_salt(prompt, cache_salt)
         if not isinstance(priority, int):
             raise ValueError(f"priority must be an int, got {priority!r}")
-        arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        arrival_time = self.clock() if arrival_time is None else arrival_time
         if params.n == 1:
             self._add_one(request_id, token_ids, text, params, arrival_time, priority, cache_salt)
             return
@@ -194,24 +200,26 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Run one scheduling step; returns an output for every request that produced a token
         or finished in it (incremental: each holds the request's whole output so far)."""
+        start = self.clock()
+        kv = self.kv_cache_manager
+        lookups_before = (kv.prefix_cache_queries, kv.prefix_cache_hits)
         plan = self.scheduler.schedule()
-        # This step's footprint, for observers.
-        kv_blocks = (self.block_manager.num_used_blocks, self.block_manager.num_referenced_blocks)
+        footprint = self._kv_footprint()  # while the step runs, for observers
         sampled: dict[str, int] = {}
         failed: list[Request] = []
+        timing = _DeviceTiming(self.clock, self.runner)
         if plan.scheduled or plan.has_swaps:
             try:
                 # Before the forward: swap-outs read blocks this step may reuse, swap-ins land
                 # before they are read (the order is the scheduler's docstring's).
-                self.runner.swap(plan.blocks_to_swap_out, plan.blocks_to_swap_in)
+                with timing:
+                    self.runner.swap(plan.blocks_to_swap_out, plan.blocks_to_swap_in)
                 if plan.scheduled:
-                    sampled = self._execute(plan)
+                    sampled = self._execute(plan, timing)
             except Exception as e:  # noqa: BLE001 - a failed step must not take the engine down
                 failed = self._fail_step(plan, e)
-        now = time.monotonic()
+        now = self.clock()
         finished = self.scheduler.update(plan, sampled, now=now) + failed
-        if plan.scheduled:
-            self._notify_observers(plan, len(finished), now, kv_blocks)
         self.num_steps += bool(plan.scheduled)
 
         outputs = []
@@ -230,6 +238,10 @@ class Engine:
             if req.is_finished:
                 del self._states[req.request_id]
             outputs.append(self._fan_in(output) if req.request_id in self._parent_of else output)
+        if plan.scheduled or plan.preempted or plan.has_swaps:
+            num_finished = sum(r.is_finished for r in touched)
+            lookups = (kv.prefix_cache_queries - lookups_before[0], kv.prefix_cache_hits - lookups_before[1])
+            self._notify_observers(plan, start, now, num_finished, footprint, lookups, timing)
         # A request with n > 1 reports once per step, with all its samples so far.
         return list({out.request_id: out for out in outputs}.values())
 
@@ -249,21 +261,56 @@ class Engine:
     def remove_step_observer(self, observer: StepObserver) -> None:
         self._observers.remove(observer)
 
-    def _notify_observers(self, plan, num_finished: int, now: float, kv_blocks: tuple[int, int]) -> None:
+    def _kv_footprint(self) -> tuple[int, int, int, int]:
+        """(used, referenced, free, cached) KV blocks now."""
+        kv = self.kv_cache_manager
+        return kv.num_used_blocks, kv.num_referenced_blocks, kv.num_free_blocks, kv.pool.num_cached_blocks
+
+    def _notify_observers(self, plan, start: float, now: float, num_finished: int,
+                          footprint: tuple[int, int, int, int], lookups: tuple[int, int],
+                          timing: _DeviceTiming) -> None:
+        step = self.num_recorded_steps
+        self.num_recorded_steps += 1
         if not self._observers:
             return
+        decode = [item.num_new_tokens == 1 and item.num_computed_tokens >= item.request.num_prompt_tokens
+                  for item in plan.scheduled]
+        num_decode_tokens = sum(decode)  # a decode row feeds exactly one token
+        swapped = sum(r.status == RequestStatus.SWAPPED for r in plan.preempted)
+        end = self.clock()
         stats = StepStats(
-            step=self.num_steps,
+            step=step,
+            start_time=start,
             time=now,
+            end_time=end,
             num_scheduled_requests=len(plan.scheduled),
+            num_prefill_requests=len(decode) - num_decode_tokens,
+            num_decode_requests=num_decode_tokens,
             num_batched_tokens=plan.num_batched_tokens,
-            num_padded_tokens=pick_bucket(plan.num_batched_tokens, self.resolved.token_buckets),
+            num_prefill_tokens=plan.num_batched_tokens - num_decode_tokens,
+            num_decode_tokens=num_decode_tokens,
+            num_padded_tokens=pick_bucket(plan.num_batched_tokens, self.resolved.token_buckets) if plan.scheduled else 0,
+            num_context_tokens=sum(item.num_computed_tokens + item.num_new_tokens for item in plan.scheduled),
+            scheduled=tuple((item.request_id, item.num_new_tokens) for item in plan.scheduled),
             num_running=self.scheduler.num_running,
             num_waiting=self.scheduler.num_waiting,
             num_preempted=len(plan.preempted),
+            num_preempted_recompute=len(plan.preempted) - swapped,
+            num_preempted_swap=swapped,
+            preempted=tuple(r.request_id for r in plan.preempted),
+            num_blocks_swapped_out=len(plan.blocks_to_swap_out),
+            num_blocks_swapped_in=len(plan.blocks_to_swap_in),
             num_finished=num_finished,
-            kv_blocks_used=kv_blocks[0],
-            kv_blocks_referenced=kv_blocks[1],
+            kv_blocks_used=footprint[0],
+            kv_blocks_referenced=footprint[1],
+            kv_blocks_free=footprint[2],
+            kv_blocks_cached=footprint[3],
+            num_kv_blocks=self.kv_cache_manager.num_usable_blocks,
+            prefix_cache_queries=lookups[0],
+            prefix_cache_hits=lookups[1],
+            host_time=(end - start) - timing.seconds,
+            device_time=timing.seconds,
+            compile_time=timing.compile_seconds,
         )
         for observer in list(self._observers):
             observer(stats)
@@ -301,10 +348,11 @@ class Engine:
         sampling, sampler = self._sampling_inputs(rows, batch.padded_num_seqs, force_general=targets is not None)
         return StepInputs(batch, sampling, sampler, targets)
 
-    def _execute(self, plan) -> dict[str, int]:
+    def _execute(self, plan, timing: _DeviceTiming) -> dict[str, int]:
         """Run the planned batch on the device; returns request_id -> sampled token."""
         step = self.build_step_inputs(plan.scheduled)
-        result = self.runner.execute(step)
+        with timing:
+            result = self.runner.execute(step)
         if step.prompt_logprobs:
             collect_prompt_logprobs(plan.scheduled, step.batch.cu_q_lens, result, self._states, self._logprob_fmt)
 
@@ -428,3 +476,21 @@ class Engine:
         changing nothing, while any request holds blocks."""
         return self.scheduler.reset_prefix_cache()
 
+
+
+class _DeviceTiming:
+    """Accumulates the seconds spent in device calls (`with timing: runner.execute(...)`), and the
+    XLA compilation seconds among them (the runner's process-wide counter), for StepStats."""
+
+    def __init__(self, clock: Callable[[], float], runner) -> None:
+        self._clock, self._runner = clock, runner
+        self.seconds = 0.0
+        self.compile_seconds = 0.0
+
+    def __enter__(self) -> None:
+        self._start = self._clock()
+        self._compile_start = self._runner.compile_seconds
+
+    def __exit__(self, *exc) -> None:
+        self.seconds += self._clock() - self._start
+        self.compile_seconds += self._runner.compile_seconds - self._compile_start

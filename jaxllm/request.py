@@ -56,7 +56,16 @@ class RequestMetrics:
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     num_preemptions: int = 0
-    # num_output_tokens / num_preemptions are kept in sync by the scheduler
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first admission
+    # The time each output token was sampled ([num_output_tokens] seconds, appended as they come).
+    token_times: list[float] = dataclasses.field(default_factory=list)
+    # num_output_tokens / num_preemptions / num_cached_tokens / token_times are kept in sync by the scheduler
+
+    @property
+    def inter_token_latencies(self) -> list[float]:
+        """Gaps between consecutive output tokens ([num_output_tokens - 1] seconds): vLLM's ITL."""
+        t = self.token_times
+        return [b - a for a, b in zip(t, t[1:])]
 
     @property
     def queue_time(self) -> float | None:

@@ -295,15 +295,52 @@ def test_step_observers_see_every_step(llm):
     seen = []
     llm.engine.add_step_observer(seen.append)
     before = llm.get_stats()["num_steps"]
-    llm.generate([ids(20, 40), ids(150, 41)], greedy(3), use_tqdm=False)
+    first = llm.engine.num_recorded_steps
+    outs = llm.generate([ids(20, 40), ids(150, 41)], greedy(3), use_tqdm=False)
     llm.engine.remove_step_observer(seen.append)
-    assert len(seen) == llm.get_stats()["num_steps"] - before > 0
-    assert [s.step for s in seen] == list(range(before, before + len(seen)))
+    assert len(seen) == llm.get_stats()["num_steps"] - before > 0  # nothing preempted here
+    assert [s.step for s in seen] == list(range(first, first + len(seen)))
     assert all(s.num_padded_tokens in llm.engine.resolved.token_buckets for s in seen)
     assert all(s.num_batched_tokens <= s.num_padded_tokens for s in seen)
     assert all(s.kv_blocks_referenced >= s.kv_blocks_used for s in seen)
     assert max(s.kv_blocks_used for s in seen) >= 11  # the 150-token prompt holds 10 blocks of 16
     assert sum(s.num_finished for s in seen) == 2 and seen[-1].kv_blocks_used > 0  # held while it ran
     assert llm.get_stats()["kv_blocks_used"] == 0
+    # The batch: a 128-token budget chunks the 150-token prompt (20 + 108, then 42), then 2 decodes.
+    assert [s.scheduled for s in seen[:3]] == [
+        ((outs[0].request_id, 20), (outs[1].request_id, 108)),
+        ((outs[0].request_id, 1), (outs[1].request_id, 42)),
+        ((outs[0].request_id, 1), (outs[1].request_id, 1)),
+    ]
+    assert [(s.num_prefill_tokens, s.num_decode_tokens) for s in seen[:3]] == [(128, 0), (42, 1), (0, 2)]
+    assert [(s.num_prefill_requests, s.num_decode_requests) for s in seen[:3]] == [(2, 0), (1, 1), (0, 2)]
+    assert [s.num_context_tokens for s in seen[:3]] == [128, 21 + 150, 22 + 151]
+    for s in seen:
+        assert s.num_prefill_tokens + s.num_decode_tokens == s.num_batched_tokens == sum(n for _, n in s.scheduled)
+        assert s.kv_blocks_used + s.kv_blocks_free == s.num_kv_blocks == 19
+        assert s.start_time <= s.time <= s.end_time
+        assert s.host_time > 0 and s.device_time > 0 and 0 <= s.compile_time <= s.device_time
+        assert s.host_time + s.device_time == pytest.approx(s.end_time - s.start_time)
+    # Requests: every output token's time; TTFT, ITL and the step records share one clock.
+    for out in outs:
+        m = out.metrics
+        assert len(m.token_times) == m.num_output_tokens == 3
+        assert m.token_times[0] == m.first_token_time and m.token_times[-1] == m.last_token_time
+        assert m.inter_token_latencies == pytest.approx(np.diff(m.token_times).tolist())
+        assert set(m.token_times) <= {s.time for s in seen}
     llm.generate(ids(5, 42), greedy(1), use_tqdm=False)
     assert len(seen) == llm.get_stats()["num_steps"] - before - 1  # removed: no more records
+
+
+def test_prefix_cache_hits_in_step_records(llm):
+    seen = []
+    llm.engine.add_step_observer(seen.append)
+    prompt = ids(64, 43)
+    llm.generate(prompt, greedy(1), use_tqdm=False)
+    seen.clear()
+    out = llm.generate(prompt, greedy(1), use_tqdm=False)[0]
+    llm.engine.remove_step_observer(seen.append)
+    # 64 tokens = 4 full blocks; the last token is always computed, so 3 blocks are hits.
+    assert out.num_cached_tokens == out.metrics.num_cached_tokens == 48
+    assert (seen[0].prefix_cache_queries, seen[0].prefix_cache_hits) == (64, 48)
+    assert seen[0].kv_blocks_cached >= 4 and seen[0].scheduled == ((out.request_id, 16),)

@@ -136,10 +136,18 @@ def test_small_host_pool_falls_back_and_policy_may_swap(model_dir, crowded):  # 
     assert stats["num_swap_fallbacks"] == stats["num_preemptions"] > 0
     # A recompute engine whose policy swaps long victims: the host pool exists and is used.
     chooser = LLM(model_dir, **SMALL, scheduling_policy=SwapLong())
+    records = []
+    chooser.engine.add_step_observer(records.append)
     check_greedy(generate(chooser, prompts, greedy_params()), expected)
     stats = chooser.get_stats()
     assert stats["preemption_mode"] == "recompute" and stats["num_cpu_blocks"] > 0
     assert 0 < stats["num_swap_outs"] < stats["num_preemptions"]
+    # Step records split preemptions by mode and count the copies each step ran.
+    assert sum(r.num_preempted_swap for r in records) == stats["num_swap_outs"]
+    assert sum(r.num_preempted_recompute for r in records) == stats["num_preemptions"] - stats["num_swap_outs"]
+    assert sum(r.num_blocks_swapped_out for r in records) == stats["num_blocks_swapped_out"]
+    assert sum(r.num_blocks_swapped_in for r in records) == stats["num_blocks_swapped_in"]
+    assert all(len(r.preempted) == r.num_preempted for r in records)
 
 
 def test_bad_engine_arguments_are_named(model_dir):  # noqa: F811

@@ -345,6 +345,7 @@ def test_metrics_timings():
     assert m.ttft == pytest.approx(2.5) and m.mean_tpot == pytest.approx(1.5)
     assert m.queue_time == pytest.approx(1.5) and m.e2e_latency == pytest.approx(5.5)
     assert m.num_output_tokens == 3 and m.num_prompt_tokens == 6
+    assert m.token_times == [3.0, 4.0, 6.0] and m.inter_token_latencies == [1.0, 2.0]
 
 
 # ------------------------------------------------------------------ property test

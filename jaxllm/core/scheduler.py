@@ -377,7 +377,7 @@ class Scheduler:
                 req.status = RequestStatus.RUNNING
                 req.num_computed_tokens += computed.num_tokens
                 if req.num_cached_tokens < 0:
-                    req.num_cached_tokens = computed.num_tokens
+                    req.num_cached_tokens = req.metrics.num_cached_tokens = computed.num_tokens
                 if req.first_scheduled_time is None:
                     req.first_scheduled_time = now
                 kv.cache_blocks(req, req.num_computed_tokens + num_new)
@@ -437,6 +437,7 @@ class Scheduler:
             if req.first_token_time is None:
                 req.first_token_time = now
             req.last_token_time = now
+            req.metrics.token_times.append(now)
             stop = self._check_stop(req, token)
             if stop is not None:
                 status, stop_reason = stop

@@ -111,11 +111,13 @@ _STEP_FUNCTIONS: dict = {}
 _BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 _NUM_XLA_COMPILES = [0]  # every XLA compilation in the process
 _NUM_STEP_COMPILES = [0]  # those made while running an engine step == step executables
+_XLA_COMPILE_SECONDS = [0.0]  # their total duration (step records keep compile time apart)
 
 
 def _count_compile(event: str, duration_secs: float, **kwargs) -> None:
     if event == _BACKEND_COMPILE_EVENT:
         _NUM_XLA_COMPILES[0] += 1
+        _XLA_COMPILE_SECONDS[0] += duration_secs
 
 
 jax.monitoring.register_event_duration_secs_listener(_count_compile)
@@ -357,6 +359,11 @@ class ModelRunner:
                 array = jax.device_put(host)
             array = self._neutral[key] = array
         return array
+
+    @property
+    def compile_seconds(self) -> float:
+        """Seconds spent in XLA compilation in this process so far (all compilations)."""
+        return _XLA_COMPILE_SECONDS[0]
 
     @property
     def num_executables(self) -> int:
