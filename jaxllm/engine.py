@@ -369,7 +369,7 @@ class Engine:
                 sampled[req.request_id] = token
                 k = req.sampling_params.logprobs
                 if k is not None:
-                    self._states[req.request_id].logprobs.append(self._logprob_fmt.sampled(result, i, token, k))
+                    self._states[req.request_id].add_logprob(self._logprob_fmt.sampled(result, i, token, k), token)
         self.num_generated_tokens += len(sampled)
         return sampled
 

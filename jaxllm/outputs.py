@@ -20,6 +20,12 @@ class RequestState:
     seed: int  # the request's sampling seed (its own, or drawn from the engine's generator)
     detokenizer: Detokenizer | None  # None without a tokenizer: text stays ""
     logprobs: list = dataclasses.field(default_factory=list)  # one {token_id: Logprob} per output
+    cumulative_logprob: float = 0.0  # sum of the sampled tokens' logprobs, kept as they come
+
+    def add_logprob(self, entry: dict, token: int) -> None:
+        """Record a sampled token's logprob entry (O(1): no re-summing every step)."""
+        self.logprobs.append(entry)
+        self.cumulative_logprob += entry[token].logprob
     prompt_logprobs: list | None = None  # [None, {token_id: Logprob}, ...] when requested
 
 
@@ -55,7 +61,7 @@ def prompt_logprob_targets(scheduled, cu_q_lens: np.ndarray, num_tokens_padded: 
     targets = np.zeros(num_tokens_padded, np.int32)
     for i, item in enumerate(scheduled):
         req, start = item.request, item.request.num_computed_tokens
-        nxt = req.all_token_ids[start + 1 : start + item.num_new_tokens + 1]
+        nxt = req.token_slice(start + 1, start + item.num_new_tokens + 1)
         targets[cu_q_lens[i] : cu_q_lens[i] + len(nxt)] = nxt
     return targets
 
@@ -91,10 +97,7 @@ def make_output(req: Request, state: RequestState) -> RequestOutput:
         index=0,
         text=state.detokenizer.text if state.detokenizer is not None else "",
         token_ids=list(req.output_token_ids),
-        cumulative_logprob=(
-            sum(e[t].logprob for e, t in zip(state.logprobs, req.output_token_ids))
-            if wants_logprobs else None
-        ),
+        cumulative_logprob=state.cumulative_logprob if wants_logprobs else None,
         logprobs=list(state.logprobs) if wants_logprobs else None,
         finish_reason=req.finish_reason,
         stop_reason=req.stop_reason,

@@ -185,7 +185,18 @@ class Request:
 
     @property
     def all_token_ids(self) -> list[int]:
+        """Prompt + outputs as a new list (O(num_tokens): per-step code uses token_slice)."""
         return self.prompt_token_ids + self.output_token_ids
+
+    def token_slice(self, start: int, stop: int) -> list[int]:
+        """all_token_ids[start:stop] without building the whole list: a step feeds a few tokens
+        of a long request, and concatenating every step would be quadratic over its life."""
+        p = len(self.prompt_token_ids)
+        if stop <= p:
+            return self.prompt_token_ids[start:stop]
+        if start >= p:
+            return self.output_token_ids[start - p : stop - p]
+        return self.prompt_token_ids[start:] + self.output_token_ids[: stop - p]
 
     @property
     def is_finished(self) -> bool:

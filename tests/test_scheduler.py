@@ -477,3 +477,12 @@ def test_preempt_all_running_keeps_the_admission_order():
     out, _ = step(s)
     assert plan(out) == [("a", 6, True), ("b", 7, True)]  # prompt + first output, recomputed
     bm.check_invariants()
+
+
+def test_token_slice_equals_slicing_all_tokens():
+    r = req("slice", 5)
+    r.output_token_ids.extend([90, 91, 92])
+    every = r.all_token_ids
+    for start in range(len(every) + 1):
+        for stop in range(start, len(every) + 2):
+            assert r.token_slice(start, stop) == every[start:stop]

@@ -80,7 +80,7 @@ class ScheduledRequest:
     def token_ids(self) -> list[int]:
         """The num_new_tokens token ids fed this step (positions num_computed_tokens onwards)."""
         start = self.num_computed_tokens
-        return self.request.all_token_ids[start : start + self.num_new_tokens]
+        return self.request.token_slice(start, start + self.num_new_tokens)
 
 
 @dataclasses.dataclass

@@ -83,7 +83,7 @@ def prepare_batch(
     for i, item in enumerate(scheduled):
         req, start, n = item.request, item.request.num_computed_tokens, item.num_new_tokens
         lo = cu_q_lens[i]
-        token_ids[lo : lo + n] = req.all_token_ids[start : start + n]
+        token_ids[lo : lo + n] = req.token_slice(start, start + n)
         pos = np.arange(start, start + n, dtype=np.int32)
         positions[lo : lo + n] = pos
         row = block_table[row_of(req.request_id)]
