@@ -73,9 +73,11 @@ class RequestStream:
     """
 
     def __init__(self, request_id: str, engine: "AsyncEngine", loop: asyncio.AbstractEventLoop,
-                 prompt_token_ids: list[int]):
+                 prompt_token_ids: list[int], params: SamplingParams, arrival_time: float):
         self.request_id = request_id
         self.prompt_token_ids = prompt_token_ids
+        self.params = params
+        self.arrival_time = arrival_time  # time.monotonic(), the engine's clock
         self.loop = loop
         self.finished = False
         self._engine = engine
@@ -220,9 +222,9 @@ class AsyncEngine:
         if isinstance(priority, bool) or not isinstance(priority, int):
             raise ValueError(f"priority must be an int, got {priority!r}")
         request_id = request_id if request_id is not None else f"{self._prefix}-{next(self._ids)}"
-        stream = RequestStream(request_id, self, asyncio.get_running_loop(), token_ids)
-        tokenized = {"prompt": text, "prompt_token_ids": token_ids}  # the engine thread won't tokenize again
         arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        stream = RequestStream(request_id, self, asyncio.get_running_loop(), token_ids, params, arrival_time)
+        tokenized = {"prompt": text, "prompt_token_ids": token_ids}  # the engine thread won't tokenize again
         with self._cond:
             if self._stopping:
                 raise RuntimeError("the engine is shut down")
