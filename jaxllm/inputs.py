@@ -32,6 +32,17 @@ def tokenize_prompt(prompt, tokenizer) -> tuple[str | None, list[int]]:
     )
 
 
+def chat_prompt(tokenizer, conversation, add_generation_prompt: bool = True, **template_kwargs) -> dict:
+    """{"prompt": text, "prompt_token_ids": ids} of one conversation (a list of {"role", "content"}
+    dicts) formatted by the tokenizer's chat template (LLM.chat and the server's chat endpoint)."""
+    if tokenizer is None or getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError("this model has no tokenizer with a chat template")
+    text = tokenizer.apply_chat_template(conversation, tokenize=False,
+                                         add_generation_prompt=add_generation_prompt, **template_kwargs)
+    # The template already holds any BOS/special tokens, so don't add them twice.
+    return {"prompt": text, "prompt_token_ids": list(tokenizer(text, add_special_tokens=False).input_ids)}
+
+
 def parse_cache_salt(prompt, cache_salt=None) -> str | None:
     """The request's cache salt: the `cache_salt` argument or the dict prompt's "cache_salt" key
     (not two different ones). Requests with different salts never share prefix-cache blocks."""

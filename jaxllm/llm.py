@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from jaxllm.beam_search import BeamSearchOutput, run_beam_search
 from jaxllm.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig
 from jaxllm.engine import Engine
+from jaxllm.inputs import chat_prompt
 from jaxllm.request import CompletionOutput, RequestOutput
 from jaxllm.sampling_params import BeamSearchParams, SamplingParams
 
@@ -157,12 +158,7 @@ class LLM:
         if tokenizer is None or getattr(tokenizer, "chat_template", None) is None:
             raise ValueError("this model has no tokenizer with a chat template; use generate()")
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        prompts = []
-        for conv in conversations:
-            text = tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=add_generation_prompt)
-            # The template already holds any BOS/special tokens, so don't add them twice.
-            ids = tokenizer(text, add_special_tokens=False).input_ids
-            prompts.append({"prompt": text, "prompt_token_ids": ids})
+        prompts = [chat_prompt(tokenizer, conv, add_generation_prompt) for conv in conversations]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     @staticmethod

@@ -1,0 +1,1 @@
+"""Ways into jaxllm beyond the LLM class: the OpenAI-compatible server (entrypoints/openai)."""
