@@ -111,14 +111,20 @@ def test_simulated_run_and_its_records():
         assert s.device_time == pytest.approx(model.predict(x).device, rel=1e-9)
         assert s.host_time == pytest.approx(get_profile("h100-sxm").step_overhead_s, rel=1e-6)
     assert summarize(run.requests)["output_tokens_per_s"] > 0
+    # All arrivals at once: replay must add them in the order they were added (add_index), not
+    # in the order they finished.
+    offline = run_workload(_sim("h100-sxm"), make_requests([20] * 12, [6] * 12, np.zeros(12)))
+    assert replay(offline.requests, offline.steps, _config(), HF_CONFIG).matches
 
 
-def test_n_greater_than_one_runs_as_children():
-    sim = _sim("tpu-v5e", num_kv_blocks=40)
+@pytest.mark.parametrize("stream", [False, True])
+def test_n_greater_than_one_runs_as_children(stream):
+    sim = SimulatedEngine(_config(num_kv_blocks=40), HF_CONFIG, "tpu-v5e", stream_outputs=stream)
     sim.add_request("p", {"prompt_token_ids": list(range(3, 23))}, SamplingParams(n=3, max_tokens=6, ignore_eos=True))
     outs = []
     while sim.has_unfinished_requests():
         outs += sim.step()
+    assert (len(outs) > 1) == stream  # streamed: an output per step; else only the finished one
     final = [o for o in outs if o.finished]
     assert len(final) == 1 and len(final[0].outputs) == 3
     assert all(len(c.token_ids) == 6 for c in final[0].outputs)

@@ -8,7 +8,7 @@ One loop for both, so a measured run and its simulation differ only in the clock
 the loop adds every request whose arrival time has passed, steps while anything is unfinished,
 and otherwise waits for the next arrival (sleeps on a real clock, `advance_to` on a virtual one).
 A request is stamped with its scheduled arrival, so TTFT includes the wait for the step in flight
-to end; the loop also notes how many step records came before each request was added
+to end; the loop also notes how many of this run's step records came before each request was added
 (`added_at_step`), which is what replay needs to add it at the same step boundary.
 
 (jaxllm.bench has the full harness: workloads, arrival processes, metrics. This is the minimal
@@ -95,7 +95,7 @@ def run_workload(engine, requests: list[TimedRequest], wait: Callable[[float], N
     """Drive `engine` (Engine or SimulatedEngine) through `requests` on its own clock.
 
     wait(t): idle until clock time t; default `engine.advance_to` if it has one, else sleep.
-    Per-request rows: request_id, arrival_time, added_at_step, prompt / output token ids and
+    Per-request rows: request_id, arrival_time, added_at_step, add_index, prompt / output token ids and
     counts, first_scheduled_time, first_token_time, finished_time, ttft, e2e_latency,
     num_preemptions, num_cached_tokens, finish_reason.
     """
@@ -107,6 +107,7 @@ def run_workload(engine, requests: list[TimedRequest], wait: Callable[[float], N
     added: dict[str, int] = {}
     rows: list[dict] = []
     i = 0
+    base = engine.num_recorded_steps  # the engine may have run before: count this run's records
     t0 = clock()
     try:
         while i < len(pending) or engine.has_unfinished_requests():
@@ -115,12 +116,12 @@ def run_workload(engine, requests: list[TimedRequest], wait: Callable[[float], N
                 r = pending[i]
                 engine.add_request(r.request_id, {"prompt_token_ids": list(r.prompt_token_ids)}, r.params,
                                    arrival_time=t0 + r.arrival, priority=r.priority)
-                added[r.request_id] = engine.num_recorded_steps
+                added[r.request_id] = (engine.num_recorded_steps - base, i)
                 i += 1
             if engine.has_unfinished_requests():
                 for out in engine.step():
                     if out.finished:
-                        rows.append(_request_row(out, added[out.request_id]))
+                        rows.append(_request_row(out, *added[out.request_id]))
             elif i < len(pending):
                 wait(t0 + pending[i].arrival)
     finally:
@@ -128,13 +129,14 @@ def run_workload(engine, requests: list[TimedRequest], wait: Callable[[float], N
     return WorkloadRun(rows, steps, t0)
 
 
-def _request_row(out, added_at_step: int) -> dict:
+def _request_row(out, added_at_step: int, add_index: int) -> dict:
     m = out.metrics
     c = out.outputs[0]
     return {
         "request_id": out.request_id,
         "arrival_time": m.arrival_time,
         "added_at_step": added_at_step,
+        "add_index": add_index,  # order of add_request calls (the queue order of equal arrivals)
         "num_prompt_tokens": len(out.prompt_token_ids),
         "num_output_tokens": len(c.token_ids),
         "prompt_token_ids": list(out.prompt_token_ids),

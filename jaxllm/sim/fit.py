@@ -8,8 +8,11 @@ jax (for the optimiser); the simulate path never imports it.
 Each part of a step (host_before, device, host_after, between: see cost_model.PARTS) is a
 non-negative linear function of its features, fitted separately. Coefficients are kept >= 0 by
 a softplus; features and targets are scaled to O(1) first, so one optimiser setting fits FLOP
-counts of 1e12 and row counts of 10 alike. The loss is Huber on the scaled residuals: a shared
-machine adds occasional slow steps that a squared loss would chase. A feature that never varies
+counts of 1e12 and row counts of 10 alike. The loss is the squared error: the simulator must get
+the MEAN step time right (throughput and latencies add step times up), and on a shared machine
+the slow steps are part of that mean (a robust loss would fit the median and predict too fast). (The simulator's steps are then deterministic: a
+seeded draw from the measured spread was tried and made tail latencies worse here, because much
+of that spread is the machine's load changing between runs, not between steps.) A feature that never varies
 from 0 in the data (e.g. swap_bytes without swaps) keeps its initial coefficient (`init`, e.g.
 the RooflineCostModel of the measured machine, or 0).
 """
@@ -23,8 +26,9 @@ from jaxllm.sim.model_costs import ModelCosts
 
 
 def fit_nonnegative(X: np.ndarray, y: np.ndarray, init: np.ndarray | None = None, num_iters: int = 3000,
-                    huber_delta: float = 0.25) -> np.ndarray:
-    """Coefficients c >= 0 minimising Huber(X @ c - y) with optax (Adam).
+                    huber_delta: float | None = None) -> np.ndarray:
+    """Coefficients c >= 0 minimising the squared error of X @ c against y (Huber with
+    `huber_delta`, in units of the mean target, to fit the typical step instead) with optax (Adam).
 
     X: [N, F] features, y: [N] targets, init: [F] starting coefficients (columns of X that are
     all zero keep theirs). Returns [F] float64.
@@ -50,6 +54,8 @@ def fit_nonnegative(X: np.ndarray, y: np.ndarray, init: np.ndarray | None = None
 
     def loss(theta):
         c = jax.nn.softplus(theta)
+        if huber_delta is None:
+            return jnp.mean(optax.losses.squared_error(Xs @ c, ys))
         return jnp.mean(optax.losses.huber_loss(Xs @ c, ys, delta=huber_delta))
 
     # Adam with a decaying step: a handful of coefficients over O(1) features converges in a few

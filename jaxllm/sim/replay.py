@@ -8,7 +8,7 @@ tokens, hence the same scheduling decisions (it is the same scheduler code). Hos
 Each request is added before the step it was added before in the recorded run: its
 `added_at_step` (the number of step records made before it was added, as run_workload records
 it) or, without that column, the first recorded step whose start_time is at or after its
-arrival_time. The clock is pinned to each recorded step's start_time before the step, so
+arrival_time; requests are added in `add_index` order (else by arrival_time). The clock is pinned to each recorded step's start_time before the step, so
 time-dependent policies see the times the real run saw. Each request "samples" its recorded
 output tokens (`output_token_ids`, or stand-ins when only `num_output_tokens` is known) with
 max_tokens = its recorded output length, so it ends in the same step. With a cost model, the
@@ -48,7 +48,8 @@ def replay(requests, steps, config: EngineConfig, model: Any = None, cost_model:
     DataFrames) on a SimulatedEngine built like the recorded engine. cost_model: None takes no
     time per step (decisions only); any SimulatedEngine cost model gives predicted step times."""
     recorded = _records(steps)
-    reqs = sorted(_records(requests), key=lambda r: r["arrival_time"])
+    # Add order: equal arrivals join the queue in the order they were added.
+    reqs = sorted(_records(requests), key=lambda r: (r.get("add_index", 0), r["arrival_time"]))
     if not recorded:
         raise ValueError("replay needs at least one recorded step")
     starts = [float(s["start_time"]) for s in recorded]
