@@ -177,6 +177,8 @@ def test_fit_cost_model_recovers_a_simulated_machine(tmp_path):
     # is the same in every step, so the fit may split the constant between the two.)
     for part, feature in (("device", "kv_bytes"), ("device", "matmul_flops"), ("host_before", "rows"), ("between", "step")):
         assert fitted.coefficients()[part][feature] == pytest.approx(true.coefficients()[part][feature], rel=0.05)
+    slower = fitted.scaled(2.0).predict_table(X)
+    np.testing.assert_allclose(slower["device"], 2 * pred["device"])
     path = tmp_path / "cost.json"
     fitted.save(str(path))
     assert LinearCostModel.load(str(path)).coefficients() == fitted.coefficients()
@@ -250,6 +252,8 @@ def test_bad_input_is_named():
         LinearCostModel({"device": {"step": -1e-3}})
     with pytest.raises(ValueError, match="part 'device' has no feature 'rows'"):
         LinearCostModel({"device": {"rows": 1e-3}})
+    with pytest.raises(ValueError, match="factor must be a finite number > 0, got -2"):
+        LinearCostModel.zeros().scaled(-2)
     with pytest.raises(ValueError, match="cost_model must be"):
         SimulatedEngine(_config(), HF_CONFIG, 3.0)
     with pytest.raises(ValueError, match="no transformers config"):

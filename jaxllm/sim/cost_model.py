@@ -183,6 +183,13 @@ class LinearCostModel:
         """Every step takes no time (replay without a cost model)."""
         return cls({})
 
+    def scaled(self, factor: float) -> "LinearCostModel":
+        """Every step `factor` times as long (a what-if: a machine that much slower or faster)."""
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor) or factor <= 0:
+            raise ValueError(f"factor must be a finite number > 0, got {factor!r}")
+        return LinearCostModel({p: {f: v * factor for f, v in c.items()} for p, c in self.coefficients().items()},
+                               {**self.meta, "scaled_by": factor})
+
     def predict(self, x: np.ndarray) -> StepTime:
         """StepTime of one step's features x [len(FEATURES)] (swap_bytes go to `swap`)."""
         dev = self.coef["device"]
