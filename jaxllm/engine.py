@@ -74,8 +74,16 @@ class Engine:
             self.resolved = dataclasses.replace(self.resolved, num_cpu_blocks=0)
         if tokenizer is None and not config.skip_tokenizer_init:
             tokenizer = load_tokenizer(config.model)
+        self._init_host(self.model.config, tokenizer)
+        self.runner = ModelRunner(self.model, self.resolved, mesh=self.mesh)
+
+    def _init_host(self, model_config, tokenizer) -> None:
+        """The host side of an engine (KV-cache manager, scheduler, request bookkeeping), built from
+        self.config / self.resolved / self.clock. Shared with jaxllm.sim.SimulatedEngine, which
+        runs this same host code with a cost model in place of the device."""
+        config, res, sched = self.config, self.resolved, self.config.scheduler
+        self.model_config = model_config
         self.tokenizer = tokenizer
-        res, sched = self.resolved, config.scheduler
         self.kv_cache_manager = KVCacheManager(
             num_blocks=res.num_kv_blocks,
             block_size=config.cache.block_size,
@@ -93,9 +101,8 @@ class Engine:
             max_model_len=res.max_model_len,
             enable_chunked_prefill=sched.enable_chunked_prefill,
             preemption_mode=sched.preemption_mode,
-            clock=clock,
+            clock=self.clock,
         )
-        self.runner = ModelRunner(self.model, res, mesh=self.mesh)
         self._seed_rng = np.random.default_rng(config.seed)
         self._states: dict[str, RequestState] = {}  # unfinished requests' engine-side state
         self._parents: dict[str, ParentRequest] = {}  # unfinished requests with n > 1
@@ -154,7 +161,7 @@ class Engine:
         text, token_ids = tokenize_prompt(prompt, self.tokenizer)
         validate_prompt(
             token_ids, params,
-            vocab_size=self.model.config.vocab_size,
+            vocab_size=self.model_config.vocab_size,
             max_model_len=self.resolved.max_model_len,
             block_size=self.config.cache.block_size,
             num_usable_blocks=self.resolved.num_kv_blocks - 1,
@@ -222,6 +229,16 @@ class Engine:
         finished = self.scheduler.update(plan, sampled, now=now) + failed
         self.num_steps += bool(plan.scheduled)
 
+        outputs, num_finished = self._make_outputs(plan, sampled, finished)
+        if plan.scheduled or plan.preempted or plan.has_swaps:
+            lookups = (kv.prefix_cache_queries - lookups_before[0], kv.prefix_cache_hits - lookups_before[1])
+            self._notify_observers(plan, start, now, num_finished, footprint, lookups, timing)
+        # A request with n > 1 reports once per step, with all its samples so far.
+        return list({out.request_id: out for out in outputs}.values())
+
+    def _make_outputs(self, plan, sampled: dict[str, int], finished: list[Request]) -> tuple[list[RequestOutput], int]:
+        """Detokenize and report every request that got a token or finished in this step;
+        returns (outputs, how many of those requests finished)."""
         outputs = []
         touched = [item.request for item in plan.scheduled if item.request.request_id in sampled]
         touched += [r for r in finished if r.request_id not in sampled]
@@ -238,12 +255,7 @@ class Engine:
             if req.is_finished:
                 del self._states[req.request_id]
             outputs.append(self._fan_in(output) if req.request_id in self._parent_of else output)
-        if plan.scheduled or plan.preempted or plan.has_swaps:
-            num_finished = sum(r.is_finished for r in touched)
-            lookups = (kv.prefix_cache_queries - lookups_before[0], kv.prefix_cache_hits - lookups_before[1])
-            self._notify_observers(plan, start, now, num_finished, footprint, lookups, timing)
-        # A request with n > 1 reports once per step, with all its samples so far.
-        return list({out.request_id: out for out in outputs}.values())
+        return outputs, sum(r.is_finished for r in touched)
 
     def _fan_in(self, child_output: RequestOutput) -> RequestOutput:
         parent, index = self._parent_of[child_output.request_id]
@@ -356,14 +368,10 @@ class Engine:
         if step.prompt_logprobs:
             collect_prompt_logprobs(plan.scheduled, step.batch.cu_q_lens, result, self._states, self._logprob_fmt)
 
+        self._count_prompt_tokens(plan.scheduled)
         sampled: dict[str, int] = {}
         for i, item in enumerate(plan.scheduled):
             req = item.request
-            # Prompt tokens computed for the first time or again after a preemption.
-            self.num_prompt_tokens_processed += max(
-                0, min(req.num_computed_tokens + item.num_new_tokens, req.num_prompt_tokens)
-                - req.num_computed_tokens,
-            )
             if item.samples:
                 token = int(result.token_ids[i])
                 sampled[req.request_id] = token
@@ -372,6 +380,15 @@ class Engine:
                     self._states[req.request_id].add_logprob(self._logprob_fmt.sampled(result, i, token, k), token)
         self.num_generated_tokens += len(sampled)
         return sampled
+
+    def _count_prompt_tokens(self, scheduled) -> None:
+        """Prompt tokens computed for the first time or again after a preemption (get_stats)."""
+        for item in scheduled:
+            req = item.request
+            self.num_prompt_tokens_processed += max(
+                0, min(req.num_computed_tokens + item.num_new_tokens, req.num_prompt_tokens)
+                - req.num_computed_tokens,
+            )
 
     def _sampling_inputs(self, rows, num_rows_padded: int, force_general: bool = False):
         return build_sampling_inputs(
@@ -429,7 +446,7 @@ class Engine:
 
     def eos_token_ids(self) -> tuple[int, ...]:
         """The model's and the tokenizer's EOS ids: what ends a request unless ignore_eos."""
-        ids = set(self.model.config.eos_token_ids)
+        ids = set(self.model_config.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             ids.add(int(self.tokenizer.eos_token_id))
         return tuple(sorted(ids))

@@ -28,6 +28,12 @@ HOST_MODULES = [
     "jaxllm.llm",
     "jaxllm.observers",
     "jaxllm.beam_search",
+    "jaxllm.sim",  # the simulator (jaxllm.sim.fit, the optax fit, is the one part that imports jax)
+    "jaxllm.sim.engine",
+    "jaxllm.sim.cost_model",
+    "jaxllm.sim.hardware",
+    "jaxllm.sim.replay",
+    "jaxllm.sim.driver",
 ]
 
 

@@ -1,0 +1,194 @@
+"""Does the simulator predict a real run it was not fitted on? Throughput and mean / p90 TTFT,
+measured on this CPU against jaxllm.sim's prediction.
+
+    python experiments/sim_accuracy.py            # ~3 min on 2 busy cores; prints the error table
+    python experiments/sim_accuracy.py --quick    # smoke run: tiny model, few requests
+
+1. Record: one real Engine (a random-init Llama, fp32, warmed up so nothing compiles in a run)
+   runs every workload below through jaxllm.sim.run_workload (Poisson arrivals on the wall clock,
+   ignore_eos), with a step observer.
+2. Fit: a LinearCostModel to the step tables of the FIT workloads only (jaxllm.sim.fit, optax).
+3. Predict: a SimulatedEngine with that cost model runs the same requests of the EVAL workloads
+   (other rates, other length distributions) and we compare. Also each run is replayed
+   (decisions must match step for step), and the first-principles roofline of this machine
+   (experiments/roofline.py's measurement; a model, not a measurement) is shown beside.
+
+Writes experiments/results/sim_accuracy.json and the fitted cost model (sim_cost_model_cpu.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import numpy as np  # noqa: E402
+
+import bench_throughput  # noqa: E402  (build_model: the random Llama the other benchmarks use)
+from workloads import LengthDist  # noqa: E402
+
+from jaxllm import CacheConfig, Engine, EngineConfig, SchedulerConfig  # noqa: E402
+from jaxllm.runner.sampling_inputs import GREEDY  # noqa: E402
+from jaxllm.sim import (  # noqa: E402
+    HardwareProfile, ModelCosts, RooflineCostModel, SimulatedEngine, make_requests, model_config_from, poisson_arrivals, replay,
+    run_workload, step_table, summarize,
+)
+from jaxllm.sim.fit import fit_cost_model  # noqa: E402
+
+MODEL = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+             intermediate_size=768, vocab_size=4096, tie_word_embeddings=False)
+QUICK_MODEL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+                   vocab_size=512, tie_word_embeddings=False)
+
+# (name, role, num_requests, prompt lengths, output lengths, load). load: "offline" (all at once),
+# or the offered load as a fraction of this machine's measured capacity: the Poisson rate is
+# load x (output tokens/s of the first, offline run) / (the workload's mean output length). Rates
+# are set this way because the machine is shared and its speed changes: a fixed rate that is
+# light one hour saturates it the next, and a saturated queue makes TTFT all queueing.
+# Fit and eval runs alternate, so both sets see the same drift of the machine's load.
+WORKLOADS = [
+    ("offline-uniform", "fit", 48, "uniform:16:160", "uniform:8:64", "offline"),
+    ("uniform@0.7", "eval", 40, "uniform:16:160", "uniform:8:64", 0.7),
+    ("uniform@0.5", "fit", 40, "uniform:16:160", "uniform:8:64", 0.5),
+    ("offline-lognormal", "eval", 48, "lognormal:48:0.8:8:320", "lognormal:24:0.8:4:128", "offline"),
+    ("lognormal@0.6", "fit", 48, "lognormal:48:0.8:8:320", "lognormal:24:0.8:4:128", 0.6),
+    ("long-prompts@0.3", "eval", 24, "uniform:192:320", "fixed:16", 0.3),
+    ("chatty@0.6", "eval", 32, "fixed:24", "uniform:32:96", 0.6),
+]
+
+
+def workload_requests(spec, vocab_size: int, seed: int, scale: float = 1.0, capacity_tok_s: float | None = None):
+    """The workload's requests; capacity_tok_s (output tokens/s offline) sets the rate of a loaded one."""
+    name, _, n, p, o, load = spec
+    n = max(4, int(n * scale))
+    rng = np.random.default_rng(seed)
+    prompts = LengthDist.parse(p).sample(n, rng)
+    outputs = LengthDist.parse(o).sample(n, rng)
+    rate = math.inf if load == "offline" else load * capacity_tok_s / float(np.mean(outputs))
+    return make_requests(prompts, outputs, poisson_arrivals(n, rate, seed=seed + 1), vocab_size=vocab_size,
+                         seed=seed + 2, prefix=f"{name}-")
+
+
+def rel_err(pred: float, meas: float) -> float:
+    return (pred - meas) / meas
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny model, a quarter of the requests (smoke run)")
+    ap.add_argument("--no-roofline", action="store_true", help="skip the roofline micro-benchmark column")
+    ap.add_argument("--model-cache-dir", default=os.path.expanduser("~/.cache/jaxllm/bench_models"))
+    ap.add_argument("--out", default=os.path.join(HERE, "results", "sim_accuracy.json"))
+    ap.add_argument("--cost-model-out", default=os.path.join(HERE, "results", "sim_cost_model_cpu.json"))
+    args = ap.parse_args(argv)
+
+    model_kwargs = QUICK_MODEL if args.quick else MODEL
+    scale = 0.25 if args.quick else 1.0
+    model_dir = bench_throughput.build_model(model_kwargs, args.model_cache_dir, max_position_embeddings=1024)
+    max_num_seqs = 16
+    # Four token buckets (not five): each compiles once, and compiling dominates a short run here.
+    config = EngineConfig(model=model_dir, skip_tokenizer_init=True, token_buckets=(16, 32, 64, 128),
+                          cache=CacheConfig(block_size=16, num_kv_blocks=160),
+                          scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=128,
+                                                    max_model_len=512))
+    engine = Engine(config)
+    t = time.perf_counter()
+    engine.warmup(step_variants=((GREEDY, False),))
+    print(f"warm-up (compilation) {time.perf_counter() - t:.1f} s")
+    # One untimed run first: the first real steps touch the KV cache's pages for the first time.
+    run_workload(engine, workload_requests(WORKLOADS[0], model_kwargs["vocab_size"], seed=999, scale=scale))
+
+    compiled = engine.get_stats()["num_compilations"]
+    runs = {}
+    capacity = None
+    for i, spec in enumerate(WORKLOADS):
+        reqs = workload_requests(spec, model_kwargs["vocab_size"], seed=100 * i, scale=scale, capacity_tok_s=capacity)
+        engine.reset_prefix_cache()
+        t = time.perf_counter()
+        run = run_workload(engine, reqs)
+        if engine.get_stats()["num_compilations"] != compiled:
+            raise RuntimeError(f"{spec[0]}: the engine compiled during a timed run (a bucket the warm-up missed)")
+        runs[spec[0]] = (spec, reqs, run)
+        if capacity is None:  # the first run is offline: this machine's capacity right now
+            capacity = summarize(run.requests)["output_tokens_per_s"]
+        print(f"measured {spec[0]:18s} {len(reqs):3d} requests, {len(run.steps):4d} steps, "
+              f"{time.perf_counter() - t:5.1f} s")
+
+    model_config = model_config_from(model_dir)
+    costs = ModelCosts.from_config(model_config, config.dtype)
+    resolved = engine.resolved
+    fit_steps = [s for spec, _, run in runs.values() if spec[1] == "fit" for s in run.steps]
+    t = time.perf_counter()
+    fitted = fit_cost_model(fit_steps, costs, resolved.bytes_per_block, max_num_seqs,
+                            meta={"machine": os.uname().nodename, "model": model_kwargs,
+                                  "fit_workloads": [s[0] for s in WORKLOADS if s[1] == "fit"]})
+    print(f"fitted on {len(fit_steps)} steps in {time.perf_counter() - t:.1f} s: {fitted.describe()}")
+    fitted.save(args.cost_model_out)
+
+    roofline = None
+    if not args.no_roofline:
+        import roofline as roofline_mod  # experiments/roofline.py: this machine's measured peaks
+
+        profile = HardwareProfile.from_roofline(roofline_mod.measure_roofline(reps=3), name="this CPU")
+        roofline = RooflineCostModel(profile, costs)
+
+    rows = []
+    for name, (spec, reqs, run) in runs.items():
+        measured = summarize(run.requests)
+        replayed = replay(run.requests, run.steps, config, model=model_config)
+        row = {"workload": name, "role": spec[1], "num_requests": len(reqs), "replay_matches": replayed.matches,
+               "rate": len(reqs) / max(r.arrival for r in reqs) if spec[5] != "offline" else math.inf,
+               "measured": measured}
+        # How fast this machine ran this run's steps, against the fitted model: the shared machine's
+        # load drifts, and a run that saw more of it has slower steps than the fit's average.
+        X, targets = step_table(run.steps, costs, resolved.bytes_per_block, max_num_seqs)
+        pred = fitted.predict_table(X)
+        ok = targets["device"][1]
+        parts = ("host_before", "device", "host_after")
+        speed = float(sum(targets[p][0][ok].sum() for p in parts) / sum(pred[p][ok].sum() for p in parts))
+        row["step_time_measured_over_predicted"] = speed
+        # Diagnostic only (not a prediction: it uses the run's own step times): the fitted model
+        # scaled by that ratio, which separates the machine's drift from the scheduling model.
+        drift = fitted.scaled(speed)
+        for label, cm in (("fitted", fitted), ("roofline", roofline), ("drift_corrected", drift)):
+            if cm is None:
+                continue
+            sim = SimulatedEngine(config, model_config, cm)
+            predicted = summarize(run_workload(sim, reqs).requests)
+            row[label] = predicted
+            row[f"{label}_error"] = {k: rel_err(predicted[k], measured[k])
+                                     for k in ("output_tokens_per_s", "ttft_mean_s", "ttft_p90_s")}
+        rows.append(row)
+
+    print("\nrelative error of the prediction (predicted - measured) / measured; fit = used for fitting")
+    print(f"{'workload':18s} {'role':4s}  {'tok/s meas':>10s} {'err':>7s}  {'TTFT mean':>9s} {'err':>7s}  "
+          f"{'TTFT p90':>9s} {'err':>7s}  replay  steps meas/pred | drift-corrected TTFT mean, p90 err | "
+          f"roofline tok/s err")
+    for r in rows:
+        m, e = r["measured"], r["fitted_error"]
+        roof = f"{r['roofline_error']['output_tokens_per_s']:+18.0%}" if "roofline_error" in r else ""
+        print(f"{r['workload']:18s} {r['role']:4s}  {m['output_tokens_per_s']:10.1f} {e['output_tokens_per_s']:+7.1%}  "
+              f"{m['ttft_mean_s'] * 1e3:7.1f}ms {e['ttft_mean_s']:+7.1%}  {m['ttft_p90_s'] * 1e3:7.1f}ms "
+              f"{e['ttft_p90_s']:+7.1%}  {'same' if r['replay_matches'] else 'DIFFERS'}  "
+              f"{r['step_time_measured_over_predicted']:15.2f} | {r['drift_corrected_error']['ttft_mean_s']:+14.1%} "
+              f"{r['drift_corrected_error']['ttft_p90_s']:+7.1%}      | {roof}")
+    held_out = [r for r in rows if r["role"] == "eval"]
+    worst = max(abs(v) for r in held_out for v in r["fitted_error"].values())
+    print(f"worst held-out error: {worst:.1%}")
+    result = {"rows": rows, "worst_held_out_error": worst, "cost_model": json.loads(fitted.to_json()),
+              "roofline_profile (a model, not a measurement)": roofline.describe() if roofline else None,
+              "load_average": os.getloadavg(), "quick": args.quick}
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2, default=str)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,246 @@
+"""Step-cost models: how long one engine step takes, from what the step computes. Host only
+(numpy; the optax fit lives in jaxllm/sim/fit.py).
+
+A step is described by its StepShape (the same numbers whether read from the scheduler's plan
+while simulating or from a recorded StepStats row while fitting), turned into roofline-inspired
+features in physical units by `step_features`:
+
+    step             1 per step (launch, weight streaming at small batch, fixed host work)
+    matmul_flops     padded tokens x 2 x decoder matmul weights (the jitted step runs the bucket)
+    lm_head_flops    padded rows x 2 x V x H (one sampled position per row)
+    kv_bytes         context tokens x K/V bytes per token (attention reads the cache)
+    attention_flops  (sum over prefill chunks of n^2) / 2 x 4 nH D L (causal pairs inside chunks)
+    swap_bytes       swapped blocks x bytes per block (host <-> device copies)
+    rows, tokens     real batch rows and tokens (host-side preparation and bookkeeping)
+
+A cost model maps those features to a StepTime: host work before the device (scheduling,
+building inputs), the forward on the device, the swap copies, host work after it (updating
+requests, outputs) and the loop's time until the next step starts. `LinearCostModel` is
+time = coefficients . features for each part, fitted to measured steps; `jaxllm.sim.hardware`'s
+RooflineCostModel predicts from a HardwareProfile instead (a model, not a measurement).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import NamedTuple
+
+import numpy as np
+
+from jaxllm.runner.batch import padded_shape
+from jaxllm.sim.model_costs import ModelCosts
+
+FEATURES = ("step", "matmul_flops", "lm_head_flops", "kv_bytes", "attention_flops", "swap_bytes", "rows", "tokens")
+_F = {name: i for i, name in enumerate(FEATURES)}
+
+# Which features each part of a step may depend on (a coefficient outside its part is fixed at 0).
+PARTS = {
+    "host_before": ("step", "rows", "tokens"),
+    "device": ("step", "matmul_flops", "lm_head_flops", "kv_bytes", "attention_flops", "swap_bytes"),
+    "host_after": ("step", "rows"),
+    "between": ("step",),
+}
+
+
+class StepTime(NamedTuple):
+    """Predicted seconds of one step's parts. device = forward + swap."""
+
+    host_before: float
+    forward: float
+    swap: float
+    host_after: float
+    between: float
+
+    @property
+    def device(self) -> float:
+        return self.forward + self.swap
+
+    @property
+    def total(self) -> float:
+        return self.host_before + self.device + self.host_after + self.between
+
+
+@dataclasses.dataclass(frozen=True)
+class StepShape:
+    """What one step computes (all counts)."""
+
+    num_tokens: int  # real tokens in the batch
+    padded_tokens: int  # the token bucket it ran in
+    num_rows: int  # requests in the batch
+    padded_rows: int  # rows of the bucket: min(padded_tokens, max_num_seqs)
+    num_decode_rows: int
+    context_tokens: int  # sum over rows of cached + new tokens
+    chunk_sq_tokens: int  # sum over rows with more than one new token of num_new_tokens^2
+    swap_blocks: int = 0  # blocks copied out + in
+
+    @classmethod
+    def from_plan(cls, scheduled, token_buckets: tuple[int, ...], max_num_seqs: int, swap_blocks: int = 0) -> "StepShape":
+        """From the scheduler's ScheduledRequest items (batch order), as the engine would run them."""
+        num_tokens = context = chunk_sq = decode = 0
+        for item in scheduled:
+            n = item.num_new_tokens
+            num_tokens += n
+            context += item.num_computed_tokens + n
+            if n > 1:
+                chunk_sq += n * n
+            elif item.num_computed_tokens >= item.request.num_prompt_tokens:
+                decode += 1
+        t_pad, s_pad = padded_shape(num_tokens, token_buckets, max_num_seqs) if scheduled else (0, 0)
+        return cls(num_tokens, t_pad, len(scheduled), s_pad, decode, context, chunk_sq, swap_blocks)
+
+    @classmethod
+    def from_stats(cls, stats, max_num_seqs: int) -> "StepShape":
+        """From a StepStats record (or its dataclasses.asdict / DataFrame row dict)."""
+        get = stats.__getitem__ if isinstance(stats, dict) else lambda k: getattr(stats, k)
+        t_pad = int(get("num_padded_tokens"))
+        chunk_sq = sum(int(n) * int(n) for _, n in get("scheduled") if int(n) > 1)
+        return cls(
+            num_tokens=int(get("num_batched_tokens")),
+            padded_tokens=t_pad,
+            num_rows=int(get("num_scheduled_requests")),
+            padded_rows=min(t_pad, max_num_seqs),
+            num_decode_rows=int(get("num_decode_requests")),
+            context_tokens=int(get("num_context_tokens")),
+            chunk_sq_tokens=chunk_sq,
+            swap_blocks=int(get("num_blocks_swapped_out")) + int(get("num_blocks_swapped_in")),
+        )
+
+
+def step_features(shape: StepShape, costs: ModelCosts, bytes_per_block: int) -> np.ndarray:
+    """[len(FEATURES)] float64 features of one step (see the module docstring)."""
+    return np.array([
+        1.0,
+        shape.padded_tokens * 2.0 * costs.matmul_params,
+        shape.padded_rows * 2.0 * costs.lm_head_params,
+        shape.context_tokens * float(costs.kv_bytes_per_token),
+        shape.chunk_sq_tokens / 2.0 * costs.attention_flops_per_pair,
+        shape.swap_blocks * float(bytes_per_block),
+        float(shape.num_rows),
+        float(shape.num_tokens),
+    ])
+
+
+def _records(steps) -> list[dict]:
+    """StepStats records, dicts, or a pandas DataFrame of dataclasses.asdict(StepStats) rows -> dicts."""
+    if hasattr(steps, "to_dict"):
+        return steps.to_dict("records")
+    return [s if isinstance(s, dict) else dataclasses.asdict(s) for s in steps]
+
+
+def step_table(steps, costs: ModelCosts, bytes_per_block: int, max_num_seqs: int) -> tuple[np.ndarray, dict]:
+    """Features and measured times of recorded steps.
+
+    Returns X [N, len(FEATURES)] and {part: (y [N] seconds, valid [N] bool)} for the PARTS.
+    A step that compiled is invalid for every part; `between` is only valid when the loop went
+    straight on to the next step (requests left after it, a next record exists).
+    """
+    rows = _records(steps)
+    X = np.stack([step_features(StepShape.from_stats(r, max_num_seqs), costs, bytes_per_block) for r in rows]) \
+        if rows else np.zeros((0, len(FEATURES)))
+    col = lambda k: np.array([float(r[k]) for r in rows])  # noqa: E731
+    start, time, end, device = col("start_time"), col("time"), col("end_time"), col("device_time")
+    clean = col("compile_time") == 0
+    busy = (col("num_running") + col("num_waiting")) > 0
+    next_start = np.append(start[1:], np.nan)
+    consecutive = np.append(col("step")[1:] == col("step")[:-1] + 1, False)
+    between_ok = clean & busy & consecutive
+    targets = {
+        "host_before": (time - start - device, clean),
+        "device": (device, clean),
+        "host_after": (end - time, clean),
+        "between": (np.where(between_ok, next_start - end, 0.0), between_ok),
+    }
+    return X, targets
+
+
+class LinearCostModel:
+    """time(part) = coefficients[part] . step_features, for each part of a step (PARTS).
+
+    Coefficients are in seconds per feature unit (1 / effective FLOP/s, 1 / effective B/s, seconds
+    per step, per row, per token). Fitted by jaxllm.sim.fit.fit_cost_model; saved as JSON.
+    """
+
+    name = "linear"
+
+    def __init__(self, coefficients: dict[str, dict[str, float]], meta: dict | None = None):
+        unknown = sorted(set(coefficients) - set(PARTS))
+        if unknown:
+            raise ValueError(f"unknown cost-model part(s) {unknown}; parts: {list(PARTS)}")
+        self.coef = {part: np.zeros(len(FEATURES)) for part in PARTS}
+        for part, values in coefficients.items():
+            for feature, value in values.items():
+                if feature not in PARTS[part]:
+                    raise ValueError(f"cost-model part {part!r} has no feature {feature!r}; it has {list(PARTS[part])}")
+                if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                    raise ValueError(f"coefficient {part}.{feature} must be a finite number >= 0, got {value!r}")
+                self.coef[part][_F[feature]] = float(value)
+        self.meta = dict(meta or {})
+
+    @classmethod
+    def zeros(cls) -> "LinearCostModel":
+        """Every step takes no time (replay without a cost model)."""
+        return cls({})
+
+    def scaled(self, factor: float) -> "LinearCostModel":
+        """Every step `factor` times as long (a what-if: a machine that much slower or faster)."""
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor) or factor <= 0:
+            raise ValueError(f"factor must be a finite number > 0, got {factor!r}")
+        return LinearCostModel({p: {f: v * factor for f, v in c.items()} for p, c in self.coefficients().items()},
+                               {**self.meta, "scaled_by": factor})
+
+    def predict(self, x: np.ndarray) -> StepTime:
+        """StepTime of one step's features x [len(FEATURES)] (swap_bytes go to `swap`)."""
+        dev = self.coef["device"]
+        swap = dev[_F["swap_bytes"]] * x[_F["swap_bytes"]]
+        return StepTime(
+            host_before=float(self.coef["host_before"] @ x),
+            forward=float(dev @ x - swap),
+            swap=float(swap),
+            host_after=float(self.coef["host_after"] @ x),
+            between=float(self.coef["between"] @ x),
+        )
+
+    def predict_table(self, X: np.ndarray) -> dict[str, np.ndarray]:
+        """{part: [N] seconds} for features X [N, len(FEATURES)]."""
+        return {part: X @ c for part, c in self.coef.items()}
+
+    def swap_seconds(self, swap_bytes: float) -> float:
+        return float(self.coef["device"][_F["swap_bytes"]] * swap_bytes)
+
+    def coefficients(self) -> dict[str, dict[str, float]]:
+        return {part: {f: float(self.coef[part][_F[f]]) for f in PARTS[part]} for part in PARTS}
+
+    def describe(self) -> dict:
+        """The device coefficients as effective rates (what the fit says the machine achieves)."""
+        d = self.coef["device"]
+        rate = lambda c: (1.0 / c) if c > 0 else math.inf  # noqa: E731
+        return {
+            "step_s": float(d[_F["step"]]),
+            "matmul_flops_per_s": rate(d[_F["matmul_flops"]]),
+            "lm_head_flops_per_s": rate(d[_F["lm_head_flops"]]),
+            "kv_bytes_per_s": rate(d[_F["kv_bytes"]]),
+            "attention_flops_per_s": rate(d[_F["attention_flops"]]),
+            "swap_bytes_per_s": rate(d[_F["swap_bytes"]]),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps({"kind": "linear", "features": list(FEATURES), "coefficients": self.coefficients(),
+                           "meta": self.meta}, indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> "LinearCostModel":
+        d = json.loads(text)
+        if d.get("kind") != "linear":
+            raise ValueError(f"not a linear cost model (kind={d.get('kind')!r})")
+        return cls(d["coefficients"], d.get("meta"))
+
+    def save(self, path: str) -> None:
+        with open(path, "w") as f:
+            f.write(self.to_json())
+
+    @classmethod
+    def load(cls, path: str) -> "LinearCostModel":
+        with open(path) as f:
+            return cls.from_json(f.read())

@@ -1,0 +1,267 @@
+"""jaxllm.sim: replay of a real run is exact, the optax fit recovers known coefficients, hardware
+what-ifs scale as the roofline says, the simulate path imports no jax, bad input is named."""
+
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from jaxllm import CacheConfig, EngineConfig, SamplingParams, SchedulerConfig
+from jaxllm.sim import (
+    PARTS,
+    HardwareProfile,
+    LinearCostModel,
+    ModelCosts,
+    RooflineCostModel,
+    SimulatedEngine,
+    StepShape,
+    get_profile,
+    make_requests,
+    model_config_from,
+    poisson_arrivals,
+    replay,
+    run_workload,
+    step_features,
+    step_table,
+    summarize,
+)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HF_CONFIG = dict(  # the tiny test model's shape, as a transformers config.json dict
+    architectures=["LlamaForCausalLM"], vocab_size=512, hidden_size=64, intermediate_size=128,
+    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
+    max_position_embeddings=1024, eos_token_id=2, bos_token_id=1,
+)
+
+
+def _config(model="unused", num_kv_blocks=14, token_buckets=(16,), **sched):
+    sched = {"max_num_seqs": 4, "max_num_batched_tokens": 16, "max_model_len": 128, **sched}
+    return EngineConfig(model=model, skip_tokenizer_init=True, token_buckets=token_buckets,
+                        cache=CacheConfig(block_size=4, num_kv_blocks=num_kv_blocks),
+                        scheduler=SchedulerConfig(**sched))
+
+
+def _workload(num=10, seed=0, spread=0.05):
+    rng = np.random.default_rng(seed)
+    reqs = make_requests(rng.integers(6, 30, num), rng.integers(4, 14, num),
+                         np.sort(rng.uniform(0, spread, num)), vocab_size=512, seed=seed)
+    # Two pairs share a prompt prefix, so the prefix cache hits during the run.
+    shared = reqs[0].prompt_token_ids[:12]
+    for k in (3, 7):
+        reqs[k] = dataclasses.replace(reqs[k], prompt_token_ids=shared + reqs[k].prompt_token_ids[12:] + (5,))
+    return reqs
+
+
+def test_replay_reproduces_a_real_engine_run(tmp_path):
+    """A real tiny-model Engine run (small cache: preemption; 16-token budget: chunked prefill;
+    arrivals spread over time), replayed: every step schedules the same requests with the same
+    token counts and preempts the same requests."""
+    from jaxllm import Engine
+    from jaxllm.runner.sampling_inputs import GREEDY
+    from tests.helpers.tiny_models import make_tiny_model
+
+    path = make_tiny_model(tmp_path, arch="llama")
+    config = _config(path)
+    engine = Engine(config)
+    engine.warmup(step_variants=((GREEDY, False),))  # compile first, so arrivals meet running steps
+    run = run_workload(engine, _workload(spread=0.3))
+    steps = run.steps_frame()
+    assert len(run.requests) == 10
+    assert steps.num_preempted.sum() > 0  # the cache is small enough to preempt
+    assert any(n > 1 and n < 16 for sched in steps.scheduled for _, n in sched)  # chunks
+    assert steps.prefix_cache_hits.sum() > 0
+    assert len({r["added_at_step"] for r in run.requests}) > 2  # arrivals spread over the steps
+
+    result = replay(run.requests_frame(), steps, config, model=path)
+    assert result.matches, result.mismatches[:3]
+    assert len(result.steps) == len(steps)
+    assert [s.scheduled for s in result.steps] == list(steps.scheduled)
+    assert [s.preempted for s in result.steps] == list(steps.preempted)
+    assert [s.prefix_cache_hits for s in result.steps] == list(steps.prefix_cache_hits)
+
+    # A different config makes different decisions, and replay says where they part.
+    other = replay(run.requests, run.steps, _config(path, num_kv_blocks=40), model=path)
+    assert any(m.startswith("step ") for m in other.mismatches)
+
+
+def _sim(cost_model, **kw):
+    return SimulatedEngine(_config(**kw), HF_CONFIG, cost_model)
+
+
+def test_simulated_run_and_its_records():
+    sim = _sim("h100-sxm")
+    run = run_workload(sim, _workload(num=20, spread=1e-4))
+    assert len(run.requests) == 20
+    assert all(r["num_output_tokens"] == r_.params.max_tokens
+               for r, r_ in zip(sorted(run.requests, key=lambda r: r["request_id"]),
+                                sorted(_workload(num=20), key=lambda r: r.request_id)))
+    stats = sim.get_stats()
+    assert stats["simulated"] and stats["num_preemptions"] > 0 and stats["num_kv_blocks"] == 13
+    assert stats["num_generated_tokens"] == sum(r["num_output_tokens"] for r in run.requests)
+    assert sim.kv_cache_manager.num_used_blocks == 0  # everything freed
+    # The records' times are the cost model's: device_time = the roofline forward of that step.
+    model = sim.cost_model
+    for s in run.steps:
+        x = step_features(StepShape.from_stats(s, 4), sim.costs, sim.resolved.bytes_per_block)
+        assert s.device_time == pytest.approx(model.predict(x).device, rel=1e-9)
+        assert s.host_time == pytest.approx(get_profile("h100-sxm").step_overhead_s, rel=1e-6)
+    assert summarize(run.requests)["output_tokens_per_s"] > 0
+    # All arrivals at once: replay must add them in the order they were added (add_index), not
+    # in the order they finished.
+    offline = run_workload(_sim("h100-sxm"), make_requests([20] * 12, [6] * 12, np.zeros(12)))
+    assert replay(offline.requests, offline.steps, _config(), HF_CONFIG).matches
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_n_greater_than_one_runs_as_children(stream):
+    sim = SimulatedEngine(_config(num_kv_blocks=40), HF_CONFIG, "tpu-v5e", stream_outputs=stream)
+    sim.add_request("p", {"prompt_token_ids": list(range(3, 23))}, SamplingParams(n=3, max_tokens=6, ignore_eos=True))
+    outs = []
+    while sim.has_unfinished_requests():
+        outs += sim.step()
+    assert (len(outs) > 1) == stream  # streamed: an output per step; else only the finished one
+    final = [o for o in outs if o.finished]
+    assert len(final) == 1 and len(final[0].outputs) == 3
+    assert all(len(c.token_ids) == 6 for c in final[0].outputs)
+    assert len({tuple(c.token_ids) for c in final[0].outputs}) == 3  # samples diverge
+    assert sim.get_stats()["prefix_cache_hits"] > 0  # the children share the prompt's blocks
+
+
+def test_fit_recovers_known_coefficients():
+    """Synthetic steps with known costs: the optax fit finds them (a 1% noise floor)."""
+    from jaxllm.sim.fit import fit_nonnegative
+
+    rng = np.random.default_rng(0)
+    n = 400
+    X = np.column_stack([np.ones(n), rng.uniform(0, 1e12, n), rng.uniform(0, 50, n), rng.uniform(0, 1e9, n),
+                         np.zeros(n)])
+    true = np.array([2e-3, 2e-3 / 5e11, 2e-3 / 25, 2e-3 / 5e8, 0.0])
+    y = X @ true * (1 + 0.01 * rng.standard_normal(n))
+    coef = fit_nonnegative(X, y, init=np.array([0, 0, 0, 0, 7e-9]))
+    np.testing.assert_allclose(coef[:4], true[:4], rtol=0.03)
+    assert coef[4] == 7e-9  # never seen in the data: keeps its initial value
+
+
+def test_fit_cost_model_recovers_a_simulated_machine(tmp_path):
+    """Steps recorded from a SimulatedEngine whose costs are known (a LinearCostModel): fitting
+    that step table gives back the same predictions; the JSON round trip keeps them."""
+    from jaxllm.sim.fit import fit_cost_model
+
+    true = LinearCostModel({
+        "host_before": {"step": 4e-4, "rows": 5e-5, "tokens": 1e-5},
+        "device": {"step": 2e-3, "matmul_flops": 1 / 2e10, "kv_bytes": 1 / 1e8, "attention_flops": 1 / 1e9},
+        "host_after": {"step": 2e-4, "rows": 3e-5},
+        "between": {"step": 1e-4},
+    })
+    sim = SimulatedEngine(_config(num_kv_blocks=60, token_buckets=(8, 16, 32, 64), max_num_seqs=8,
+                                  max_num_batched_tokens=64),
+                          HF_CONFIG, true)
+    reqs = make_requests(np.random.default_rng(1).integers(4, 80, 60), np.random.default_rng(2).integers(2, 40, 60),
+                         poisson_arrivals(60, 300.0, seed=3))
+    run = run_workload(sim, reqs)
+    costs, bpb = sim.costs, sim.resolved.bytes_per_block
+    fitted = fit_cost_model(run.steps_frame(), costs, bpb, max_num_seqs=8)
+    X, targets = step_table(run.steps, costs, bpb, 8)
+    pred, want = fitted.predict_table(X), true.predict_table(X)
+    for part in PARTS:
+        valid = targets[part][1]
+        np.testing.assert_allclose(targets[part][0][valid], want[part][valid], rtol=1e-6, atol=1e-12)
+        np.testing.assert_allclose(pred[part][valid], want[part][valid], rtol=0.05)
+        assert abs(pred[part][valid].sum() / want[part][valid].sum() - 1) < 0.01
+    # (device.step is not identifiable here: with max_num_seqs below every bucket, lm_head_flops
+    # is the same in every step, so the fit may split the constant between the two.)
+    for part, feature in (("device", "kv_bytes"), ("device", "matmul_flops"), ("host_before", "rows"), ("between", "step")):
+        assert fitted.coefficients()[part][feature] == pytest.approx(true.coefficients()[part][feature], rel=0.05)
+    slower = fitted.scaled(2.0).predict_table(X)
+    np.testing.assert_allclose(slower["device"], 2 * pred["device"])
+    path = tmp_path / "cost.json"
+    fitted.save(str(path))
+    assert LinearCostModel.load(str(path)).coefficients() == fitted.coefficients()
+
+
+def test_hardware_what_if_scales_as_the_roofline():
+    """A model, not a measurement: doubling bandwidth halves a memory-bound decode step; doubling
+    FLOP/s halves a compute-bound prefill step; two devices halve both."""
+    mc = model_config_from(dict(HF_CONFIG, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                num_attention_heads=32, num_key_value_heads=8, vocab_size=128256))
+    costs = ModelCosts.from_config(mc, "bfloat16")
+    base = get_profile("h100-sxm").replace(step_overhead_s=0.0, interconnect_bandwidth=None)
+    decode = step_features(StepShape(8, 8, 8, 8, 8, 8 * 1024, 0), costs, 0)
+    prefill = step_features(StepShape(2048, 2048, 1, 256, 0, 2048, 2048 ** 2), costs, 0)
+
+    def t(profile, x):
+        return RooflineCostModel(profile, costs).predict(x).device
+
+    assert t(base.replace(memory_bandwidth=2 * base.memory_bandwidth), decode) == pytest.approx(t(base, decode) / 2)
+    assert t(base.replace(peak_flops=2 * base.peak_flops), decode) == pytest.approx(t(base, decode))
+    assert t(base.replace(peak_flops=2 * base.peak_flops), prefill) == pytest.approx(t(base, prefill) / 2)
+    assert t(base.replace(device_count=2), prefill) == pytest.approx(t(base, prefill) / 2)
+    # With a finite interconnect, tensor parallelism pays for its all-reduces.
+    slow_link = base.replace(device_count=2, interconnect_bandwidth=1e9)
+    assert t(slow_link, prefill) > t(base.replace(device_count=2), prefill)
+    # End to end: a decode-heavy simulated workload runs faster with twice the bandwidth.
+    reqs = make_requests([8] * 16, [30] * 16, np.zeros(16))
+    tput = [summarize(run_workload(SimulatedEngine(_config(num_kv_blocks=200), mc, p), reqs).requests)
+            ["output_tokens_per_s"] for p in (base, base.replace(memory_bandwidth=2 * base.memory_bandwidth))]
+    assert tput[1] > 1.5 * tput[0]
+
+
+def test_simulate_path_imports_no_jax(tmp_path):
+    """House rule 1, in a fresh interpreter: simulate with a roofline profile and with a cost model
+    loaded from JSON, never importing jax (only jaxllm.sim.fit may)."""
+    path = tmp_path / "cost.json"
+    LinearCostModel({"device": {"step": 1e-3}}).save(str(path))
+    code = f"""
+import sys, numpy as np
+from jaxllm import EngineConfig, CacheConfig, SchedulerConfig
+from jaxllm.sim import SimulatedEngine, LinearCostModel, make_requests, run_workload, summarize
+cfg = EngineConfig(model="unused", cache=CacheConfig(block_size=4, num_kv_blocks=40),
+                   scheduler=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=16, max_model_len=128))
+for cm in ("tpu-v5e", LinearCostModel.load({str(path)!r})):
+    run = run_workload(SimulatedEngine(cfg, {HF_CONFIG!r}, cm), make_requests([10] * 5, [4] * 5, np.zeros(5)))
+    assert summarize(run.requests)["num_requests"] == 5
+bad = sorted(m for m in sys.modules if m == "jax" or m.startswith("jax.") or m == "optax")
+assert not bad, bad[:5]
+"""
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": ROOT})
+    assert result.returncode == 0, result.stderr
+
+
+def test_bad_input_is_named():
+    with pytest.raises(ValueError, match="unknown hardware profile field.*'hbm_speed'"):
+        HardwareProfile.from_dict({"name": "x", "peak_flops": 1e12, "memory_bandwidth": 1e11, "hbm_speed": 1})
+    with pytest.raises(ValueError, match="memory_bandwidth must be a finite number > 0, got -1"):
+        get_profile("h100-sxm").replace(memory_bandwidth=-1.0)
+    with pytest.raises(ValueError, match="peak_flops"):
+        HardwareProfile("x", peak_flops=math.nan, memory_bandwidth=1e9)
+    with pytest.raises(ValueError, match="device_count"):
+        get_profile("tpu-v5e").replace(device_count=0)
+    with pytest.raises(ValueError, match="unknown hardware profile 'tpu-v9'"):
+        SimulatedEngine(_config(), HF_CONFIG, "tpu-v9")
+    with pytest.raises(ValueError, match="request rate must be > 0.*-2"):
+        poisson_arrivals(5, -2.0)
+    with pytest.raises(ValueError, match="request rate must be > 0.*got 0"):
+        poisson_arrivals(5, 0)
+    with pytest.raises(ValueError, match="coefficient device.step must be a finite number >= 0"):
+        LinearCostModel({"device": {"step": -1e-3}})
+    with pytest.raises(ValueError, match="part 'device' has no feature 'rows'"):
+        LinearCostModel({"device": {"rows": 1e-3}})
+    with pytest.raises(ValueError, match="factor must be a finite number > 0, got -2"):
+        LinearCostModel.zeros().scaled(-2)
+    with pytest.raises(ValueError, match="cost_model must be"):
+        SimulatedEngine(_config(), HF_CONFIG, 3.0)
+    with pytest.raises(ValueError, match="no transformers config"):
+        model_config_from("/nonexistent/dir")
+    sim = _sim("h100-sxm")
+    with pytest.raises(ValueError, match="dt=-1"):
+        sim.clock.advance(-1)
+    with pytest.raises(ValueError, match="200 tokens, more than max_model_len=128"):  # the engine's own validation
+        sim.add_request("long", {"prompt_token_ids": [5] * 200}, SamplingParams(max_tokens=4))
+    sim.add_request("ok", {"prompt_token_ids": [5] * 8}, SamplingParams(max_tokens=4, ignore_eos=True))
+    assert json.loads(LinearCostModel.zeros().to_json())["kind"] == "linear"
