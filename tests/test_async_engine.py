@@ -224,3 +224,40 @@ def test_delta_tracker_holds_back_possible_stop_strings_and_split_characters():
         assert delta.outputs[0].token_ids == ids[-1:]
     assert texts == ["Hi ", "", "ENx", " ", "é", " E"]
     assert "".join(texts) == "Hi ENx é E"
+
+
+def test_token_id_prompts_over_http_without_a_tokenizer(llm):
+    """The app over a tokenizer-less engine (in process, httpx's ASGI transport): token-id
+    prompts work, logprob tokens read "token_id:N", and what needs a tokenizer is a 400."""
+    import httpx
+
+    from jaxllm.entrypoints.openai.api_server import build_app
+
+    bare = LLM(llm.engine.config.model, skip_tokenizer_init=True, **ENGINE_KW)
+    engine = AsyncEngine(bare.engine)
+    prompt = random_prompt(7, VOCAB, seed=3)
+    ref = llm.generate({"prompt_token_ids": prompt}, greedy(4), use_tqdm=False)[0].outputs[0]
+
+    async def main():
+        transport = httpx.ASGITransport(app=build_app(engine, ["bare"]))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+            ok = await http.post("/v1/completions", json={
+                "prompt": prompt, "max_tokens": 4, "temperature": 0, "ignore_eos": True, "return_token_ids": True,
+                "logprobs": 0})
+            text = await http.post("/v1/completions", json={"prompt": "<w5>", "max_tokens": 2})
+            chat = await http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]})
+            stop = await http.post("/v1/completions", json={"prompt": prompt, "max_tokens": 2, "stop": "x"})
+            return ok, text, chat, stop
+
+    try:
+        ok, text, chat, stop = asyncio.run(main())
+    finally:
+        engine.shutdown()
+    choice = ok.json()["choices"][0]
+    assert ok.status_code == 200 and choice["token_ids"] == ref.token_ids and choice["text"] == ""
+    assert choice["logprobs"]["tokens"] == [f"token_id:{t}" for t in ref.token_ids]
+    assert (text.status_code, text.json()["error"]["param"]) == (400, "prompt")
+    assert "tokenizer" in text.json()["error"]["message"]
+    assert (chat.status_code, chat.json()["error"]["param"]) == (400, "messages")
+    assert (stop.status_code, stop.json()["error"]["param"]) == (400, "stop")
+    assert bare.get_stats()["kv_blocks_used"] == 0

@@ -87,6 +87,10 @@ class ServerMetrics:
         self.request_success.labels(self.model_name, "abort").inc(stream.params.n - track.finished)
         self._end(stream, now)
 
+    def forget(self, stream: RequestStream) -> None:
+        """Drop what is kept for a finished stream (normally gone already with its last delta)."""
+        self._tracks.pop(stream.request_id, None)
+
     def _end(self, stream: RequestStream, now: float) -> None:
         name, track = self.model_name, self._tracks.pop(stream.request_id, _Track())
         self.prompt_tokens.labels(name).inc(len(stream.prompt_token_ids))
