@@ -245,6 +245,8 @@ class AsyncEngine:
 
     async def call(self, fn: Callable[[Any], Any]) -> Any:
         """`fn(engine)` run in the engine thread between steps (e.g. Engine.get_stats)."""
+        if not self.is_running:
+            raise RuntimeError("the engine thread is not running")
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self._post(("call", fn, future, loop))

@@ -12,6 +12,8 @@ A per-app CollectorRegistry, so several apps can live in one process (tests).
 
 from __future__ import annotations
 
+import asyncio
+
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
@@ -98,9 +100,14 @@ class ServerMetrics:
         self.request_generation_tokens.labels(name).observe(track.generated)
         self.e2e.labels(name).observe(now - stream.arrival_time)
 
-    async def render(self, engine) -> bytes:
-        """The text exposition, with the engine's counters taken now (in the engine thread)."""
-        self._stats = await engine.get_stats()
+    async def render(self, engine, timeout: float = 5.0) -> bytes:
+        """The text exposition, with the engine's counters taken now (in the engine thread,
+        between two steps). A step that outlasts `timeout` (a compilation) leaves the previous
+        snapshot in place rather than holding up the scrape."""
+        try:
+            self._stats = await asyncio.wait_for(asyncio.shield(engine.get_stats()), timeout)
+        except (asyncio.TimeoutError, RuntimeError):  # a long step; the engine thread is gone
+            pass
         return generate_latest(self.registry)
 
 
