@@ -383,3 +383,26 @@ def test_metrics_have_vllm_like_names(url, client):
     assert metric(after, "jaxllm:inter_token_latency_seconds_count") - \
         metric(before, "jaxllm:inter_token_latency_seconds_count") == 3
     assert metric(after, "jaxllm:num_compilations_total") == metric(before, "jaxllm:num_compilations_total")
+
+
+def test_bench_serve_client_against_the_server(url):
+    """The serving benchmark's client (Poisson arrivals, streamed timings) on a short run."""
+    import argparse
+
+    from jaxllm.entrypoints.openai import bench_serve
+
+    parser = argparse.ArgumentParser()
+    bench_serve.add_arguments(parser)
+    args = parser.parse_args(["--base-url", url, "--api-key", KEY, "--num-prompts", "8", "--request-rate", "40",
+                              "--input-len", "6", "--output-len", "3", "--seed", "1",
+                              "--words", ",".join(f"<w{i}>" for i in range(3, 40))])
+    summary = asyncio.run(bench_serve.run(args))
+    assert summary["model"] == NAME and summary["completed"] == 8 and summary["failed"] == 0, summary
+    assert summary["total_output_tokens"] == 24  # ignore_eos: exactly output_len each
+    for key in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"):
+        stats = summary[key]
+        assert 0 < stats["median"] <= stats["p90"] <= stats["p99"], (key, stats)
+    assert summary["ttft_ms"]["median"] <= summary["e2e_ms"]["median"]
+    assert "ttft_ms" in bench_serve.format_summary(summary)
+    gaps = bench_serve.arrival_gaps(2000, 4.0, seed=0)
+    assert abs(sum(gaps) / len(gaps) - 0.25) < 0.02 and bench_serve.arrival_gaps(3, float("inf"), 0) == [0.0] * 3
