@@ -23,6 +23,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import httpx
@@ -105,7 +106,7 @@ def compilations(url: str) -> float | None:
 def bench_system(system: str, model: str, args) -> dict:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    log_path = os.path.join(ROOT, "experiments", "results", f".bench_serve_{system}.log")
+    log_path = os.path.join(tempfile.gettempdir(), f"bench_serve_{system}_{port}.log")
     env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu"),
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     started = time.monotonic()

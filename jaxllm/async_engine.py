@@ -60,7 +60,7 @@ class RequestDelta:
     prompt_token_ids: list[int]
     metrics: RequestMetrics | None = None  # live: the engine updates it until the request ends
     error: str | None = None
-    prompt_logprobs: list | None = None  # on the first delta only (complete by then)
+    prompt_logprobs: list | None = None  # on one delta only, the first that has them (complete by then)
     num_cached_tokens: int = 0
 
 
@@ -117,6 +117,7 @@ class DeltaTracker:
         self._tokens: dict[int, int] = defaultdict(int)  # index -> tokens sent
         self._finished: set[int] = set()
         self._first = True
+        self._sent_prompt_logprobs = False
 
     def update(self, out: RequestOutput, now: float) -> RequestDelta | None:
         deltas = []
@@ -147,11 +148,13 @@ class DeltaTracker:
         if not deltas and not out.finished:
             return None
         first, self._first = self._first, False
+        # With n > 1 only sample 0 computes prompt logprobs: they come with its first report.
+        prompt_logprobs = out.prompt_logprobs if not self._sent_prompt_logprobs else None
+        self._sent_prompt_logprobs |= prompt_logprobs is not None
         return RequestDelta(
             request_id=self.request_id, outputs=deltas, finished=out.finished, time=now,
             prompt_token_ids=out.prompt_token_ids if first else [],
-            metrics=out.metrics, error=out.error,
-            prompt_logprobs=out.prompt_logprobs if first else None,
+            metrics=out.metrics, error=out.error, prompt_logprobs=prompt_logprobs,
             num_cached_tokens=out.num_cached_tokens,
         )
 
@@ -242,6 +245,8 @@ class AsyncEngine:
 
     async def call(self, fn: Callable[[Any], Any]) -> Any:
         """`fn(engine)` run in the engine thread between steps (e.g. Engine.get_stats)."""
+        if not self.is_running:
+            raise RuntimeError("the engine thread is not running")
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self._post(("call", fn, future, loop))

@@ -74,7 +74,7 @@ def test_concurrent_streams_match_llm_generate(llm, async_engine):
         assert deltas[-1].metrics.first_token_time is not None
 
 
-def test_n_samples_stop_strings_and_logprobs(llm, async_engine):
+def test_n_samples_and_stop_strings(llm, async_engine):
     prompt = random_prompt(9, VOCAB, seed=11)
     ref = llm.generate({"prompt_token_ids": prompt}, greedy(12), use_tqdm=False)[0].outputs[0]
     # A two-word stop string first seen at output token i >= 2: the hold-back must not stream its
@@ -85,15 +85,15 @@ def test_n_samples_stop_strings_and_logprobs(llm, async_engine):
     stop = text_of(ids[i:i + 2])
 
     async def main():
-        sampled = async_engine.add_request({"prompt_token_ids": prompt},
-                                           SamplingParams(n=3, max_tokens=6, seed=7, logprobs=2, ignore_eos=True))
+        # Greedy samples (equal, but each its own request): this module compiles only the greedy step.
+        sampled = async_engine.add_request({"prompt_token_ids": prompt}, greedy(6, n=3))
         stopped = async_engine.add_request({"prompt_token_ids": prompt}, greedy(12, stop=[stop]))
         return await collect(sampled), await collect(stopped)
 
     (samples, _), (stopped, _) = asyncio.run(main())
     assert sorted(samples) == [0, 1, 2]
     for text, tokens, reason in samples.values():
-        assert len(tokens) == 6 and reason == "length" and text == text_of(tokens)
+        assert tokens == ref.token_ids[:6] and reason == "length" and text == text_of(tokens)
     text, tokens, reason = stopped[0]
     assert reason == "stop" and text == text_of(ids[:i]) + " "
     assert tokens == ids[:i + 2]  # the token completing the stop string is the last
@@ -224,3 +224,38 @@ def test_delta_tracker_holds_back_possible_stop_strings_and_split_characters():
         assert delta.outputs[0].token_ids == ids[-1:]
     assert texts == ["Hi ", "", "ENx", " ", "é", " E"]
     assert "".join(texts) == "Hi ENx é E"
+
+
+def test_token_id_prompts_over_http_without_a_tokenizer(llm):
+    """The app over a tokenizer-less engine (in process, httpx's ASGI transport): token-id
+    prompts work, and what needs a tokenizer is a 400 naming the field."""
+    import httpx
+
+    from jaxllm.entrypoints.openai.api_server import build_app
+
+    bare = LLM(llm.engine.config.model, skip_tokenizer_init=True, **ENGINE_KW)
+    engine = AsyncEngine(bare.engine)
+    prompt = random_prompt(7, VOCAB, seed=3)
+    ref = llm.generate({"prompt_token_ids": prompt}, greedy(4), use_tqdm=False)[0].outputs[0]
+
+    async def main():
+        transport = httpx.ASGITransport(app=build_app(engine, ["bare"]))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+            ok = await http.post("/v1/completions", json={
+                "prompt": prompt, "max_tokens": 4, "temperature": 0, "ignore_eos": True, "return_token_ids": True})
+            text = await http.post("/v1/completions", json={"prompt": "<w5>", "max_tokens": 2})
+            chat = await http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]})
+            stop = await http.post("/v1/completions", json={"prompt": prompt, "max_tokens": 2, "stop": "x"})
+            return ok, text, chat, stop
+
+    try:
+        ok, text, chat, stop = asyncio.run(main())
+    finally:
+        engine.shutdown()
+    choice = ok.json()["choices"][0]
+    assert ok.status_code == 200 and choice["token_ids"] == ref.token_ids and choice["text"] == ""
+    assert (text.status_code, text.json()["error"]["param"]) == (400, "prompt")
+    assert "tokenizer" in text.json()["error"]["message"]
+    assert (chat.status_code, chat.json()["error"]["param"]) == (400, "messages")
+    assert (stop.status_code, stop.json()["error"]["param"]) == (400, "stop")
+    assert bare.get_stats()["kv_blocks_used"] == 0

@@ -85,7 +85,9 @@ def _wait_ready(proc, url, log_path, timeout=300.0):
 
 @pytest.fixture(scope="module")
 def llm(model_dir, server):
-    return LLM(model_dir, **ENGINE)  # built while the server warms up
+    llm = LLM(model_dir, **ENGINE)  # built, and its greedy step compiled, while the server warms up
+    llm.generate("<w5>", greedy(1), use_tqdm=False)
+    return llm
 
 
 @pytest.fixture(scope="module")
@@ -301,12 +303,18 @@ def test_disconnect_mid_stream_aborts_and_frees_blocks(url):
             usage = chunk.usage or usage
         return usage.completion_tokens
 
+    async def give_up_waiting(http):  # not streaming: the client times out and closes the connection
+        body = {"model": NAME, "prompt": words(8, 10), "max_tokens": 200, "temperature": 0, "ignore_eos": True}
+        with pytest.raises(httpx.ReadTimeout):
+            await http.post("/v1/completions", json=body, timeout=0.5)
+
     async def main():
         async with httpx.AsyncClient(base_url=url, headers=headers, timeout=60) as http, \
                 openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=KEY, timeout=60, max_retries=0) as client:
-            return await asyncio.gather(leave_early(http), *(finish(client, s) for s in range(4)))
+            return await asyncio.gather(leave_early(http), give_up_waiting(http),
+                                        *(finish(client, s) for s in range(4)))
 
-    got, *others = asyncio.run(main())
+    got, _, *others = asyncio.run(main())
     assert got == 3 and others == [20, 20, 20, 20]
     deadline = time.monotonic() + 20
     while True:
@@ -317,9 +325,9 @@ def test_disconnect_mid_stream_aborts_and_frees_blocks(url):
         time.sleep(0.1)
     assert idle and metric(after, "jaxllm:kv_cache_blocks_used") == 0
     assert metric(after, "jaxllm:request_success_total", finished_reason="abort") - \
-        metric(before, "jaxllm:request_success_total", finished_reason="abort") == 1
-    # Aborted, not run to its 200 tokens: the others made 80.
-    assert metric(after, "jaxllm:generation_tokens_total") - metric(before, "jaxllm:generation_tokens_total") < 180
+        metric(before, "jaxllm:request_success_total", finished_reason="abort") == 2
+    # Aborted, not run to their 200 tokens each: the others made 80.
+    assert metric(after, "jaxllm:generation_tokens_total") - metric(before, "jaxllm:generation_tokens_total") < 280
 
 
 @pytest.mark.parametrize("kwargs, status, param", [
@@ -375,3 +383,26 @@ def test_metrics_have_vllm_like_names(url, client):
     assert metric(after, "jaxllm:inter_token_latency_seconds_count") - \
         metric(before, "jaxllm:inter_token_latency_seconds_count") == 3
     assert metric(after, "jaxllm:num_compilations_total") == metric(before, "jaxllm:num_compilations_total")
+
+
+def test_bench_serve_client_against_the_server(url):
+    """The serving benchmark's client (Poisson arrivals, streamed timings) on a short run."""
+    import argparse
+
+    from jaxllm.entrypoints.openai import bench_serve
+
+    parser = argparse.ArgumentParser()
+    bench_serve.add_arguments(parser)
+    args = parser.parse_args(["--base-url", url, "--api-key", KEY, "--num-prompts", "8", "--request-rate", "40",
+                              "--input-len", "6", "--output-len", "3", "--seed", "1",
+                              "--words", ",".join(f"<w{i}>" for i in range(3, 40))])
+    summary = asyncio.run(bench_serve.run(args))
+    assert summary["model"] == NAME and summary["completed"] == 8 and summary["failed"] == 0, summary
+    assert summary["total_output_tokens"] == 24  # ignore_eos: exactly output_len each
+    for key in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"):
+        stats = summary[key]
+        assert 0 < stats["median"] <= stats["p90"] <= stats["p99"], (key, stats)
+    assert summary["ttft_ms"]["median"] <= summary["e2e_ms"]["median"]
+    assert "ttft_ms" in bench_serve.format_summary(summary)
+    gaps = bench_serve.arrival_gaps(2000, 4.0, seed=0)
+    assert abs(sum(gaps) / len(gaps) - 0.25) < 0.02 and bench_serve.arrival_gaps(3, float("inf"), 0) == [0.0] * 3

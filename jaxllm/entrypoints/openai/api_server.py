@@ -93,16 +93,17 @@ def build_app(engine: AsyncEngine, served_model_names: list[str], api_key: str |
         check_model(req.model)
         if req.model_extra:
             logger.warning("ignoring unknown request fields %s", sorted(req.model_extra))
+        streams, work = await create(req, ctx)
         if req.stream:
-            streams, events = await create(req, ctx)
-            return EngineStreamingResponse(events, on_close=lambda: ctx.release(streams))
+            return EngineStreamingResponse(work, on_close=lambda: ctx.release(streams))
         # Not streaming: the handler waits for the whole result, so watch the connection meanwhile.
-        task = asyncio.ensure_future(create(req, ctx))
-        if not await _unless_disconnected(raw, task):
-            return Response(status_code=499)  # nobody is listening; the requests were aborted
-        streams, result = task.result()
-        ctx.release(streams)
-        return JSONResponse(result.model_dump())
+        task = asyncio.ensure_future(work)
+        try:
+            if not await _unless_disconnected(raw, task):
+                return Response(status_code=499)  # nobody is listening; the requests were aborted
+        finally:
+            ctx.release(streams)
+        return JSONResponse(task.result().model_dump())
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, raw: Request):

@@ -43,6 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="requests per second, Poisson arrivals (default: inf, all at once)")
     parser.add_argument("--max-concurrency", type=int, default=None, help="requests in flight at most")
     parser.add_argument("--input-len", type=int, default=32, help="words per prompt")
+    parser.add_argument("--words", default=None,
+                        help="comma-separated words to draw prompts from (default: a small English list)")
     parser.add_argument("--output-len", type=int, default=32, help="max_tokens per request")
     parser.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false",
                         help="let requests stop at EOS (default: ignore_eos, exact output lengths)")
@@ -63,9 +65,9 @@ class RequestResult:
     error: str | None = None
 
 
-def make_prompts(n: int, input_len: int, seed: int) -> list[str]:
+def make_prompts(n: int, input_len: int, seed: int, words=WORDS) -> list[str]:
     rng = random.Random(seed)
-    return [" ".join(rng.choice(WORDS) for _ in range(input_len)) for _ in range(n)]
+    return [" ".join(rng.choice(words) for _ in range(input_len)) for _ in range(n)]
 
 
 def arrival_gaps(n: int, rate: float, seed: int) -> list[float]:
@@ -135,7 +137,8 @@ async def run(args) -> dict:
             r = await client.get("/v1/models")
             r.raise_for_status()
             model = r.json()["data"][0]["id"]
-        prompts = make_prompts(args.num_prompts, args.input_len, args.seed)
+        prompts = make_prompts(args.num_prompts, args.input_len, args.seed,
+                               args.words.split(",") if args.words else WORDS)
         gaps = arrival_gaps(args.num_prompts, args.request_rate, args.seed)
         gate = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else None
 

@@ -12,6 +12,8 @@ A per-app CollectorRegistry, so several apps can live in one process (tests).
 
 from __future__ import annotations
 
+import asyncio
+
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
@@ -87,6 +89,10 @@ class ServerMetrics:
         self.request_success.labels(self.model_name, "abort").inc(stream.params.n - track.finished)
         self._end(stream, now)
 
+    def forget(self, stream: RequestStream) -> None:
+        """Drop what is kept for a finished stream (normally gone already with its last delta)."""
+        self._tracks.pop(stream.request_id, None)
+
     def _end(self, stream: RequestStream, now: float) -> None:
         name, track = self.model_name, self._tracks.pop(stream.request_id, _Track())
         self.prompt_tokens.labels(name).inc(len(stream.prompt_token_ids))
@@ -94,9 +100,14 @@ class ServerMetrics:
         self.request_generation_tokens.labels(name).observe(track.generated)
         self.e2e.labels(name).observe(now - stream.arrival_time)
 
-    async def render(self, engine) -> bytes:
-        """The text exposition, with the engine's counters taken now (in the engine thread)."""
-        self._stats = await engine.get_stats()
+    async def render(self, engine, timeout: float = 5.0) -> bytes:
+        """The text exposition, with the engine's counters taken now (in the engine thread,
+        between two steps). A step that outlasts `timeout` (a compilation) leaves the previous
+        snapshot in place rather than holding up the scrape."""
+        try:
+            self._stats = await asyncio.wait_for(asyncio.shield(engine.get_stats()), timeout)
+        except (asyncio.TimeoutError, RuntimeError):  # a long step; the engine thread is gone
+            pass
         return generate_latest(self.registry)
 
 

@@ -187,3 +187,5 @@ class ServingContext:
             if not stream.finished:
                 self.engine.abort(stream.request_id)
                 self.metrics.observe_abandoned(stream, now)
+            else:
+                self.metrics.forget(stream)

@@ -67,7 +67,7 @@ def _logprobs(entries: list, token_ids: list[int], k: int) -> list[ChatLogprob]:
 
 
 async def create_chat_completion(req: ChatCompletionRequest, ctx: ServingContext):
-    """(streams, result) as serving_completion.create_completion."""
+    """(streams, work) as serving_completion.create_completion."""
     if req.tools:
         raise bad_request("tools are not supported", "tools")
     if req.response_format is not None and req.response_format.get("type") != "text":
@@ -91,7 +91,7 @@ async def create_chat_completion(req: ChatCompletionRequest, ctx: ServingContext
     streams = add_requests(ctx.engine, [prompt], params, req, "messages")
     if req.stream:
         return streams, _stream(req, ctx, streams)
-    return streams, await _collect(req, ctx, streams)
+    return streams, _collect(req, ctx, streams)
 
 
 async def _collect(req: ChatCompletionRequest, ctx: ServingContext, streams: list[RequestStream]):

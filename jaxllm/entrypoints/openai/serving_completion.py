@@ -60,8 +60,9 @@ class _LogprobsBuilder:
 
 
 async def create_completion(req: CompletionRequest, ctx: ServingContext):
-    """(streams, result): result is a CompletionResponse, or with stream=True an async iterator
-    of SSE lines. Raises OpenAIError (400) before anything runs when the request is bad."""
+    """(streams, work): with stream=True, work is an async iterator of SSE lines; otherwise a
+    coroutine returning the CompletionResponse. Raises OpenAIError (400) before anything runs
+    when the request is bad."""
     if req.suffix:
         raise bad_request("suffix is not supported", "suffix")
     if req.best_of is not None and req.best_of != req.n:
@@ -75,7 +76,7 @@ async def create_completion(req: CompletionRequest, ctx: ServingContext):
     echo_text = [_prompt_text(p, s, ctx) for p, s in zip(prompts, streams)] if req.echo else None
     if req.stream:
         return streams, _stream(req, ctx, streams, echo_text)
-    return streams, await _collect(req, ctx, streams, echo_text)
+    return streams, _collect(req, ctx, streams, echo_text)
 
 
 def _prompt_text(prompt, stream: RequestStream, ctx: ServingContext) -> str:
