@@ -20,6 +20,7 @@ apart; throughput is measured over the run's wall time either way.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 
@@ -29,12 +30,22 @@ import pandas as pd
 PERCENTILES = (50, 90, 99)
 REQUEST_COLUMNS = ("request_id", "arrival_time", "first_scheduled_time", "first_token_time", "finished_time",
                    "prompt_len", "output_len", "num_output_tokens", "num_preemptions", "num_cached_tokens",
-                   "ttft", "tpot", "e2el", "queue_time", "itl", "error")
+                   "ttft", "tpot", "e2el", "queue_time", "itl", "output_digest", "error")
+
+
+def token_digest(token_ids) -> str | None:
+    """12 hex digits naming a request's output tokens ([[ids] per completion]): runs that must
+    produce the same tokens (policies, preemption modes) can be compared without storing them."""
+    if token_ids is None:
+        return None
+    return hashlib.sha1(json.dumps([list(map(int, t)) for t in token_ids]).encode()).hexdigest()[:12]
 
 
 def request_row(request_id: str, prompt_len: int, output_len: int, metrics=None, num_output_tokens=None,
-                arrival_time: float | None = None, error: str | None = None, origin: float = 0.0) -> dict:
-    """One row of the request table from a RequestMetrics (times made relative to `origin`)."""
+                arrival_time: float | None = None, error: str | None = None, origin: float = 0.0,
+                token_ids=None) -> dict:
+    """One row of the request table from a RequestMetrics (times made relative to `origin`).
+    token_ids: the completions' output tokens, kept as a digest (token_digest)."""
     m = metrics
 
     def rel(t):
@@ -44,7 +55,8 @@ def request_row(request_id: str, prompt_len: int, output_len: int, metrics=None,
         return dict(request_id=request_id, arrival_time=rel(arrival_time), first_scheduled_time=None,
                     first_token_time=None, finished_time=None, prompt_len=prompt_len, output_len=output_len,
                     num_output_tokens=num_output_tokens or 0, num_preemptions=0, num_cached_tokens=0,
-                    ttft=None, tpot=None, e2el=None, queue_time=None, itl="[]", error=error)
+                    ttft=None, tpot=None, e2el=None, queue_time=None, itl="[]",
+                    output_digest=token_digest(token_ids), error=error)
     return dict(
         request_id=request_id, arrival_time=rel(m.arrival_time), first_scheduled_time=rel(m.first_scheduled_time),
         first_token_time=rel(m.first_token_time), finished_time=rel(m.finished_time),
@@ -53,7 +65,8 @@ def request_row(request_id: str, prompt_len: int, output_len: int, metrics=None,
         num_preemptions=m.num_preemptions, num_cached_tokens=m.num_cached_tokens,
         ttft=m.ttft, tpot=m.mean_tpot, e2el=m.e2e_latency, queue_time=m.queue_time,
         # A JSON list: the table stays flat (CSV) and the gaps are all there.
-        itl=json.dumps([round(x, 9) for x in m.inter_token_latencies]), error=error,
+        itl=json.dumps([round(x, 9) for x in m.inter_token_latencies]), output_digest=token_digest(token_ids),
+        error=error,
     )
 
 

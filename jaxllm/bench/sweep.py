@@ -22,7 +22,7 @@ import pandas as pd
 from jaxllm.bench import results
 from jaxllm.bench.config import field_path
 
-ROW_METRICS = ("output_throughput", "request_throughput", "total_token_throughput", "goodput",
+ROW_METRICS = ("completed", "failed", "output_throughput", "request_throughput", "total_token_throughput", "goodput",
                "mean_ttft_ms", "median_ttft_ms", "p90_ttft_ms", "p99_ttft_ms",
                "mean_tpot_ms", "p90_tpot_ms", "mean_itl_ms", "p90_itl_ms", "mean_e2el_ms", "p90_e2el_ms",
                "num_preemptions", "kv_usage_mean", "kv_usage_max", "kv_token_fill", "kv_sharing_saving",
@@ -60,7 +60,7 @@ def summary_row(point: dict, summary: dict | None, path: str, system: str) -> di
 def sweep(base, axes: dict[str, list], log=print, run_fn=None, system: str | None = None) -> pd.DataFrame:
     """Run `base` at every grid point of `axes` (field -> values); returns one row per point:
     the point's values, status / error / run_dir, and the summary metrics of `system` (default
-    the config's first). `run_fn(cfg, roofline=...)`: the runner (default run.run_benchmark)."""
+    the config's first). `run_fn(cfg, roofline=..., log=...)`: the runner (default run.run_benchmark)."""
     from jaxllm.bench.run import run_benchmark
 
     run_fn = run_fn or run_benchmark
@@ -81,7 +81,7 @@ def sweep(base, axes: dict[str, list], log=print, run_fn=None, system: str | Non
 
             roofline = measure_roofline(**(QUICK if cfg.roofline_size == "quick" else {}))
         try:
-            summary = run_fn(cfg, roofline=roofline).summary
+            summary = run_fn(cfg, roofline=roofline, log=log).summary
         except Exception as e:  # noqa: BLE001 - a failed point is recorded; the sweep goes on
             summary = {"status": "failed", "error": f"{type(e).__name__}: {e}",
                        "traceback": traceback.format_exc(limit=8), "config": cfg.to_dict()}

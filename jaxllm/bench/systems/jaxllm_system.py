@@ -70,7 +70,8 @@ def run_jaxllm(model_dir: str, workload, arrivals, cfg, llm=None) -> SystemResul
             error = out.error or (None if got == spec.output_len * spec.n
                                   else f"{got} output tokens, {spec.output_len * spec.n} requested")
             rows.append(request_row(spec.request_id, spec.prompt_len, spec.output_len, out.metrics,
-                                    num_output_tokens=got, error=error, origin=result.start_time))
+                                    num_output_tokens=got, error=error, origin=result.start_time,
+                                    token_ids=[c.token_ids for c in out.outputs]))
         result = (request_table(rows), step_table(result.steps, origin=result.start_time), result.duration)
     requests, steps, duration = result
     stats = engine.get_stats()
@@ -106,7 +107,8 @@ def _run_beams(llm, workload, wcfg):
         best = out.sequences[0]
         got = len(best.tokens) - spec.prompt_len
         rows.append(dict(request_row(spec.request_id, spec.prompt_len, spec.output_len, None,
-                                     num_output_tokens=got, arrival_time=start, origin=start),
+                                     num_output_tokens=got, arrival_time=start, origin=start,
+                                     token_ids=[s.tokens[spec.prompt_len:] for s in out.sequences]),
                          finished_time=end - start, e2el=end - start,
                          error=None if got == spec.output_len else f"best beam has {got} tokens"))
     return request_table(rows), step_table(steps, origin=start), end - start
