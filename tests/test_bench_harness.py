@@ -214,6 +214,21 @@ def test_step_summary_against_hand_computed_steps():
     assert s["device_time_s"] == pytest.approx(0.16) and s["step_time_s"] == pytest.approx(0.2)
 
 
+def test_kv_memory_fill_of_paging_and_static_reservation():
+    from jaxllm.bench.memory import kv_memory_fill
+
+    # Step 0: A (prompt 10 + output 3 = 13) and B (20 + 2 = 22, two samples "0_B", "1_B") hold
+    # 20 tokens in 4 referenced blocks of 8 slots; step 1: only A, 12 tokens in 2 blocks.
+    steps = metrics.step_table([_step(0, scheduled=(("A", 8), ("0_B", 1), ("1_B", 1)), num_context_tokens=20,
+                                      kv_blocks_referenced=4),
+                                _step(1, scheduled=(("A", 1),), num_context_tokens=12, kv_blocks_referenced=2)])
+    fill = kv_memory_fill(steps, _timeline(), block_size=8, max_model_len=100)
+    assert fill["paged"] == pytest.approx(32 / 48)
+    assert fill["static_max"] == pytest.approx(32 / 400)
+    assert fill["static_pow2"] == pytest.approx(32 / (16 + 32 + 32 + 16))
+    assert fill["static_oracle"] == pytest.approx(32 / (13 + 22 + 22 + 13))
+
+
 def test_ratios_skip_peers_without_numbers():
     r = metrics.ratios({"jaxllm": {"output_throughput": 30.0, "request_throughput": 3.0},
                         "hf_static": {"output_throughput": 10.0, "request_throughput": 1.0},
@@ -368,7 +383,7 @@ def _fake_runner(calls, fail_at=None):
     throughput is 10 * block_size; the point with block_size == fail_at raises."""
     from jaxllm.bench.results import Run
 
-    def run(cfg, roofline=None):
+    def run(cfg, roofline=None, log=None):
         calls.append(cfg.engine.block_size)
         if cfg.engine.block_size == fail_at:
             raise RuntimeError(f"out of blocks at block_size={fail_at}")
@@ -411,3 +426,16 @@ def test_sweep_refuses_bad_fields_and_values_before_running(tmp_path):
     with pytest.raises(ValueError, match="non-empty list"):
         grid({"block_size": []})
     assert calls == [] and not os.listdir(tmp_path)
+
+
+def test_experiment_configs_load():
+    """Every TOML under experiments/configs is a valid config, and its sweep axes name real fields."""
+    import glob
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    paths = sorted(glob.glob(os.path.join(root, "experiments", "configs", "*.toml")))
+    assert paths
+    for path in paths:
+        cfg, axes = load_toml(path)
+        points = grid(axes) if axes else [{}]
+        assert all(cfg.replace(**p) for p in points), path

@@ -128,7 +128,12 @@ def _serve(args) -> int:
 def main(args: argparse.Namespace) -> int:
     if args.bench_command == "serve":
         return _serve(args)
-    import matplotlib
+    try:
+        import matplotlib
+        import pandas  # noqa: F401
+    except ImportError as e:
+        print(f"jaxllm bench needs pandas and matplotlib: pip install 'jaxllm[bench]' ({e})", file=sys.stderr)
+        return 2
 
     matplotlib.use("Agg")
     from jaxllm.bench.run import run_benchmark
