@@ -44,6 +44,10 @@ def test_bench_throughput_timed_run(tmp_path, capsys):
     assert (r["num_output_tokens"] == 4).all() and r["error"].isna().all()
     assert run.steps["num_batched_tokens"].sum() == r["prompt_len"].sum() + 6 * 3  # prompts + 3 decodes each
     assert {"cdf_ttft.png", "kv_usage.png", "batch_composition.png"} <= set(os.listdir(run_dir))
+    from jaxllm.bench.run import latency_table
+
+    table = latency_table(run)
+    assert all(f"jaxllm         {k}" in table for k in ("ttft", "tpot", "itl", "e2el"))
 
 
 def test_bench_bad_input_is_named_before_anything_runs(tmp_path, capsys):

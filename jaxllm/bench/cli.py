@@ -177,8 +177,10 @@ def main(args: argparse.Namespace) -> int:
             table.to_json(args.output_json, orient="records", indent=2)
         return 0 if (table["status"] == "ok").all() else 1
     run = run_benchmark(cfg, log=log)
-    if args.bench_command == "latency" and args.quiet:
-        print(run.summary)
+    if args.bench_command == "latency":
+        from jaxllm.bench.run import latency_table
+
+        log(latency_table(run))
     if args.plots:
         from jaxllm.bench.plots import save_run_plots
 

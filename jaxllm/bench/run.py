@@ -70,7 +70,7 @@ def run_benchmark(cfg, log=print, roofline: dict | None = None, model_dir: str |
     env = results.environment()
     results.write_json(os.path.join(path, "config.json"),
                        {"config": cfg.to_dict(), "config_hash": cfg.config_hash(), "model_dir": model_dir, **env})
-    summ = wsum = workload.summary()
+    wsum = workload.summary()
     log(f"workload: {workload.num_requests} requests ({wsum['dataset_name']}), prompts mean "
         f"{wsum['prompt_len']['mean']:.0f} max {wsum['prompt_len']['max']}, outputs mean "
         f"{wsum['output_len']['mean']:.0f} max {wsum['output_len']['max']}, rate {wcfg.request_rate} req/s")
@@ -120,6 +120,17 @@ def run_benchmark(cfg, log=print, roofline: dict | None = None, model_dir: str |
     run = results.Run(path, cfg.to_dict(), requests, steps, summ)
     log(report(run))
     return run
+
+
+def latency_table(run: results.Run) -> str:
+    """TTFT / TPOT / ITL / e2e latency percentiles (ms) of every system that reports them."""
+    rows = []
+    for name, x in run.summary["systems"].items():
+        for k in ("ttft", "tpot", "itl", "e2el"):
+            if x.get(f"mean_{k}_ms") is not None:
+                rows.append(f"  {name:14s} {k:5s} " + " ".join(
+                    f"{p} {x[f'{p}_{k}_ms']:9.1f}" for p in ("mean", "median", "p90", "p99")))
+    return "\n".join(["latency (ms):"] + rows)
 
 
 def report(run: results.Run) -> str:
