@@ -439,3 +439,56 @@ def test_experiment_configs_load():
         cfg, axes = load_toml(path)
         points = grid(axes) if axes else [{}]
         assert all(cfg.replace(**p) for p in points), path
+
+
+def _fake_sim_system(model_dir, workload, arrivals, cfg):
+    """A system on a virtual clock (the way a simulator plugs in): the timed driver with an
+    injected clock and wait, around an Engine-like object."""
+    from jaxllm.bench.systems import SystemResult
+    from jaxllm.sampling_params import SamplingParams
+
+    clock = VirtualClock()
+    res = TimedDriver(FakeEngine(clock), clock=clock, wait_until=clock.wait_until).run(
+        [(s, SamplingParams(max_tokens=s.output_len)) for s in workload.requests], arrivals)
+    rows = [metrics.request_row(s.request_id, s.prompt_len, s.output_len, res.outputs[s.request_id].metrics)
+            for s in workload.requests]
+    return SystemResult("sim", metrics.request_table(rows), metrics.step_table(res.steps), res.duration, {})
+
+
+def _failing_system(model_dir, workload, arrivals, cfg):
+    raise RuntimeError("out of memory")
+
+
+def test_run_benchmark_with_a_registered_system_and_a_failing_one(tmp_path):
+    """run_benchmark end to end without a model: a registered virtual-clock system runs at its
+    Poisson arrivals; a failing system is recorded and the run goes on; the run directory reads
+    back as DataFrames."""
+    from jaxllm.bench import load_run, run_benchmark
+    from jaxllm.bench.systems import RUNNERS, register_system
+
+    register_system("sim", f"{__name__}:_fake_sim_system")
+    register_system("boom", f"{__name__}:_failing_system")
+    try:
+        cfg = BenchConfig(model=str(tmp_path / "no-such-model"), systems=("sim", "boom"), measure_roofline=False,
+                          output_dir=str(tmp_path / "runs"), slo_ttft_ms=150,
+                          workload=WorkloadConfig(num_prompts=5, input_len=4, output_len="uniform:1:3",
+                                                  request_rate=2.0, seed=1))
+        run = run_benchmark(cfg, log=lambda *a: None)
+    finally:
+        RUNNERS.pop("sim")
+        RUNNERS.pop("boom")
+    s = run.summary
+    assert s["status"] == "ok" and s["systems"]["boom"]["error"] == "RuntimeError: out of memory"
+    sim = s["systems"]["sim"]
+    expected_arrivals = arrivals.arrival_times(5, 2.0, 1.0, seed=1)
+    back = load_run(run.path)
+    assert back.requests["arrival_time"].to_numpy() == pytest.approx(expected_arrivals)
+    # A request arriving to an idle engine gets its first token after one 0.1 s step; one
+    # arriving during a step waits for it to end.
+    ttft = back.requests["ttft"].to_numpy()
+    assert sim["completed"] == 5 and ttft.min() == pytest.approx(0.1) and (ttft <= 0.2 + 1e-9).all()
+    assert ttft[0] == pytest.approx(0.1) and sim["goodput"] == pytest.approx((ttft <= 0.15).sum() / sim["duration_s"])
+    assert sim["num_steps"] == len(back.steps) <= int(back.requests["output_len"].sum())
+    assert back.config["config_hash"] == cfg.config_hash() and back.summary == s
+    with pytest.raises(ValueError, match="unknown system 'sim'"):
+        BenchConfig(systems=("sim",))

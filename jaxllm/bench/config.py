@@ -30,7 +30,6 @@ from typing import Any
 
 from jaxllm.bench.workloads import LengthDist
 
-SYSTEMS = ("jaxllm", "hf_static", "hf_continuous", "vllm")
 DATASETS = ("random", "sharegpt", "shared-prefix")
 
 
@@ -145,8 +144,10 @@ class BenchConfig:
     def __post_init__(self):
         if isinstance(self.systems, (list, str)):
             object.__setattr__(self, "systems", tuple([self.systems] if isinstance(self.systems, str) else self.systems))
+        from jaxllm.bench.systems import RUNNERS  # host only: the runners import lazily
+
         for s in self.systems:
-            _require(s in SYSTEMS, f"unknown system {s!r}; choose from {SYSTEMS}")
+            _require(s in RUNNERS, f"unknown system {s!r}; choose from {sorted(RUNNERS)}")
         _require(self.roofline_size in ("full", "quick"),
                  f"roofline_size must be 'full' or 'quick', got {self.roofline_size!r}")
         for name in ("slo_ttft_ms", "slo_tpot_ms", "slo_e2e_ms"):

@@ -57,6 +57,8 @@ def resolve_model(model: str, cache_dir: str, max_model_len: int = 2048) -> str:
 
 def hf_config(model_dir: str):
     """The transformers config of a model directory (None for aliases / GGUF files we can't read)."""
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        return None  # never ask the Hub: an alias or a GGUF file has no local HF config
     try:
         import transformers
 

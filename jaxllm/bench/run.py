@@ -28,6 +28,8 @@ from jaxllm.bench.workloads import make_workload
 
 def _tokenizer(model_dir: str):
     """The model's tokenizer for text datasets, None when it has none (random models)."""
+    if not os.path.isdir(model_dir):
+        return None  # an alias or a GGUF file: words become ids
     try:
         import transformers
 

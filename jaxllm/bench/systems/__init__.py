@@ -29,19 +29,32 @@ class SystemResult:
     info: dict  # system-specific facts: warm-up / compile time, its config, engine stats
 
 
+# name -> "module:function" of its run function; `register_system` adds one (a simulator, a
+# new peer) without editing this file.
+RUNNERS: dict[str, str] = {
+    "jaxllm": "jaxllm.bench.systems.jaxllm_system:run_jaxllm",
+    "hf_static": "jaxllm.bench.systems.hf:run_hf_static",
+    "hf_continuous": "jaxllm.bench.systems.hf:run_hf_continuous",
+    "vllm": "jaxllm.bench.systems.vllm:run_vllm",
+}
+
+
+def register_system(name: str, target: str) -> None:
+    """Make `name` a system configs may list; target: "module:function" with the signature
+    fn(model_dir, workload, arrivals, cfg) -> SystemResult (imported only when it runs)."""
+    if ":" not in target:
+        raise ValueError(f"system target must be 'module:function', got {target!r}")
+    RUNNERS[name] = target
+
+
 def get_system(name: str):
     """The run function of a system: fn(model_dir, workload, arrivals, cfg) -> SystemResult."""
-    if name == "jaxllm":
-        from jaxllm.bench.systems.jaxllm_system import run_jaxllm as fn
-    elif name == "hf_static":
-        from jaxllm.bench.systems.hf import run_hf_static as fn
-    elif name == "hf_continuous":
-        from jaxllm.bench.systems.hf import run_hf_continuous as fn
-    elif name == "vllm":
-        from jaxllm.bench.systems.vllm import run_vllm as fn
-    else:
-        raise ValueError(f"unknown system {name!r}")
-    return fn
+    if name not in RUNNERS:
+        raise ValueError(f"unknown system {name!r}; choose from {sorted(RUNNERS)}")
+    import importlib
+
+    module, fn = RUNNERS[name].split(":")
+    return getattr(importlib.import_module(module), fn)
 
 
 def require_offline(name: str, workload_cfg) -> None:
