@@ -348,6 +348,11 @@ def test_config_from_toml_flat_and_dotted(tmp_path):
     assert cfg.config_hash() == from_dict(cfg.to_dict()).config_hash()
     assert cfg.config_hash() != cfg.replace(block_size=16).config_hash()
     assert cfg.config_hash() == cfg.replace(output_dir="/elsewhere").config_hash()  # where results go is no setting
+    # The KV cache is sized one way, the one set last.
+    blocks = cfg.replace(num_kv_blocks=64).engine
+    assert blocks.num_kv_blocks == 64 and blocks.kv_cache_memory_bytes is None
+    budget = cfg.replace(num_kv_blocks=64).replace(kv_cache_memory_bytes=1 << 20).engine
+    assert budget.num_kv_blocks is None and budget.kv_cache_memory_bytes == 1 << 20
 
 
 @pytest.mark.parametrize("toml, message", [

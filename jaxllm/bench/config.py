@@ -175,7 +175,10 @@ class BenchConfig:
             if section is None:
                 cfg = dataclasses.replace(cfg, **{field: value})
             else:
-                sub = dataclasses.replace(getattr(cfg, section), **{field: value})
+                change = {field: value}
+                if field == "kv_cache_memory_bytes" and value is not None:
+                    change["num_kv_blocks"] = None  # the cache is sized one way: the one set last
+                sub = dataclasses.replace(getattr(cfg, section), **change)
                 cfg = dataclasses.replace(cfg, **{section: sub})
         return cfg
 
