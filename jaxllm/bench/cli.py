@@ -93,8 +93,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             p.add_argument("--sweep", action="append", default=[], metavar="FIELD=V1,V2,...",
                            help="a sweep axis (repeatable; adds to the TOML's [sweep] table)")
             p.add_argument("--plot", default=None, metavar="X:Y[:HUE]", help="save a sweep curve (PNG)")
+    # Its flags are the serving benchmark's own (parsed in _serve): this parser takes no options
+    # (prefix_chars that no flag uses), so even `--help` passes through to it.
     s = sub.add_parser("serve", help="the serving benchmark against a running `jaxllm serve` (its own flags)",
-                       add_help=False)
+                       add_help=False, prefix_chars="\x00")
     s.add_argument("serve_args", nargs=argparse.REMAINDER)
 
 
