@@ -457,7 +457,7 @@ def _fake_sim_system(model_dir, workload, arrivals, cfg):
         [(s, SamplingParams(max_tokens=s.output_len)) for s in workload.requests], arrivals)
     rows = [metrics.request_row(s.request_id, s.prompt_len, s.output_len, res.outputs[s.request_id].metrics)
             for s in workload.requests]
-    return SystemResult("sim", metrics.request_table(rows), metrics.step_table(res.steps), res.duration, {})
+    return SystemResult("vclock", metrics.request_table(rows), metrics.step_table(res.steps), res.duration, {})
 
 
 def _failing_system(model_dir, workload, arrivals, cfg):
@@ -471,20 +471,20 @@ def test_run_benchmark_with_a_registered_system_and_a_failing_one(tmp_path):
     from jaxllm.bench import load_run, run_benchmark
     from jaxllm.bench.systems import RUNNERS, register_system
 
-    register_system("sim", f"{__name__}:_fake_sim_system")
+    register_system("vclock", f"{__name__}:_fake_sim_system")
     register_system("boom", f"{__name__}:_failing_system")
     try:
-        cfg = BenchConfig(model=str(tmp_path / "no-such-model"), systems=("sim", "boom"), measure_roofline=False,
+        cfg = BenchConfig(model=str(tmp_path / "no-such-model"), systems=("vclock", "boom"), measure_roofline=False,
                           output_dir=str(tmp_path / "runs"), slo_ttft_ms=150,
                           workload=WorkloadConfig(num_prompts=5, input_len=4, output_len="uniform:1:3",
                                                   request_rate=2.0, seed=1))
         run = run_benchmark(cfg, log=lambda *a: None)
     finally:
-        RUNNERS.pop("sim")
+        RUNNERS.pop("vclock")
         RUNNERS.pop("boom")
     s = run.summary
     assert s["status"] == "ok" and s["systems"]["boom"]["error"] == "RuntimeError: out of memory"
-    sim = s["systems"]["sim"]
+    sim = s["systems"]["vclock"]
     expected_arrivals = arrivals.arrival_times(5, 2.0, 1.0, seed=1)
     back = load_run(run.path)
     assert back.requests["arrival_time"].to_numpy() == pytest.approx(expected_arrivals)
@@ -495,5 +495,44 @@ def test_run_benchmark_with_a_registered_system_and_a_failing_one(tmp_path):
     assert ttft[0] == pytest.approx(0.1) and sim["goodput"] == pytest.approx((ttft <= 0.15).sum() / sim["duration_s"])
     assert sim["num_steps"] == len(back.steps) <= int(back.requests["output_len"].sum())
     assert back.config["config_hash"] == cfg.config_hash() and back.summary == s
-    with pytest.raises(ValueError, match="unknown system 'sim'"):
-        BenchConfig(systems=("sim",))
+    with pytest.raises(ValueError, match="unknown system 'vclock'"):
+        BenchConfig(systems=("vclock",))
+
+
+def test_sim_system_predicts_on_the_same_workload_and_is_labelled(tmp_path):
+    """`systems = ["sim"]`: a SimulatedEngine (virtual clock, no jax, no weights: only config.json)
+    runs the workload at its arrivals through the same driver; its summary and the sweep rows say
+    it is a prediction; the cost model is a profile name or a fitted JSON; a bad one is named."""
+    from jaxllm.bench import load_run, run_benchmark
+    from jaxllm.bench.run import report
+    from jaxllm.sim import LinearCostModel
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(dict(
+        architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=128,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        rms_norm_eps=1e-6, eos_token_id=2, bos_token_id=1)))
+    cost = tmp_path / "fitted.json"
+    LinearCostModel({"device": {"step": 0.01}}).save(str(cost))
+    cfg = BenchConfig(model=str(model), systems=("sim",), measure_roofline=False, output_dir=str(tmp_path / "runs"),
+                      engine=EngineArgs(num_kv_blocks=64, max_num_seqs=4, max_num_batched_tokens=32),
+                      workload=WorkloadConfig(num_prompts=12, input_len="uniform:4:20", output_len=5,
+                                              request_rate=50.0, seed=2))
+    run = run_benchmark(cfg, log=lambda *a: None)
+    s = run.summary["systems"]["sim"]
+    assert s["kind"] == "predicted" and "not a measurement" in s["prediction"]
+    assert s["completed"] == 12 and s["total_output_tokens"] == 60 and s["num_steps"] > 0
+    assert load_run(run.path).requests["arrival_time"].to_numpy() == pytest.approx(arrivals.arrival_times(12, 50.0, seed=2))
+    assert "sim*" in report(run) and "a model, not a measurement" in report(run)
+    # A fitted cost model of 10 ms a step: the simulated duration is 10 ms x steps (plus idle gaps).
+    fitted = run_benchmark(cfg.replace(sim_cost_model=str(cost)), log=lambda *a: None).summary["systems"]["sim"]
+    assert fitted["step_time_s"] == pytest.approx(0.01 * fitted["num_steps"])
+    assert cfg.replace(sim_cost_model="tpu-v5e").config_hash() != cfg.config_hash()
+    assert BenchConfig(sim_cost_model="tpu-v5e").config_hash() == BenchConfig().config_hash()  # jaxllm only
+    bad = run_benchmark(cfg.replace(sim_cost_model="tpu-v9"), log=lambda *a: None).summary
+    assert bad["status"] == "failed" and "sim_cost_model must be a hardware profile" in bad["systems"]["sim"]["error"]
+    # A sweep: one row per point and system, each saying what kind of number it holds.
+    table = sweep(cfg.replace(request_rate=math.inf), {"max_num_seqs": [1, 4]}, log=lambda *a: None)
+    assert table["system"].tolist() == ["sim", "sim"] and (table["kind"] == "predicted").all()
+    assert table["output_throughput"][1] > table["output_throughput"][0]  # offline: 4 rows a step beat 1

@@ -33,7 +33,7 @@ HOST_MODULES = [
     "jaxllm.sim.cost_model",
     "jaxllm.sim.hardware",
     "jaxllm.sim.replay",
-    "jaxllm.sim.driver",
+    "jaxllm.bench.systems.sim",
 ]
 
 

@@ -164,7 +164,7 @@ def main(args: argparse.Namespace) -> int:
         from jaxllm.bench.sweep import sweep
 
         table = sweep(cfg, axes, log=log)
-        with_cols = [c for c in list(axes) + ["status", "output_throughput", "request_throughput",
+        with_cols = [c for c in list(axes) + ["system", "kind", "status", "output_throughput", "request_throughput",
                                                "p90_ttft_ms", "num_preemptions"] if c in table]
         print(table[with_cols].to_string(index=False))
         print(f"wrote {table.attrs['path']}")

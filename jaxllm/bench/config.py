@@ -139,6 +139,9 @@ class BenchConfig:
     output_dir: str = "experiments/results/runs"
     model_cache_dir: str = "~/.cache/jaxllm/bench_models"
     hf_cb_timeout: float = 1800.0
+    # The "sim" system's step-cost model: a hardware profile name (jaxllm.sim.hardware.PROFILES)
+    # or the path of a LinearCostModel JSON fitted with jaxllm.sim.fit. Its results are predictions.
+    sim_cost_model: str = "h100-sxm"
     torch_threads: int | None = None
 
     def __post_init__(self):
@@ -148,6 +151,8 @@ class BenchConfig:
 
         for s in self.systems:
             _require(s in RUNNERS, f"unknown system {s!r}; choose from {sorted(RUNNERS)}")
+        _require(isinstance(self.sim_cost_model, str) and self.sim_cost_model.strip() != "",
+                 f"sim_cost_model must be a hardware profile name or a .json path, got {self.sim_cost_model!r}")
         _require(self.roofline_size in ("full", "quick"),
                  f"roofline_size must be 'full' or 'quick', got {self.roofline_size!r}")
         for name in ("slo_ttft_ms", "slo_tpot_ms", "slo_e2e_ms"):
@@ -165,6 +170,8 @@ class BenchConfig:
         d = self.to_dict()
         for k in ("output_dir", "model_cache_dir"):  # where results go does not change the run
             d.pop(k)
+        if "sim" not in self.systems:  # only the simulator reads it: other runs keep their hashes
+            d.pop("sim_cost_model")
         return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
     def replace(self, **fields) -> "BenchConfig":

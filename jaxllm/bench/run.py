@@ -94,6 +94,9 @@ def run_benchmark(cfg, log=print, roofline: dict | None = None, model_dir: str |
         s = metrics.summarize(res.requests, res.steps, res.duration, slos(cfg),
                               block_size=cfg.engine.block_size if res.steps is not None else None)
         s["info"] = res.info
+        s["kind"] = res.kind
+        if res.kind == "predicted":
+            s["prediction"] = f"predicted by the simulator's cost model {res.info.get('cost_model')!r}: a model, not a measurement"
         if res.steps is not None and cost is not None and roofline is not None:
             s["roofline"] = roofline_fraction(res.steps, res.duration, cost, roofline)
         per_system[name] = s
@@ -101,6 +104,7 @@ def run_benchmark(cfg, log=print, roofline: dict | None = None, model_dir: str |
         if res.steps is not None:
             step_tables.append(res.steps.assign(system=name))
         log(f"  {s['output_throughput']:.1f} output tok/s, {s['request_throughput']:.2f} req/s"
+            + (" (predicted: a model, not a measurement)" if res.kind == "predicted" else "")
             + (f", p90 TTFT {s['p90_ttft_ms']:.0f} ms" if s.get("p90_ttft_ms") is not None else ""))
 
     requests = pd.concat(req_tables, ignore_index=True) if req_tables else pd.DataFrame()
@@ -124,13 +128,18 @@ def run_benchmark(cfg, log=print, roofline: dict | None = None, model_dir: str |
     return run
 
 
+def _label(name: str, summary: dict) -> str:
+    """A system's name in the printed tables; a prediction is starred (see report's footnote)."""
+    return name + "*" if summary.get("kind") == "predicted" else name
+
+
 def latency_table(run: results.Run) -> str:
     """TTFT / TPOT / ITL / e2e latency percentiles (ms) of every system that reports them."""
     rows = []
     for name, x in run.summary["systems"].items():
         for k in ("ttft", "tpot", "itl", "e2el"):
             if x.get(f"mean_{k}_ms") is not None:
-                rows.append(f"  {name:14s} {k:5s} " + " ".join(
+                rows.append(f"  {_label(name, x):14s} {k:5s} " + " ".join(
                     f"{p} {x[f'{p}_{k}_ms']:9.1f}" for p in ("mean", "median", "p90", "p99")))
     return "\n".join(["latency (ms):"] + rows)
 
@@ -146,10 +155,12 @@ def report(run: results.Run) -> str:
             continue
         lat = "".join(f"  {k} p50/p90/p99 {x[f'median_{k}_ms']:.0f}/{x[f'p90_{k}_ms']:.0f}/{x[f'p99_{k}_ms']:.0f} ms"
                       for k in ("ttft", "tpot") if x.get(f"median_{k}_ms") is not None)
-        lines.append(f"  {name:14s} {x['output_throughput']:9.1f} out tok/s {x['request_throughput']:7.3f} req/s "
+        lines.append(f"  {_label(name, x):14s} {x['output_throughput']:9.1f} out tok/s {x['request_throughput']:7.3f} req/s "
                      f"{x['duration_s']:7.2f} s{lat}")
         if x.get("goodput") is not None:
             lines.append(f"  {'':14s} goodput {x['goodput']:.3f} req/s under {x['slos_ms']}")
+    if any(x.get("kind") == "predicted" for x in s["systems"].values()):
+        lines.append("  * predicted: the simulator's cost model, a model, not a measurement")
     for k, v in s["ratios"].items():
         lines.append(f"  {k}: " + ", ".join(f"{m} {r:.2f}x" for m, r in v.items()))
     j = s["systems"].get("jaxllm", {})

@@ -6,7 +6,9 @@ Every field is checked and every point's config built before anything runs, so a
 or a bad value (a rate <= 0) fails at once. Each run writes its own directory (results.py);
 a point whose directory already holds a complete run is not run again (resume after a crash or
 Ctrl-C by running the same sweep). A run that raises is recorded as failed with its error, and
-the sweep goes on. The table (one row per point) is also written as sweep_<hash>.csv.
+the sweep goes on. The table (one row per point and system, e.g. jaxllm measured beside the
+simulator's prediction: column `kind` is "measured" or "predicted") is also written as
+sweep_<hash>.csv.
 """
 
 from __future__ import annotations
@@ -46,8 +48,10 @@ def _label(v):
 
 def summary_row(point: dict, summary: dict | None, path: str, system: str) -> dict:
     row = {k: _label(v) for k, v in point.items()}
-    row.update(run_dir=path, status=(summary or {}).get("status", "failed"), error=(summary or {}).get("error"))
     s = ((summary or {}).get("systems") or {}).get(system) or {}
+    row.update(system=system, kind=s.get("kind", "predicted" if system == "sim" else "measured"),
+               run_dir=path, status=(summary or {}).get("status", "failed"),
+               error=(summary or {}).get("error") or s.get("error") or s.get("skipped"))
     for k in ROW_METRICS:
         row[k] = s.get(k)
     rf = s.get("roofline") or {}
@@ -58,22 +62,22 @@ def summary_row(point: dict, summary: dict | None, path: str, system: str) -> di
 
 
 def sweep(base, axes: dict[str, list], log=print, run_fn=None, system: str | None = None) -> pd.DataFrame:
-    """Run `base` at every grid point of `axes` (field -> values); returns one row per point:
-    the point's values, status / error / run_dir, and the summary metrics of `system` (default
-    the config's first). `run_fn(cfg, roofline=..., log=...)`: the runner (default run.run_benchmark)."""
+    """Run `base` at every grid point of `axes` (field -> values); returns one row per point and
+    system: the point's values, system / kind / status / error / run_dir, and that system's
+    summary metrics (`system`: only that one; default every system of the config). `run_fn(cfg, roofline=..., log=...)`: the runner (default run.run_benchmark)."""
     from jaxllm.bench.run import run_benchmark
 
     run_fn = run_fn or run_benchmark
     points = grid(axes)
     configs = [base.replace(**p) for p in points]  # every bad value fails here, before any run
-    system = system or base.systems[0]
+    systems = [system] if system else list(base.systems)
     roofline = None
     rows = []
     for i, (point, cfg) in enumerate(zip(points, configs)):
         path = results.run_dir(cfg)
         if results.is_complete(path):
             log(f"[{i + 1}/{len(points)}] {point}: done already ({path})")
-            rows.append(summary_row(point, results.read_summary(path), path, system))
+            rows += [summary_row(point, results.read_summary(path), path, name) for name in systems]
             continue
         log(f"[{i + 1}/{len(points)}] {point}")
         if roofline is None and cfg.measure_roofline:
@@ -88,7 +92,7 @@ def sweep(base, axes: dict[str, list], log=print, run_fn=None, system: str | Non
             os.makedirs(path, exist_ok=True)
             results.write_json(os.path.join(path, "summary.json"), summary)
             log(f"  failed: {summary['error']}")
-        rows.append(summary_row(point, summary, path, system))
+        rows += [summary_row(point, summary, path, name) for name in systems]
     table = pd.DataFrame(rows)
     key = json.dumps({"base": base.config_hash(), "axes": {k: [_label(v) for v in vs] for k, vs in axes.items()}},
                      sort_keys=True)

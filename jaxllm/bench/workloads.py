@@ -170,6 +170,18 @@ def random_workload(num_prompts: int, input_len, output_len, vocab_size: int, se
     return Workload(reqs, {"dataset_name": "random", "input_len": str(pd), "output_len": str(od), "seed": seed})
 
 
+def lengths_workload(prompt_lens: Sequence[int], output_lens: Sequence[int], vocab_size: int, seed: int = 0,
+                     prefix: str = "") -> Workload:
+    """Random token-id prompts of exactly the given lengths (request ids `prefix` + index): a
+    workload whose lengths the caller drew (the simulator's experiments, tests)."""
+    if len(prompt_lens) != len(output_lens):
+        raise ValueError(f"prompt_lens and output_lens differ in length: {len(prompt_lens)}, {len(output_lens)}")
+    rng = np.random.default_rng(seed)
+    reqs = [RequestSpec(f"{prefix}{i}", tuple(_random_ids(rng, p, vocab_size)), int(o))
+            for i, (p, o) in enumerate(zip(prompt_lens, output_lens))]
+    return Workload(reqs, {"dataset_name": "lengths", "num_prompts": len(reqs), "seed": seed})
+
+
 def shared_prefix_workload(num_prompts: int, num_prefix_groups: int, prefix_len: int, input_len, output_len,
                            vocab_size: int, seed: int = 0, n: int = 1, beam_width: int = 0) -> Workload:
     """Prompts in `num_prefix_groups` groups (request i in group i % groups): the group's

@@ -6,7 +6,7 @@ tokens, hence the same scheduling decisions (it is the same scheduler code). Hos
     result.steps          # the simulator's StepStats, one per recorded step
 
 Each request is added before the step it was added before in the recorded run: its
-`added_at_step` (the number of step records made before it was added, as run_workload records
+`added_at_step` (the number of step records made before it was added, as jaxllm.bench.TimedDriver records
 it) or, without that column, the first recorded step whose start_time is at or after its
 arrival_time; requests are added in `add_index` order (else by arrival_time). The clock is pinned to each recorded step's start_time before the step, so
 time-dependent policies see the times the real run saw. Each request "samples" its recorded

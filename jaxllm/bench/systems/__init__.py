@@ -4,6 +4,8 @@
   hf_static      transformers `generate` in static batches (offline only)
   hf_continuous  transformers continuous batching (`init_continuous_batching`; offline only)
   vllm           vLLM in its own venv and process (jaxllm/bench/peers/vllm_worker.py; offline only)
+  sim            jaxllm.sim's SimulatedEngine on a virtual clock, cost model `sim_cost_model`:
+                 predictions (a model, not a measurement), same driver, any arrival process
 
 A system that cannot run a workload raises SystemUnavailable (recorded as skipped, with why);
 any other exception is recorded as the system's error and the run goes on.
@@ -27,6 +29,7 @@ class SystemResult:
     steps: pd.DataFrame | None  # metrics.step_table rows, for systems that report steps
     duration: float  # seconds of the timed run (warm-up and compilation excluded)
     info: dict  # system-specific facts: warm-up / compile time, its config, engine stats
+    kind: str = "measured"  # or "predicted": a model's numbers (the simulator), labelled so everywhere
 
 
 # name -> "module:function" of its run function; `register_system` adds one (a simulator, a
@@ -36,6 +39,7 @@ RUNNERS: dict[str, str] = {
     "hf_static": "jaxllm.bench.systems.hf:run_hf_static",
     "hf_continuous": "jaxllm.bench.systems.hf:run_hf_continuous",
     "vllm": "jaxllm.bench.systems.vllm:run_vllm",
+    "sim": "jaxllm.bench.systems.sim:run_sim",
 }
 
 

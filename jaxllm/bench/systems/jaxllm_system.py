@@ -57,22 +57,7 @@ def run_jaxllm(model_dir: str, workload, arrivals, cfg, llm=None) -> SystemResul
         driver = TimedDriver(engine)
         requests = [(spec, sampling_params(spec, wcfg)) for spec in workload.requests]
         result = driver.run(requests, arrivals)
-        rows = []
-        for spec in workload.requests:
-            out = result.outputs.get(spec.request_id)
-            if out is None:
-                rows.append(request_row(spec.request_id, spec.prompt_len, spec.output_len, None,
-                                        arrival_time=result.arrival_times.get(spec.request_id),
-                                        error=result.errors.get(spec.request_id, "did not finish"),
-                                        origin=result.start_time))
-                continue
-            got = sum(len(c.token_ids) for c in out.outputs)
-            error = out.error or (None if got == spec.output_len * spec.n
-                                  else f"{got} output tokens, {spec.output_len * spec.n} requested")
-            rows.append(request_row(spec.request_id, spec.prompt_len, spec.output_len, out.metrics,
-                                    num_output_tokens=got, error=error, origin=result.start_time,
-                                    token_ids=[c.token_ids for c in out.outputs]))
-        result = (request_table(rows), step_table(result.steps, origin=result.start_time), result.duration)
+        result = (result.request_table(), result.step_table(), result.duration)
     requests, steps, duration = result
     stats = engine.get_stats()
     info = dict(load_time_s=load_s, warmup_s=warmup_s, warmup_compilations=warmup_compilations,
