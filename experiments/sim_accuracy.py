@@ -5,7 +5,7 @@ measured on this CPU against jaxllm.sim's prediction.
     python experiments/sim_accuracy.py --quick    # smoke run: tiny model, few requests
 
 1. Record: one real Engine (a random-init Llama, fp32, warmed up so nothing compiles in a run)
-   runs every workload below through jaxllm.sim.run_workload (Poisson arrivals on the wall clock,
+   runs every workload below through jaxllm.bench's TimedDriver (Poisson arrivals on the wall clock,
    ignore_eos), with a step observer.
 2. Fit: a LinearCostModel to the step tables of the FIT workloads only (jaxllm.sim.fit, optax).
 3. Predict: a SimulatedEngine with that cost model runs the same requests of the EVAL workloads
@@ -31,13 +31,12 @@ sys.path.insert(0, HERE)
 import numpy as np  # noqa: E402
 
 import bench_throughput  # noqa: E402  (build_model: the random Llama the other benchmarks use)
-from workloads import LengthDist  # noqa: E402
-
 from jaxllm import CacheConfig, Engine, EngineConfig, SchedulerConfig  # noqa: E402
 from jaxllm.runner.sampling_inputs import GREEDY  # noqa: E402
+from jaxllm.bench import TimedDriver, arrival_times  # noqa: E402
+from jaxllm.bench.workloads import LengthDist, lengths_workload  # noqa: E402
 from jaxllm.sim import (  # noqa: E402
-    HardwareProfile, ModelCosts, RooflineCostModel, SimulatedEngine, make_requests, model_config_from, poisson_arrivals, replay,
-    run_workload, step_table, summarize,
+    HardwareProfile, ModelCosts, RooflineCostModel, SimulatedEngine, model_config_from, replay, step_table,
 )
 from jaxllm.sim.fit import fit_cost_model  # noqa: E402
 
@@ -64,15 +63,18 @@ WORKLOADS = [
 
 
 def workload_requests(spec, vocab_size: int, seed: int, scale: float = 1.0, capacity_tok_s: float | None = None):
-    """The workload's requests; capacity_tok_s (output tokens/s offline) sets the rate of a loaded one."""
+    """(Workload, arrival offsets); capacity_tok_s (output tokens/s offline) sets the rate of a loaded one."""
     name, _, n, p, o, load = spec
     n = max(4, int(n * scale))
     rng = np.random.default_rng(seed)
     prompts = LengthDist.parse(p).sample(n, rng)
     outputs = LengthDist.parse(o).sample(n, rng)
     rate = math.inf if load == "offline" else load * capacity_tok_s / float(np.mean(outputs))
-    return make_requests(prompts, outputs, poisson_arrivals(n, rate, seed=seed + 1), vocab_size=vocab_size,
-                         seed=seed + 2, prefix=f"{name}-")
+    return (lengths_workload(prompts, outputs, vocab_size, seed=seed + 2, prefix=f"{name}-"),
+            arrival_times(n, rate, seed=seed + 1))
+
+
+KEYS = ("output_throughput", "mean_ttft_ms", "p90_ttft_ms")  # jaxllm.bench.metrics.summarize's names
 
 
 def rel_err(pred: float, meas: float) -> float:
@@ -102,7 +104,7 @@ def main(argv=None) -> dict:
     engine.warmup(step_variants=((GREEDY, False),))
     print(f"warm-up (compilation) {time.perf_counter() - t:.1f} s")
     # One untimed run first: the first real steps touch the KV cache's pages for the first time.
-    run_workload(engine, workload_requests(WORKLOADS[0], model_kwargs["vocab_size"], seed=999, scale=scale))
+    TimedDriver(engine).run(*workload_requests(WORKLOADS[0], model_kwargs["vocab_size"], seed=999, scale=scale))
 
     compiled = engine.get_stats()["num_compilations"]
     runs = {}
@@ -111,13 +113,13 @@ def main(argv=None) -> dict:
         reqs = workload_requests(spec, model_kwargs["vocab_size"], seed=100 * i, scale=scale, capacity_tok_s=capacity)
         engine.reset_prefix_cache()
         t = time.perf_counter()
-        run = run_workload(engine, reqs)
+        run = TimedDriver(engine).run(*reqs)
         if engine.get_stats()["num_compilations"] != compiled:
             raise RuntimeError(f"{spec[0]}: the engine compiled during a timed run (a bucket the warm-up missed)")
         runs[spec[0]] = (spec, reqs, run)
         if capacity is None:  # the first run is offline: this machine's capacity right now
-            capacity = summarize(run.requests)["output_tokens_per_s"]
-        print(f"measured {spec[0]:18s} {len(reqs):3d} requests, {len(run.steps):4d} steps, "
+            capacity = run.summary()["output_throughput"]
+        print(f"measured {spec[0]:18s} {len(reqs[1]):3d} requests, {len(run.steps):4d} steps, "
               f"{time.perf_counter() - t:5.1f} s")
 
     model_config = model_config_from(model_dir)
@@ -140,10 +142,10 @@ def main(argv=None) -> dict:
 
     rows = []
     for name, (spec, reqs, run) in runs.items():
-        measured = summarize(run.requests)
+        measured = run.summary()
         replayed = replay(run.requests, run.steps, config, model=model_config)
-        row = {"workload": name, "role": spec[1], "num_requests": len(reqs), "replay_matches": replayed.matches,
-               "rate": len(reqs) / max(r.arrival for r in reqs) if spec[5] != "offline" else math.inf,
+        row = {"workload": name, "role": spec[1], "num_requests": len(reqs[1]), "replay_matches": replayed.matches,
+               "rate": len(reqs[1]) / max(reqs[1]) if spec[5] != "offline" else math.inf,
                "measured": measured}
         # How fast this machine ran this run's steps, against the fitted model: the shared machine's
         # load drifts, and a run that saw more of it has slower steps than the fit's average.
@@ -160,10 +162,10 @@ def main(argv=None) -> dict:
             if cm is None:
                 continue
             sim = SimulatedEngine(config, model_config, cm)
-            predicted = summarize(run_workload(sim, reqs).requests)
+            predicted = TimedDriver(sim).run(*reqs).summary()
             row[label] = predicted
             row[f"{label}_error"] = {k: rel_err(predicted[k], measured[k])
-                                     for k in ("output_tokens_per_s", "ttft_mean_s", "ttft_p90_s")}
+                                     for k in KEYS}
         rows.append(row)
 
     print("\nrelative error of the prediction (predicted - measured) / measured; fit = used for fitting")
@@ -172,12 +174,12 @@ def main(argv=None) -> dict:
           f"roofline tok/s err")
     for r in rows:
         m, e = r["measured"], r["fitted_error"]
-        roof = f"{r['roofline_error']['output_tokens_per_s']:+18.0%}" if "roofline_error" in r else ""
-        print(f"{r['workload']:18s} {r['role']:4s}  {m['output_tokens_per_s']:10.1f} {e['output_tokens_per_s']:+7.1%}  "
-              f"{m['ttft_mean_s'] * 1e3:7.1f}ms {e['ttft_mean_s']:+7.1%}  {m['ttft_p90_s'] * 1e3:7.1f}ms "
-              f"{e['ttft_p90_s']:+7.1%}  {'same' if r['replay_matches'] else 'DIFFERS'}  "
-              f"{r['step_time_measured_over_predicted']:15.2f} | {r['drift_corrected_error']['ttft_mean_s']:+14.1%} "
-              f"{r['drift_corrected_error']['ttft_p90_s']:+7.1%}      | {roof}")
+        roof = f"{r['roofline_error']['output_throughput']:+18.0%}" if "roofline_error" in r else ""
+        print(f"{r['workload']:18s} {r['role']:4s}  {m['output_throughput']:10.1f} {e['output_throughput']:+7.1%}  "
+              f"{m['mean_ttft_ms']:7.1f}ms {e['mean_ttft_ms']:+7.1%}  {m['p90_ttft_ms']:7.1f}ms "
+              f"{e['p90_ttft_ms']:+7.1%}  {'same' if r['replay_matches'] else 'DIFFERS'}  "
+              f"{r['step_time_measured_over_predicted']:15.2f} | {r['drift_corrected_error']['mean_ttft_ms']:+14.1%} "
+              f"{r['drift_corrected_error']['p90_ttft_ms']:+7.1%}      | {roof}")
     held_out = [r for r in rows if r["role"] == "eval"]
     worst = max(abs(v) for r in held_out for v in r["fitted_error"].values())
     print(f"worst held-out error: {worst:.1%}")

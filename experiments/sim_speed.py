@@ -21,12 +21,14 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from workloads import SHAREGPT_OUTPUT, SHAREGPT_PROMPT, LengthDist  # noqa: E402
+from jaxllm.bench.workloads import SHAREGPT_OUTPUT, SHAREGPT_PROMPT, LengthDist  # noqa: E402
 
 import numpy as np  # noqa: E402
 
 from jaxllm import CacheConfig, EngineConfig, SchedulerConfig  # noqa: E402
-from jaxllm.sim import SimulatedEngine, make_requests, poisson_arrivals, run_workload, summarize  # noqa: E402
+from jaxllm.bench import TimedDriver, arrival_times  # noqa: E402
+from jaxllm.bench.workloads import lengths_workload  # noqa: E402
+from jaxllm.sim import SimulatedEngine  # noqa: E402
 
 LLAMA3_8B = dict(architectures=["LlamaForCausalLM"], vocab_size=128256, hidden_size=4096, intermediate_size=14336,
                  num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5,
@@ -48,8 +50,8 @@ def main(argv=None) -> dict:
     rng = np.random.default_rng(0)
     prompts = LengthDist.parse(SHAREGPT_PROMPT).sample(args.num_requests, rng)
     outputs = LengthDist.parse(SHAREGPT_OUTPUT).sample(args.num_requests, rng)
-    requests = make_requests(prompts, outputs, poisson_arrivals(args.num_requests, args.rate, seed=1),
-                             vocab_size=LLAMA3_8B["vocab_size"])
+    workload = lengths_workload(prompts, outputs, LLAMA3_8B["vocab_size"])
+    arrivals = arrival_times(args.num_requests, args.rate, seed=1)
     config = EngineConfig(model="llama-3-8b (config only)", dtype="bfloat16",
                           cache=CacheConfig(block_size=16, num_kv_blocks=args.num_kv_blocks),
                           scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs,
@@ -60,7 +62,7 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     if prof:
         prof.enable()
-    run = run_workload(sim, requests)
+    run = TimedDriver(sim).run(workload, arrivals)
     if prof:
         prof.disable()
     wall = time.perf_counter() - t0
@@ -71,7 +73,7 @@ def main(argv=None) -> dict:
         "num_steps": len(run.steps),
         "steps_per_s": len(run.steps) / wall,
         "num_preemptions": stats["num_preemptions"],
-        "simulated (a model, not a measurement)": summarize(run.requests),
+        "simulated (a model, not a measurement)": run.summary(),
         "hardware_profile": args.hardware,
     }
     print(json.dumps(result, indent=2))
