@@ -24,7 +24,7 @@ def test_bench_throughput_timed_run(tmp_path, capsys):
 
     out = tmp_path / "summary.json"
     rc = jaxllm_main(["bench", "throughput", *_flags(tmp_path), "--request-rate", "50", "--burstiness", "0.5",
-                      "--systems", "jaxllm,vllm", "--goodput", "ttft:60000", "--output-json", str(out), "--plots"])
+                      "--systems", "jaxllm,vllm,sim", "--goodput", "ttft:60000", "--output-json", str(out), "--plots"])
     assert rc == 0
     summary = json.loads(out.read_text())
     (run_dir,) = [os.path.join(tmp_path / "runs", d) for d in os.listdir(tmp_path / "runs")]
@@ -37,12 +37,19 @@ def test_bench_throughput_timed_run(tmp_path, capsys):
     assert 0 < j["median_ttft_ms"] <= j["p90_ttft_ms"] <= j["p99_ttft_ms"] and j["goodput"] == j["request_throughput"]
     assert 0 < j["roofline"]["fraction_of_roofline"] <= 1 and summary["roofline"]["matmul_flops"] > 0
     assert "skipped" in summary["systems"]["vllm"] or "output_throughput" in summary["systems"]["vllm"]
+    # The simulator on the same workload and arrivals (default cost model h100-sxm): a prediction.
+    sim = summary["systems"]["sim"]
+    assert sim["kind"] == "predicted" and j["kind"] == "measured" and "not a measurement" in sim["prediction"]
+    assert sim["completed"] == 6 and sim["total_output_tokens"] == 24 and sim["num_steps"] > 0
+    by = {name: g.sort_values("request_id") for name, g in run.requests.groupby("system")}
+    assert by["sim"]["arrival_time"].to_numpy() == pytest.approx(by["jaxllm"]["arrival_time"].to_numpy())
+    assert (by["sim"]["prompt_len"].to_numpy() == by["jaxllm"]["prompt_len"].to_numpy()).all()
     # The tables: one row per request, arrivals spread by the Poisson process, one row per step.
-    r = run.requests
-    assert len(r) == 6 and (r["system"] == "jaxllm").all() and r["arrival_time"].is_monotonic_increasing
+    r = run.requests[run.requests["system"] == "jaxllm"]
+    assert len(r) == 6 and {"jaxllm", "sim"} <= set(run.requests["system"]) and r["arrival_time"].is_monotonic_increasing
     assert r["arrival_time"].iloc[-1] > 0 and (r["first_token_time"] >= r["arrival_time"]).all()
     assert (r["num_output_tokens"] == 4).all() and r["error"].isna().all()
-    assert run.steps["num_batched_tokens"].sum() == r["prompt_len"].sum() + 6 * 3  # prompts + 3 decodes each
+    assert run.steps.query("system == 'jaxllm'")["num_batched_tokens"].sum() == r["prompt_len"].sum() + 6 * 3  # prompts + 3 decodes each
     assert {"cdf_ttft.png", "kv_usage.png", "batch_composition.png"} <= set(os.listdir(run_dir))
     from jaxllm.bench.run import latency_table
 

@@ -7,7 +7,8 @@ by the jaxllm system (through LLM) and the roofline measurement.
     run = run_benchmark(cfg)           # run.requests / run.steps: DataFrames; run.summary: dict
     table = sweep(cfg, {"scheduling_policy": ["fcfs", "sjf"], "request_rate": [2.0, 8.0]})
 
-Command line: `jaxllm bench {throughput,latency,sweep,serve}` (jaxllm/bench/cli.py).
+Command line: `jaxllm bench {throughput,latency,sweep,serve}` (jaxllm/bench/cli.py). The system
+"sim" is jaxllm.sim's SimulatedEngine on the same workload and driver: predictions, labelled so.
 """
 
 from jaxllm.bench.arrivals import arrival_times, replay
@@ -17,8 +18,8 @@ from jaxllm.bench.metrics import request_table, step_table, summarize
 from jaxllm.bench.results import Run, load_run
 from jaxllm.bench.run import run_benchmark
 from jaxllm.bench.sweep import sweep
-from jaxllm.bench.workloads import LengthDist, RequestSpec, Workload, make_workload
+from jaxllm.bench.workloads import LengthDist, RequestSpec, Workload, lengths_workload, make_workload
 
 __all__ = ["BenchConfig", "EngineArgs", "WorkloadConfig", "from_dict", "load_toml", "arrival_times", "replay",
            "TimedDriver", "request_table", "step_table", "summarize", "Run", "load_run", "run_benchmark",
-           "sweep", "LengthDist", "RequestSpec", "Workload", "make_workload"]
+           "sweep", "LengthDist", "RequestSpec", "Workload", "lengths_workload", "make_workload"]
