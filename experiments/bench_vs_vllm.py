@@ -72,8 +72,15 @@ def smollm2_f32_dir(cache_dir: str = MODEL_CACHE) -> str:
     import transformers
 
     d, f = os.path.dirname(gguf), os.path.basename(gguf)
-    model = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
     tok = transformers.AutoTokenizer.from_pretrained(d, gguf_file=f)
+    # transformers refuses to save a model loaded from GGUF; the dequantized weights go into a
+    # plain model of the same config instead.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
     tmp = path + f".tmp{os.getpid()}"
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
