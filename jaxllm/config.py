@@ -16,6 +16,8 @@ DTYPES = ("float32", "bfloat16")
 ATTENTION_BACKENDS = ("reference", "pallas")
 PREEMPTION_MODES = ("recompute", "swap")
 GiB = 1 << 30
+# JAX's persistent compilation cache (jaxllm/runner/compile_cache.py); expanded at engine start.
+DEFAULT_COMPILE_CACHE_DIR = "~/.cache/jaxllm/jax_compile_cache"
 
 
 def _require(ok: bool, message: str) -> None:
@@ -128,12 +130,20 @@ class EngineConfig:
     # max_num_batched_tokens. Each bucket compiles once.
     token_buckets: tuple[int, ...] | None = None
     skip_tokenizer_init: bool = False
+    # Directory of JAX's persistent compilation cache: a later process with the same model and
+    # settings loads its compiled steps instead of compiling them. None: jaxllm does not enable it.
+    # Process-wide: the first engine of a process that enables it picks the directory.
+    compile_cache_dir: str | None = DEFAULT_COMPILE_CACHE_DIR
 
     def __post_init__(self):
         _require(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         _require(
             self.attention_backend in ATTENTION_BACKENDS,
             f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}",
+        )
+        _require(
+            self.compile_cache_dir is None or (isinstance(self.compile_cache_dir, str) and self.compile_cache_dir),
+            f"compile_cache_dir must be a directory path or None, got {self.compile_cache_dir!r}",
         )
         if self.token_buckets is not None:
             _require(

@@ -397,7 +397,10 @@ class Engine:
             "num_running": self.scheduler.num_running,
             "num_waiting": self.scheduler.num_waiting,
             "num_preemptions": self.scheduler.num_preemptions,
+            # Step and copy executables this engine built; those loaded from the persistent
+            # compilation cache (EngineConfig.compile_cache_dir) are counted again on their own.
             "num_compilations": self.runner.num_compilations,
+            "num_compile_cache_hits": self.runner.num_compile_cache_hits,
             # Step variants this engine has run: at most len(STEP_VARIANTS) per token bucket,
             # whatever the requests ask for. num_executables counts the compiled steps alive in
             # the whole process (every engine sharing the jit), which is what costs memory.

@@ -16,7 +16,7 @@ import warnings
 from collections.abc import Sequence
 
 from jaxllm.beam_search import BeamSearchOutput, run_beam_search
-from jaxllm.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig
+from jaxllm.config import DEFAULT_COMPILE_CACHE_DIR, CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig
 from jaxllm.engine import Engine
 from jaxllm.request import CompletionOutput, RequestOutput
 from jaxllm.sampling_params import BeamSearchParams, SamplingParams
@@ -43,6 +43,7 @@ class LLM:
         enable_prefix_caching: bool = True,
         preemption_mode: str = "recompute",
         swap_space: float = 4,
+        compile_cache_dir: str | None = DEFAULT_COMPILE_CACHE_DIR,
     ):
         config = EngineConfig(
             model=model,
@@ -67,6 +68,7 @@ class LLM:
             parallel=ParallelConfig(tensor_parallel_size=tensor_parallel_size),
             token_buckets=token_buckets,
             skip_tokenizer_init=skip_tokenizer_init,
+            compile_cache_dir=compile_cache_dir,
         )
         self.engine = Engine(config)
         self._next_id = 0
