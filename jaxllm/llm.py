@@ -44,6 +44,7 @@ class LLM:
         preemption_mode: str = "recompute",
         swap_space: float = 4,
         compile_cache_dir: str | None = DEFAULT_COMPILE_CACHE_DIR,
+        gpu_memory_utilization: float = 0.9,
     ):
         config = EngineConfig(
             model=model,
@@ -56,6 +57,7 @@ class LLM:
                 kv_cache_memory_bytes=kv_cache_memory_bytes,
                 enable_prefix_caching=enable_prefix_caching,
                 swap_space=swap_space,
+                gpu_memory_utilization=gpu_memory_utilization,
             ),
             scheduler=SchedulerConfig(
                 max_num_seqs=max_num_seqs,
