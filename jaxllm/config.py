@@ -251,7 +251,7 @@ class ResolvedEngineConfig:
 
 
 # On CPU the KV cache shares the host's RAM with everything: at most this much by default.
-CPU_KV_CACHE_CAP_BYTES = 4 * GiB
+CPU_KV_CACHE_CAP_BYTES = 2 * GiB
 # Kept free for activations and compiled programs when sizing from an accelerator's memory.
 ACTIVATION_RESERVE_FRACTION = 0.05
 
