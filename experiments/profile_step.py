@@ -9,7 +9,7 @@ the engine uses); `runner.execute` runs them repeatedly (best of --reps). The sp
 pieces over the same arrays and shapes:
   full      runner.execute (forward + LM head + sampling, host transfer included)
   layers    the decoder stack with attention replaced by passing v through (matmuls, norms, RoPE)
-  attention KV write + ragged paged attention of every layer, on the real cache
+  attention ragged paged attention of every layer on the real cache (reads only, no KV write)
   head      final LM head over the S sampled rows + greedy sampling
 The replayed steps write K/V into the slots the planned step owns, so nothing else changes.
 """
@@ -65,7 +65,6 @@ def split(engine, step, reps: int) -> dict:
 
     from jaxllm import sampling
     from jaxllm.models import llama
-    from jaxllm.runner.runner import make_paged_attention
 
     runner, cfg = engine.runner, engine.runner.config
     out = {"full": best_ms(lambda: runner.execute(step), reps)}
@@ -81,18 +80,19 @@ def split(engine, step, reps: int) -> dict:
     hidden = layers_only(params, token_ids, positions)
     t = token_ids.shape[0]
     q = jnp.ones((t, cfg.num_heads, cfg.head_dim), jnp.float32) * 0.01
-    kv = jnp.ones((t, cfg.num_kv_heads, cfg.head_dim), jnp.float32) * 0.01
 
     @jax.jit
-    def attention_only(kv_caches, q, k, v, metadata):
-        attn = make_paged_attention(cfg, metadata, runner._attention_fn)
+    def attention_only(kv_caches, q, metadata):
+        # Attention reads only: a KV write here would copy the (not donated) cache every layer.
         acc = jnp.zeros_like(q)
-        for i in range(cfg.num_layers):
-            o, _ = attn(i, q + acc * 1e-9, k, v, kv_caches[i])  # chained so XLA cannot drop layers
-            acc = acc + o
+        for i, (k_cache, v_cache) in enumerate(kv_caches):
+            o = runner._attention_fn(q + acc * 1e-9, k_cache, v_cache, metadata.kv_lens, metadata.block_tables,
+                                     metadata.cu_q_lens, sm_scale=cfg.sm_scale,
+                                     sliding_window=cfg.layer_sliding_windows[i], soft_cap=cfg.attn_logit_softcap)
+            acc = acc + o  # chained so XLA cannot drop layers
         return acc
 
-    out["attention"] = best_ms(lambda: attention_only(runner.kv_caches, q, kv, kv, metadata), reps)
+    out["attention"] = best_ms(lambda: attention_only(runner.kv_caches, q, metadata), reps)
 
     @jax.jit
     def head_only(params, hidden, logits_indices, sinputs):
