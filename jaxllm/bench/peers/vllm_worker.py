@@ -11,7 +11,7 @@ Workload keys:
   prompts           list of prompt token-id lists
   output_lens       list of exact output lengths (ignore_eos, greedy)
   max_num_seqs, max_num_batched_tokens, max_model_len, dtype ("float32"), block_size (optional),
-  kv_cache_gib      (optional) VLLM_CPU_KVCACHE_SPACE in GiB, when the caller did not set it
+  kv_cache_gib      (optional) VLLM_CPU_KVCACHE_SPACE in whole GiB, when the caller did not set it
 
 Result keys: output_tokens_per_s, total_tokens_per_s, elapsed_s, startup_s (LLM(...) until it is
 ready, including its torch.compile warm-up), first_request_s (a one-token request right after),
@@ -95,7 +95,8 @@ def main(workload_path: str, result_path: str) -> None:
     with open(workload_path) as f:
         w = json.load(f)
     if w.get("kv_cache_gib") is not None:
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(w["kv_cache_gib"]))
+        # vLLM parses this variable as an int (GiB): "2.0" fails its config validation.
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(round(float(w["kv_cache_gib"]))))))
     rss = _PeakRss()
 
     import torch
@@ -114,6 +115,8 @@ def main(workload_path: str, result_path: str) -> None:
     )
     if w.get("block_size"):
         kwargs["block_size"] = int(w["block_size"])
+    if not any(os.path.exists(os.path.join(w["model"], f)) for f in ("tokenizer.json", "tokenizer_config.json")):
+        kwargs["skip_tokenizer_init"] = True  # token-id prompts and detokenize=False need none
     llm = LLM(**kwargs)
     startup_s = time.perf_counter() - t0
 
