@@ -395,7 +395,7 @@ def main(argv=None) -> dict:
     max_model_len = max(len(p) + o for p, o in zip(workload.prompts, workload.output_lens))
     spec = {"model": model_dir, "prompts": workload.prompts, "output_lens": workload.output_lens,
             "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
-            "max_model_len": max_model_len, "dtype": "float32", "block_size": 16,
+            "max_model_len": max_model_len, "dtype": "float32",
             "kv_cache_gib": args.vllm_kv_gib, "llm_kwargs": json.loads(args.llm_kwargs)}
     results = {"model": model_dir, "workload": workload.summary(), "spec": {k: v for k, v in spec.items()
                if k not in ("prompts", "output_lens")}, "loadavg_start": os.getloadavg()[0], "systems": {}}

@@ -10,7 +10,8 @@ Workload keys:
   model             a local HF directory (config.json + safetensors + tokenizer)
   prompts           list of prompt token-id lists
   output_lens       list of exact output lengths (ignore_eos, greedy)
-  max_num_seqs, max_num_batched_tokens, max_model_len, dtype ("float32"), block_size (optional),
+  max_num_seqs, max_num_batched_tokens, max_model_len, dtype ("float32"), block_size (optional:
+                    vLLM's CPU attention wants a multiple of 32; by default vLLM chooses),
   kv_cache_gib      (optional) VLLM_CPU_KVCACHE_SPACE in whole GiB, when the caller did not set it
 
 Result keys: output_tokens_per_s, total_tokens_per_s, elapsed_s, startup_s (LLM(...) until it is
