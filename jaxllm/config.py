@@ -16,6 +16,8 @@ DTYPES = ("float32", "bfloat16")
 ATTENTION_BACKENDS = ("reference", "pallas")
 PREEMPTION_MODES = ("recompute", "swap")
 GiB = 1 << 30
+# JAX's persistent compilation cache (jaxllm/runner/compile_cache.py); expanded at engine start.
+DEFAULT_COMPILE_CACHE_DIR = "~/.cache/jaxllm/jax_compile_cache"
 
 
 def _require(ok: bool, message: str) -> None:
@@ -26,12 +28,19 @@ def _require(ok: bool, message: str) -> None:
 @dataclasses.dataclass(frozen=True)
 class CacheConfig:
     block_size: int = 16  # tokens per KV block
-    # Exactly one way to size the cache: a block count, or a byte budget for K and V of all layers
+    # At most one way to size the cache: a block count, or a byte budget for K and V of all layers
     # on each device (per device, as vLLM's budget: with tensor parallelism a device holds only
-    # its KV heads). With neither, the cache holds max_num_seqs full-length sequences, capped at
-    # 2 GiB per device.
+    # its KV heads). With neither, it is sized from free memory (gpu_memory_utilization below).
     num_kv_blocks: int | None = None
     kv_cache_memory_bytes: int | None = None
+    # vLLM's name: the fraction of a device's memory the engine may fill (weights, activations and
+    # KV cache). The KV cache gets that fraction of the device's memory minus what is in use when
+    # the engine starts (the weights), less an activation reserve, but never more than
+    # max_num_seqs full-length sequences need. On CPU the "device" is the host's RAM, shared with
+    # everything else: the fraction applies to the memory available now (MemAvailable), and the
+    # budget is capped at CPU_KV_CACHE_CAP_BYTES (vLLM's CPU backend sizes its cache by a fixed
+    # VLLM_CPU_KVCACHE_SPACE for the same reason). Ignored when one of the two fields above is set.
+    gpu_memory_utilization: float = 0.9
     # Automatic prefix caching (vLLM v1): full blocks are found again by their chained token hash,
     # so requests sharing a prompt prefix compute it once. Off: no block is ever shared.
     enable_prefix_caching: bool = True
@@ -54,6 +63,11 @@ class CacheConfig:
         _require(
             self.num_kv_blocks is None or (isinstance(self.num_kv_blocks, int) and self.num_kv_blocks >= 2),
             f"num_kv_blocks must be an int >= 2 (block 0 is a reserved sink), got {self.num_kv_blocks!r}",
+        )
+        _require(
+            isinstance(self.gpu_memory_utilization, (int, float)) and not isinstance(self.gpu_memory_utilization, bool)
+            and 0 < self.gpu_memory_utilization <= 1,
+            f"gpu_memory_utilization must be a fraction in (0, 1], got {self.gpu_memory_utilization!r}",
         )
         _require(
             self.kv_cache_memory_bytes is None or self.kv_cache_memory_bytes > 0,
@@ -128,6 +142,10 @@ class EngineConfig:
     # max_num_batched_tokens. Each bucket compiles once.
     token_buckets: tuple[int, ...] | None = None
     skip_tokenizer_init: bool = False
+    # Directory of JAX's persistent compilation cache: a later process with the same model and
+    # settings loads its compiled steps instead of compiling them. None: jaxllm does not enable it.
+    # Process-wide: the first engine of a process that enables it picks the directory.
+    compile_cache_dir: str | None = DEFAULT_COMPILE_CACHE_DIR
 
     def __post_init__(self):
         _require(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
@@ -135,14 +153,22 @@ class EngineConfig:
             self.attention_backend in ATTENTION_BACKENDS,
             f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}",
         )
+        _require(
+            self.compile_cache_dir is None or (isinstance(self.compile_cache_dir, str) and self.compile_cache_dir),
+            f"compile_cache_dir must be a directory path or None, got {self.compile_cache_dir!r}",
+        )
         if self.token_buckets is not None:
             _require(
                 len(self.token_buckets) > 0 and all(isinstance(b, int) and b > 0 for b in self.token_buckets),
                 f"token_buckets must be positive ints, got {self.token_buckets!r}",
             )
 
-    def resolve(self, model_config: ModelConfig) -> "ResolvedEngineConfig":
-        """Fill in the model-dependent defaults and check them against the model."""
+    def resolve(self, model_config: ModelConfig, memory: "DeviceMemory | None" = None) -> "ResolvedEngineConfig":
+        """Fill in the model-dependent defaults and check them against the model.
+
+        memory: the device's memory when the engine starts (runner.device_memory), which sizes a
+        cache given neither num_kv_blocks nor kv_cache_memory_bytes; None (no device known, e.g.
+        host-only tests): max_num_seqs full-length sequences, capped at CPU_KV_CACHE_CAP_BYTES."""
         sched = self.scheduler
         max_model_len = sched.max_model_len or model_config.max_position_embeddings
         _require(
@@ -160,8 +186,10 @@ class EngineConfig:
         )
         if self.cache.num_kv_blocks is not None:
             num_blocks = self.cache.num_kv_blocks
+            kv_sizing = "num_kv_blocks"
         elif self.cache.kv_cache_memory_bytes is not None:
             num_blocks = self.cache.kv_cache_memory_bytes // bytes_per_block
+            kv_sizing = f"kv_cache_memory_bytes={self.cache.kv_cache_memory_bytes}"
             _require(
                 num_blocks >= 2,
                 f"kv_cache_memory_bytes={self.cache.kv_cache_memory_bytes} holds {num_blocks} blocks of "
@@ -170,7 +198,11 @@ class EngineConfig:
         else:
             # One block beyond what max_num_seqs full-length sequences could use: block 0 is the sink.
             wanted = sched.max_num_seqs * max_blocks_per_seq + 1
-            num_blocks = max(2, min(wanted, (2 << 30) // bytes_per_block))
+            budget = kv_budget_from_memory(memory, self.cache.gpu_memory_utilization)
+            num_blocks = max(2, min(wanted, budget // bytes_per_block))
+            kv_sizing = (f"{num_blocks} blocks: min(max_num_seqs={sched.max_num_seqs} full-length sequences, "
+                         f"{budget / GiB:.2f} GiB from "
+                         f"{memory.describe(self.cache.gpu_memory_utilization) if memory else 'no memory info'})")
         num_cpu_blocks = 0
         if self.may_swap():
             # Block 0 of the host pool is a scratch block (copy padding), like the device's sink.
@@ -194,6 +226,7 @@ class EngineConfig:
             token_buckets=tuple(sorted(set(token_buckets))),
             num_cpu_blocks=num_cpu_blocks,
             bytes_per_block=bytes_per_block,
+            kv_cache_sizing=kv_sizing,
         )
 
     def may_swap(self) -> bool:
@@ -214,6 +247,38 @@ class ResolvedEngineConfig:
     token_buckets: tuple[int, ...]
     num_cpu_blocks: int = 0  # host swap pool, including the scratch block 0; 0: no pool
     bytes_per_block: int = 0  # K and V of all layers, per device
+    kv_cache_sizing: str = ""  # how num_kv_blocks was chosen (for logs and get_stats)
+
+
+# On CPU the KV cache shares the host's RAM with everything: at most this much by default.
+CPU_KV_CACHE_CAP_BYTES = 2 * GiB
+# Kept free for activations and compiled programs when sizing from an accelerator's memory.
+ACTIVATION_RESERVE_FRACTION = 0.05
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceMemory:
+    """One device's memory when the engine starts (bytes). Accelerators report a limit and what
+    is in use (the weights by then); the CPU backend reports nothing, so the host's is used."""
+
+    kind: str  # "accelerator" or "host"
+    total_bytes: int  # accelerator: the allocator's bytes_limit; host: MemTotal
+    in_use_bytes: int  # accelerator: bytes_in_use; host: MemTotal - MemAvailable
+
+    def describe(self, utilization: float) -> str:
+        return (f"{self.kind} memory: {utilization:g} x {self.total_bytes / GiB:.1f} GiB, "
+                f"{self.in_use_bytes / GiB:.1f} GiB in use")
+
+
+def kv_budget_from_memory(memory: DeviceMemory | None, utilization: float) -> int:
+    """KV cache bytes per device for CacheConfig.gpu_memory_utilization (see its comment)."""
+    if memory is None:
+        return CPU_KV_CACHE_CAP_BYTES
+    if memory.kind == "host":
+        available = memory.total_bytes - memory.in_use_bytes
+        return max(0, min(int(utilization * available), CPU_KV_CACHE_CAP_BYTES))
+    usable = utilization * memory.total_bytes - memory.in_use_bytes
+    return max(0, int(usable - ACTIVATION_RESERVE_FRACTION * memory.total_bytes))
 
 
 def _powers_of_two_up_to(n: int, smallest: int = 8) -> tuple[int, ...]:

@@ -66,7 +66,12 @@ class Engine:
             self.mesh, self.model = load_for_engine(config, model)
         else:
             self.model = model if model is not None else load_model(config.model, dtype=config.dtype)
-        self.resolved: ResolvedEngineConfig = config.resolve(self.model.config)
+        from jaxllm.runner.memory import device_memory
+
+        devices = self.mesh.devices.flat if self.mesh is not None else jax_devices()[:1]
+        self.resolved: ResolvedEngineConfig = config.resolve(self.model.config, memory=device_memory(devices))
+        logger.info("KV cache: %.2f GiB per device (%s)", self.resolved.kv_cache_bytes / (1 << 30),
+                    self.resolved.kv_cache_sizing)
         if self.resolved.num_cpu_blocks and not host_memory_available(
                 self.mesh.devices.flat if self.mesh is not None else jax_devices()):
             warnings.warn(f"this backend has no '{SWAP_MEMORY_KIND}' memory for the swap pool: "
@@ -459,10 +464,14 @@ class Engine:
             "kv_blocks_used": bm.num_used_blocks,
             "kv_blocks_free": bm.num_free_blocks,
             "kv_cache_bytes": self.resolved.kv_cache_bytes,
+            "kv_cache_sizing": self.resolved.kv_cache_sizing,
             "num_running": self.scheduler.num_running,
             "num_waiting": self.scheduler.num_waiting,
             "num_preemptions": self.scheduler.num_preemptions,
+            # Step and copy executables this engine built; those loaded from the persistent
+            # compilation cache (EngineConfig.compile_cache_dir) are counted again on their own.
             "num_compilations": self.runner.num_compilations,
+            "num_compile_cache_hits": self.runner.num_compile_cache_hits,
             # Step variants this engine has run: at most len(STEP_VARIANTS) per token bucket,
             # whatever the requests ask for. num_executables counts the compiled steps alive in
             # the whole process (every engine sharing the jit), which is what costs memory.

@@ -16,7 +16,7 @@ import warnings
 from collections.abc import Sequence
 
 from jaxllm.beam_search import BeamSearchOutput, run_beam_search
-from jaxllm.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig
+from jaxllm.config import DEFAULT_COMPILE_CACHE_DIR, CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig
 from jaxllm.engine import Engine
 from jaxllm.inputs import chat_prompt
 from jaxllm.request import CompletionOutput, RequestOutput
@@ -44,6 +44,8 @@ class LLM:
         enable_prefix_caching: bool = True,
         preemption_mode: str = "recompute",
         swap_space: float = 4,
+        compile_cache_dir: str | None = DEFAULT_COMPILE_CACHE_DIR,
+        gpu_memory_utilization: float = 0.9,
     ):
         config = EngineConfig(
             model=model,
@@ -56,6 +58,7 @@ class LLM:
                 kv_cache_memory_bytes=kv_cache_memory_bytes,
                 enable_prefix_caching=enable_prefix_caching,
                 swap_space=swap_space,
+                gpu_memory_utilization=gpu_memory_utilization,
             ),
             scheduler=SchedulerConfig(
                 max_num_seqs=max_num_seqs,
@@ -68,6 +71,7 @@ class LLM:
             parallel=ParallelConfig(tensor_parallel_size=tensor_parallel_size),
             token_buckets=token_buckets,
             skip_tokenizer_init=skip_tokenizer_init,
+            compile_cache_dir=compile_cache_dir,
         )
         self.engine = Engine(config)
         self._next_id = 0

@@ -88,3 +88,36 @@ def test_swap_pool_is_sized_from_swap_space_and_only_when_swap_can_happen():
     assert resolve("swap").num_cpu_blocks == 4 * 10 + 1  # 4 GiB capped at max_num_seqs full requests
     assert resolve("swap", gib=0).num_cpu_blocks == 0
     assert resolve(policy=Swapper()).num_cpu_blocks == 41  # the policy may swap: the pool exists
+
+
+def test_kv_cache_sized_from_memory():
+    """Neither blocks nor bytes given: the cache takes gpu_memory_utilization of free memory,
+    never more than max_num_seqs full-length sequences (so tiny test models allocate little)."""
+    from jaxllm.config import CPU_KV_CACHE_CAP_BYTES, GiB, DeviceMemory, kv_budget_from_memory
+
+    block = 8192  # bytes per block of model_config() (see test_blocks_from_memory_budget_per_device)
+    sched = SchedulerConfig(max_num_seqs=256, max_num_batched_tokens=100)
+    cfg = EngineConfig(model="m", scheduler=sched, cache=CacheConfig(gpu_memory_utilization=0.5))
+    # Accelerator: 0.5 x 10 MiB limit - 2 MiB in use (weights) - 5% reserve = 2.5 MiB = 320 blocks.
+    acc = DeviceMemory("accelerator", 10 << 20, 2 << 20)
+    res = cfg.resolve(model_config(), memory=acc)
+    assert res.num_kv_blocks == int(0.5 * (10 << 20) - (2 << 20) - 0.05 * (10 << 20)) // block == 320
+    assert "accelerator memory" in res.kv_cache_sizing
+    # Host: half of what is available, capped; more seats than memory -> memory decides.
+    assert kv_budget_from_memory(DeviceMemory("host", 20 * GiB, 4 * GiB), 0.5) == CPU_KV_CACHE_CAP_BYTES
+    host = DeviceMemory("host", 3 << 20, 1 << 20)
+    assert cfg.resolve(model_config(), memory=host).num_kv_blocks == (1 << 20) // block
+    # Few seats: they decide, whatever the memory (every seat full length + the sink block).
+    small = EngineConfig(model="m", scheduler=SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=100))
+    assert small.resolve(model_config(max_pos=160), memory=acc).num_kv_blocks == 2 * 10 + 1
+    with pytest.raises(ValueError, match="gpu_memory_utilization must be a fraction in \\(0, 1\\], got 1.5"):
+        CacheConfig(gpu_memory_utilization=1.5)
+
+
+def test_device_memory_on_this_backend():
+    import jax
+
+    from jaxllm.runner.memory import device_memory
+
+    m = device_memory(jax.devices()[:1])
+    assert m is not None and m.total_bytes > m.in_use_bytes >= 0

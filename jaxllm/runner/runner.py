@@ -28,6 +28,7 @@ from jaxllm.models.model_config import ModelConfig
 from jaxllm.runner.sampling_inputs import GENERAL, SamplingInputs
 from jaxllm.runner.step_io import StepInputs, StepOutputs
 from jaxllm import sampling
+from jaxllm.runner import compile_cache
 from jaxllm.sampling_params import MAX_LOGPROBS
 
 
@@ -105,22 +106,14 @@ jax.tree_util.register_dataclass(
 # data, so each token bucket has at most len(STEP_VARIANTS) executables, whatever the requests.
 _STEP_FUNCTIONS: dict = {}
 
-# XLA compilations are counted from jax's own monitoring event, not from traces: jax can compile
+# Executables are counted from jax's own monitoring events, not from traces: jax can compile
 # again without retracing (e.g. for new argument shardings), and each executable costs memory and
-# hundreds of memory mappings, so the engine reports what was really compiled.
-_BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
-_NUM_XLA_COMPILES = [0]  # every XLA compilation in the process
+# hundreds of memory mappings, so the engine reports what was really built. An executable loaded
+# from the persistent compilation cache counts as built; compile_cache.NUM_CACHE_HITS tells them
+# apart from real XLA compilations.
+_NUM_XLA_COMPILES = compile_cache.NUM_BACKEND_COMPILES  # every executable built in the process
 _NUM_STEP_COMPILES = [0]  # those made while running an engine step == step executables
-_XLA_COMPILE_SECONDS = [0.0]  # their total duration (step records keep compile time apart)
-
-
-def _count_compile(event: str, duration_secs: float, **kwargs) -> None:
-    if event == _BACKEND_COMPILE_EVENT:
-        _NUM_XLA_COMPILES[0] += 1
-        _XLA_COMPILE_SECONDS[0] += duration_secs
-
-
-jax.monitoring.register_event_duration_secs_listener(_count_compile)
+_XLA_COMPILE_SECONDS = compile_cache.BACKEND_COMPILE_SECONDS  # their total duration (step records keep compile time apart)
 
 
 SWAP_MEMORY_KIND = "pinned_host"
@@ -201,7 +194,11 @@ class ModelRunner:
         self.model = model
         self.config: ModelConfig = model.config
         self.resolved = resolved
+        # Executables its steps and copies built (compiled, or loaded from the persistent cache),
+        # and how many of those were persistent-cache hits.
         self.num_compilations = 0
+        self.num_compile_cache_hits = 0
+        self.compile_cache_dir = compile_cache.enable(resolved.engine.compile_cache_dir)
         # (token bucket, sampler, prompt_logprobs) of every step run: the executables it needs.
         self.step_variants_used: set[tuple[int, str, bool]] = set()
         self._attention_fn = attention_impl(resolved.engine.attention_backend)
@@ -269,16 +266,14 @@ class ModelRunner:
 
     def execute(self, step: StepInputs) -> StepOutputs:
         """Run one step; returns its outputs as numpy arrays."""
-        compiles = _NUM_XLA_COMPILES[0]
+        compiles, hits = _NUM_XLA_COMPILES[0], compile_cache.NUM_CACHE_HITS[0]
         try:
             out, self.kv_caches = self._jitted(
                 self.params, self.kv_caches, *self.device_args(step), config=self.config,
                 attention_fn=self._attention_fn, sampler=step.sampler, prompt_logprobs=step.prompt_logprobs,
             )
         finally:
-            new = _NUM_XLA_COMPILES[0] - compiles
-            self.num_compilations += new
-            _NUM_STEP_COMPILES[0] += new
+            _NUM_STEP_COMPILES[0] += self._count_built(compiles, hits)
         self.step_variants_used.add((step.batch.padded_num_tokens, step.sampler, step.prompt_logprobs))
         return jax.tree.map(np.asarray, out)
 
@@ -289,14 +284,21 @@ class ModelRunner:
             return
         if self.host_caches is None:
             raise RuntimeError("swap planned but this runner has no host pool (num_cpu_blocks=0)")
-        compiles = _NUM_XLA_COMPILES[0]
+        compiles, hits = _NUM_XLA_COMPILES[0], compile_cache.NUM_CACHE_HITS[0]
         try:
             for dev, host in self._swap_chunks(blocks_to_swap_out, swap_in=False):
                 self.host_caches = self._swap_out(self.kv_caches, self.host_caches, dev, host)
             for host, dev in self._swap_chunks(blocks_to_swap_in, swap_in=True):
                 self.kv_caches = self._swap_in(self.kv_caches, self.host_caches, host, dev)
         finally:
-            self.num_compilations += _NUM_XLA_COMPILES[0] - compiles
+            self._count_built(compiles, hits)
+
+    def _count_built(self, compiles_before: int, hits_before: int) -> int:
+        """Add the executables built since the counters read (compiles_before, hits_before)."""
+        new = _NUM_XLA_COMPILES[0] - compiles_before
+        self.num_compilations += new
+        self.num_compile_cache_hits += compile_cache.NUM_CACHE_HITS[0] - hits_before
+        return new
 
     def _swap_chunks(self, pairs, swap_in: bool):
         """Bucket-padded index arrays per chunk, each index in its operand's memory: the first
