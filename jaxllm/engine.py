@@ -58,7 +58,12 @@ class Engine:
         self.config = config
         self.clock = clock
         self.mesh = None
-        if config.parallel.tensor_parallel_size > 1:
+        self.batch_queue = None  # pipeline parallelism: the micro-batches in flight
+        if config.parallel.pipeline_parallel_size > 1:
+            from jaxllm.parallel.pipeline import load_for_pipeline
+
+            self.mesh, stage_plan, self.model = load_for_pipeline(config, model)
+        elif config.parallel.tensor_parallel_size > 1:
             from jaxllm.parallel.runtime import load_for_engine
 
             # Params go straight into their shardings; the model's config may carry replicated
@@ -67,6 +72,9 @@ class Engine:
         else:
             self.model = model if model is not None else load_model(config.model, dtype=config.dtype)
         self.resolved: ResolvedEngineConfig = config.resolve(self.model.config)
+        if self.resolved.num_cpu_blocks and config.parallel.pipeline_parallel_size > 1:
+            warnings.warn("pipeline parallelism has no swap pool yet: preemption recomputes instead of swapping")
+            self.resolved = dataclasses.replace(self.resolved, num_cpu_blocks=0)
         if self.resolved.num_cpu_blocks and not host_memory_available(
                 self.mesh.devices.flat if self.mesh is not None else jax_devices()):
             warnings.warn(f"this backend has no '{SWAP_MEMORY_KIND}' memory for the swap pool: "
@@ -95,7 +103,14 @@ class Engine:
             preemption_mode=sched.preemption_mode,
             clock=clock,
         )
-        self.runner = ModelRunner(self.model, res, mesh=self.mesh)
+        if config.parallel.pipeline_parallel_size > 1:
+            from jaxllm.core.batch_queue import BatchQueue
+            from jaxllm.runner.pipeline_runner import PipelineRunner
+
+            self.runner = PipelineRunner(self.model, res, self.mesh, stage_plan)
+            self.batch_queue = BatchQueue(stage_plan.num_stages)
+        else:
+            self.runner = ModelRunner(self.model, res, mesh=self.mesh)
         self._seed_rng = np.random.default_rng(config.seed)
         self._states: dict[str, RequestState] = {}  # unfinished requests' engine-side state
         self._parents: dict[str, ParentRequest] = {}  # unfinished requests with n > 1
@@ -186,11 +201,21 @@ class Engine:
         request_id = str(request_id)
         if request_id in self._parent_of:
             request_id = self._parent_of[request_id][0].request_id
+        if self.batch_queue is not None and self._in_flight(request_id):
+            # Its blocks must outlive its in-flight batch: abort once the token returns.
+            self.batch_queue.deferred_aborts.append(request_id)
+            return
         parent = self._parents.pop(request_id, None)
         for rid in parent.child_ids if parent is not None else [request_id]:
             self._parent_of.pop(rid, None)
             if self._states.pop(rid, None) is not None:
                 self.scheduler.abort_request(rid)
+
+    def _in_flight(self, request_id: str) -> bool:
+        """Whether the request (or any sample of it) is in a pipeline's in-flight batch."""
+        parent = self._parents.get(request_id)
+        ids = self.batch_queue.request_ids()
+        return any(rid in ids for rid in (parent.child_ids if parent is not None else [request_id]))
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
@@ -200,6 +225,10 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Run one scheduling step; returns an output for every request that produced a token
         or finished in it (incremental: each holds the request's whole output so far)."""
+        if self.batch_queue is not None:
+            from jaxllm.pipeline_step import pipeline_step
+
+            return pipeline_step(self)
         start = self.clock()
         kv = self.kv_cache_manager
         lookups_before = (kv.prefix_cache_queries, kv.prefix_cache_hits)
@@ -221,7 +250,17 @@ class Engine:
         now = self.clock()
         finished = self.scheduler.update(plan, sampled, now=now) + failed
         self.num_steps += bool(plan.scheduled)
+        outputs, touched = self._collect_outputs(plan, sampled, finished)
+        if plan.scheduled or plan.preempted or plan.has_swaps:
+            num_finished = sum(r.is_finished for r in touched)
+            lookups = (kv.prefix_cache_queries - lookups_before[0], kv.prefix_cache_hits - lookups_before[1])
+            self._notify_observers(plan, start, now, num_finished, footprint, lookups, timing)
+        # A request with n > 1 reports once per step, with all its samples so far.
+        return list({out.request_id: out for out in outputs}.values())
 
+    def _collect_outputs(self, plan, sampled: dict[str, int], finished: list[Request]):
+        """(RequestOutputs, requests touched) after `plan`'s tokens were applied: detokenize,
+        end requests at stop strings, fan samples of n > 1 requests in."""
         outputs = []
         touched = [item.request for item in plan.scheduled if item.request.request_id in sampled]
         touched += [r for r in finished if r.request_id not in sampled]
@@ -238,12 +277,7 @@ class Engine:
             if req.is_finished:
                 del self._states[req.request_id]
             outputs.append(self._fan_in(output) if req.request_id in self._parent_of else output)
-        if plan.scheduled or plan.preempted or plan.has_swaps:
-            num_finished = sum(r.is_finished for r in touched)
-            lookups = (kv.prefix_cache_queries - lookups_before[0], kv.prefix_cache_hits - lookups_before[1])
-            self._notify_observers(plan, start, now, num_finished, footprint, lookups, timing)
-        # A request with n > 1 reports once per step, with all its samples so far.
-        return list({out.request_id: out for out in outputs}.values())
+        return outputs, touched
 
     def _fan_in(self, child_output: RequestOutput) -> RequestOutput:
         parent, index = self._parent_of[child_output.request_id]
@@ -353,6 +387,11 @@ class Engine:
         step = self.build_step_inputs(plan.scheduled)
         with timing:
             result = self.runner.execute(step)
+        return self._apply_result(plan, step, result)
+
+    def _apply_result(self, plan, step: StepInputs, result) -> dict[str, int]:
+        """Read a finished step's outputs: prompt logprobs, counters, logprobs; returns
+        request_id -> sampled token for the rows that sample."""
         if step.prompt_logprobs:
             collect_prompt_logprobs(plan.scheduled, step.batch.cu_q_lens, result, self._states, self._logprob_fmt)
 
