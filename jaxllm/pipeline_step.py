@@ -32,9 +32,10 @@ def pipeline_step(engine) -> list:
         # Why stage 0 idles this tick if nothing was scheduled (batch_queue.py).
         reason = "in_flight" if scheduler.num_waiting == 0 and all(
             r.request_id in queue.request_ids() for r in scheduler.running) else "blocked"
+        # Outside the try: a broken invariant (a request in two in-flight batches) must raise.
+        entry = InFlight(plan, engine.build_step_inputs(plan.scheduled)) if plan.scheduled else None
+        window = queue.advance(entry, reason)
         try:
-            entry = InFlight(plan, engine.build_step_inputs(plan.scheduled)) if plan.scheduled else None
-            window = queue.advance(entry, reason)
             with timing:
                 result = engine.runner.run_tick(window)
             done = queue.complete()

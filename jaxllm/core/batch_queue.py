@@ -38,6 +38,7 @@ class BatchQueue:
         self.num_ticks = 0
         self.busy_stage_ticks = 0
         self.idle_stage_ticks: collections.Counter = collections.Counter()  # reason -> stage-ticks
+        self.max_in_flight = 0  # most micro-batches in the pipeline during one tick
         self.deferred_aborts: list[str] = []
 
     def request_ids(self) -> frozenset[str]:
@@ -56,6 +57,7 @@ class BatchQueue:
             assert not overlap, f"requests {sorted(overlap)} would be in two in-flight batches"
         self.window = [entry if entry is not None else bubble_reason] + self.window[:-1]
         self.num_ticks += 1
+        self.max_in_flight = max(self.max_in_flight, sum(isinstance(e, InFlight) for e in self.window))
         for e in self.window:
             if isinstance(e, InFlight):
                 self.busy_stage_ticks += 1
@@ -80,5 +82,5 @@ class BatchQueue:
         return 0.0 if total == 0 else 1 - self.busy_stage_ticks / total
 
     def stats(self) -> dict:
-        return {"num_ticks": self.num_ticks, "busy_stage_ticks": self.busy_stage_ticks,
+        return {"num_ticks": self.num_ticks, "max_in_flight": self.max_in_flight, "busy_stage_ticks": self.busy_stage_ticks,
                 "idle_stage_ticks": dict(self.idle_stage_ticks), "bubble_fraction": self.bubble_fraction()}

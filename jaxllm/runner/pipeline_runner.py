@@ -117,15 +117,18 @@ class PipelineRunner(ModelRunner):
         s = self._empty_batch(t).padded_num_seqs
         batches = [repad_batch(w.batch if w is not None else self._empty_batch(t), t, s) for w in window]
         last = window[-1]
+        # A bubble at the last stage samples nothing anyone reads: it borrows the sampler variant
+        # of the batch nearest the end, so bubbles compile no executable of their own.
+        variant = next(w for w in reversed(window) if w is not None)
+        sampler, prompt_lp = variant.sampler, variant.prompt_logprobs
         if last is not None:
-            sampler, prompt_lp = last.sampler, last.prompt_logprobs
             sampling = repad_rows(last.sampling, s)
         else:
-            sampler, prompt_lp = GREEDY, False
             sampling, _ = build_sampling_inputs([], s, vocab_size=self.config.vocab_size,
-                                                history_width=self.resolved.max_model_len)
+                                                history_width=self.resolved.max_model_len,
+                                                force_general=sampler != GREEDY)
         targets = np.zeros(t, np.int32)
-        if prompt_lp:
+        if last is not None and prompt_lp:
             targets[: last.prompt_targets.shape[0]] = last.prompt_targets
         stacked = StageInputs(
             token_ids=np.stack([b.token_ids for b in batches]),
