@@ -238,7 +238,7 @@ def test_scheduler_with_batch_queue_keeps_batches_disjoint(policy):
     # Several micro-batches in the pipeline at once; static batching admits one batch at a time
     # and its requests are all in flight together, so it never fills the pipeline.
     assert in_flight_seen == 1 if policy == "static" else in_flight_seen >= 2
-    assert s.num_preemptions > 0
+    assert s.num_preemptions > 0 or policy == "static"  # static: one batch at a time fits here
 
 
 def test_batch_queue_refuses_overlap_and_counts_bubbles():
