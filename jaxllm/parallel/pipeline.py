@@ -91,15 +91,33 @@ def stage_specs(config, mesh: Mesh, dtype):
     return weights.param_specs(tp_model_config(config, mesh.shape[TP_AXIS]), dtype)
 
 
+def stage_layout(config, mesh: Mesh, plan: StagePlan, dtype) -> dict:
+    """The stacked tree's leaves as jax.ShapeDtypeStruct (global shape, dtype, sharding):
+    {"layers": [slot j: {name: [P, ...]}], "vocab": [P, V, H], "final_norm": [H]}."""
+    specs = stage_specs(config, mesh, jnp.dtype(dtype))
+    p = plan.num_stages
+
+    def stacked(spec):
+        sharding = NamedSharding(mesh, P(PP_AXIS, *partition_spec(spec, mesh)))
+        return jax.ShapeDtypeStruct((p, *spec.shape), spec.dtype, sharding=sharding)
+
+    norm = specs["final_norm"]
+    return {
+        "layers": [{name: stacked(spec) for name, spec in specs["layers"][0].items()}
+                   for _ in range(plan.layers_per_stage)],
+        "vocab": stacked(specs["embed"]),
+        "final_norm": jax.ShapeDtypeStruct(norm.shape, norm.dtype, sharding=NamedSharding(mesh, P())),
+    }
+
+
 def place_stage_params(host_params: dict, config, mesh: Mesh, plan: StagePlan) -> dict:
-    """Canonical params (numpy, or arrays on any device) -> the stacked per-stage layout above.
-    The returned tree: {"layers": [slot j: {name: [P, ...]}], "vocab": [P, V, H], "final_norm": [H]}."""
+    """Canonical params (numpy, or arrays on any device) -> the stacked per-stage layout above
+    (stage_layout)."""
     from jaxllm.parallel.params import expand_kv_heads
 
-    t = mesh.shape[TP_AXIS]
-    r = kv_head_replicas(config, t)
+    r = kv_head_replicas(config, mesh.shape[TP_AXIS])
     dtype = np.asarray(host_params["embed"]).dtype
-    specs = stage_specs(config, mesh, jnp.dtype(dtype))
+    layout = stage_layout(config, mesh, plan, dtype)
 
     def host_leaf(layer: int, name: str) -> np.ndarray:
         a = np.asarray(host_params["layers"][layer][name])
@@ -107,23 +125,17 @@ def place_stage_params(host_params: dict, config, mesh: Mesh, plan: StagePlan) -
             a = expand_kv_heads(a, a.ndim - 1, config.head_dim, r)
         return a
 
-    layers = []
-    for j in range(plan.layers_per_stage):
-        slot = {}
-        for name, spec in specs["layers"][0].items():
-            sharding = NamedSharding(mesh, P(PP_AXIS, *partition_spec(spec, mesh)))
+    def build(leaf, per_stage):
+        return _stacked(leaf.shape[1:], leaf.sharding, per_stage)
 
-            def per_stage(s, name=name, spec=spec, j=j):
-                layer = plan.global_layer(s, j)
-                if layer is None:
-                    return np.zeros(spec.shape, dtype)  # padding slot: masked, never used
-                return host_leaf(layer, name)
+    def layer_row(name, j):
+        def per_stage(s):
+            layer = plan.global_layer(s, j)
+            if layer is None:  # padding slot: masked, never used
+                return np.zeros(layout["layers"][j][name].shape[1:], dtype)
+            return host_leaf(layer, name)
+        return per_stage
 
-            slot[name] = _stacked(spec.shape, sharding, per_stage)
-        layers.append(slot)
-
-    embed_spec = specs["embed"]
-    vocab_sharding = NamedSharding(mesh, P(PP_AXIS, *partition_spec(embed_spec, mesh)))
     last = plan.num_stages - 1
 
     def vocab_row(s):
@@ -132,13 +144,14 @@ def place_stage_params(host_params: dict, config, mesh: Mesh, plan: StagePlan) -
         if s == last:
             head = host_params.get("lm_head")
             return np.asarray(host_params["embed"]) if head is None else np.ascontiguousarray(np.asarray(head).T)
-        return np.zeros(embed_spec.shape, dtype)  # a middle stage's unused table (module docstring)
+        return np.zeros(layout["vocab"].shape[1:], dtype)  # a middle stage's unused table (module docstring)
 
     norm = np.asarray(host_params["final_norm"])
     return {
-        "layers": layers,
-        "vocab": _stacked(embed_spec.shape, vocab_sharding, vocab_row),
-        "final_norm": jax.make_array_from_callback(norm.shape, NamedSharding(mesh, P()), lambda idx: norm[idx]),
+        "layers": [{name: build(leaf, layer_row(name, j)) for name, leaf in slot.items()}
+                   for j, slot in enumerate(layout["layers"])],
+        "vocab": build(layout["vocab"], vocab_row),
+        "final_norm": jax.make_array_from_callback(norm.shape, layout["final_norm"].sharding, lambda idx: norm[idx]),
     }
 
 
