@@ -23,7 +23,6 @@ and a cost model for real hardware.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 
@@ -125,7 +124,7 @@ def bubble_run(pp: int, num_requests: int, seed: int = 0) -> dict:
     from workloads import LengthDist
 
     config = _tiny_config()
-    params = jax.tree.map(np.asarray, weights.init_params(config, jax.random.PRNGKey(seed)))
+    params = weights.init_params(config, jax.random.PRNGKey(seed))  # the pipeline places them per stage
     model = Model(config=config, params=params, dtype="float32")
     engine = Engine(EngineConfig(
         model="random-tiny", skip_tokenizer_init=True, token_buckets=(32, 64),
@@ -174,7 +173,7 @@ def main(argv=None):
 
     from inspect_sharding import COLLECTIVES, model_config
 
-    config = dataclasses.replace(model_config(args))
+    config = model_config(args)
     mib = 2**20
     print(f"model: {args.model or 'random-init Llama ~125M'} layers={config.num_layers} H={config.hidden_size} "
           f"V={config.vocab_size} dtype={args.dtype}; KV 512 blocks x 16; tick T=64 tokens, S=8 rows")

@@ -1,7 +1,7 @@
 """Pipeline-parallel scenarios run in a fresh process with 8 fake CPU devices (see
 test_pipeline_parallel.py; same reasons as tp_worker.py). Each writes its findings as JSON.
 
-    python tests/helpers/pp_worker.py engine MODEL_DIR OUT.json "1x1,2x1,2x1:1+3"   (PxT[:partition])
+    python tests/helpers/pp_worker.py engine MODEL_DIR OUT.json "1x1,2x1,2x4:1+3"   (PxT[:partition])
     JAXLLM_COORDINATOR=127.0.0.1:PORT JAXLLM_NUM_PROCESSES=2 JAXLLM_PROCESS_ID=i \\
         python tests/helpers/pp_worker.py multihost MODEL_DIR OUT.json           (2 devices per process)
 """
@@ -19,12 +19,12 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-# Seven requests, a 32-token budget and a 12-block cache (8 tokens each, 11 usable = 88 tokens
+# Seven requests, a 32-token budget and a 9-block cache (8 tokens each, 8 usable = 64 tokens
 # for ~190 tokens of work): prompts are chunked, prefills mix with decodes, requests are
 # preempted (recompute), and requests 4-6 share a 16-token prefix (prefix-cache hits). With P
 # stages the batch queue keeps up to P of these batches in flight.
 PROMPT_LENS = (3, 21, 38, 30, 20, 24, 18)
-MAX_TOKENS = (6, 4, 5, 5, 6, 3, 7)
+MAX_TOKENS = (4, 3, 4, 4, 3, 2, 4)
 VOCAB = 512
 TOP = 5
 
@@ -33,7 +33,7 @@ def _llm(model_dir, pp, tp, partition=None, **kw):
     from jaxllm import LLM
 
     return LLM(model_dir, pipeline_parallel_size=pp, tensor_parallel_size=tp, pipeline_layer_partition=partition,
-               skip_tokenizer_init=True, block_size=8, num_kv_blocks=12, max_num_seqs=6,
+               skip_tokenizer_init=True, block_size=8, num_kv_blocks=9, max_num_seqs=6,
                max_num_batched_tokens=32, token_buckets=(32,), **kw)
 
 
@@ -77,7 +77,7 @@ def _run(model_dir, pp, tp, partition=None):
         runner = eng.runner
         total_params = sum(np.asarray(x).nbytes for x in jax.tree.leaves(eng.model.params))
         cfg = eng.model.config
-        total_kv = 2 * cfg.num_layers * 12 * 8 * cfg.num_kv_heads * cfg.head_dim * 4
+        total_kv = 2 * cfg.num_layers * 9 * 8 * cfg.num_kv_heads * cfg.head_dim * 4
         devices = list(runner.mesh.devices.flat)
         run["param_bytes_ratio"] = [_device_bytes(runner.params, d) / total_params for d in devices]
         run["kv_bytes_ratio"] = [_device_bytes(runner.kv_caches, d) / total_kv for d in devices]
