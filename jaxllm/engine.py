@@ -250,17 +250,17 @@ class Engine:
         now = self.clock()
         finished = self.scheduler.update(plan, sampled, now=now) + failed
         self.num_steps += bool(plan.scheduled)
-        outputs, touched = self._collect_outputs(plan, sampled, finished)
+
+        outputs, num_finished = self._make_outputs(plan, sampled, finished)
         if plan.scheduled or plan.preempted or plan.has_swaps:
-            num_finished = sum(r.is_finished for r in touched)
             lookups = (kv.prefix_cache_queries - lookups_before[0], kv.prefix_cache_hits - lookups_before[1])
             self._notify_observers(plan, start, now, num_finished, footprint, lookups, timing)
         # A request with n > 1 reports once per step, with all its samples so far.
         return list({out.request_id: out for out in outputs}.values())
 
-    def _collect_outputs(self, plan, sampled: dict[str, int], finished: list[Request]):
-        """(RequestOutputs, requests touched) after `plan`'s tokens were applied: detokenize,
-        end requests at stop strings, fan samples of n > 1 requests in."""
+    def _make_outputs(self, plan, sampled: dict[str, int], finished: list[Request]) -> tuple[list[RequestOutput], int]:
+        """Detokenize and report every request that got a token or finished in this step;
+        returns (outputs, how many of those requests finished)."""
         outputs = []
         touched = [item.request for item in plan.scheduled if item.request.request_id in sampled]
         touched += [r for r in finished if r.request_id not in sampled]
@@ -277,7 +277,7 @@ class Engine:
             if req.is_finished:
                 del self._states[req.request_id]
             outputs.append(self._fan_in(output) if req.request_id in self._parent_of else output)
-        return outputs, touched
+        return outputs, sum(r.is_finished for r in touched)
 
     def _fan_in(self, child_output: RequestOutput) -> RequestOutput:
         parent, index = self._parent_of[child_output.request_id]

@@ -52,12 +52,11 @@ def pipeline_step(engine) -> list:
     applied = done.plan if done is not None else SchedulerOutput(scheduled=[], preempted=[], num_batched_tokens=0)
     finished = scheduler.update(applied, sampled, now=now) + failed
     engine.num_steps += bool(plan.scheduled)
-    outputs, touched = engine._collect_outputs(applied, sampled, finished)
+    outputs, num_finished = engine._make_outputs(applied, sampled, finished)
     for rid in [r for r in queue.deferred_aborts if not engine._in_flight(r)]:
         queue.deferred_aborts.remove(rid)
         engine.abort_request(rid)
     if plan.scheduled or plan.preempted or applied.scheduled:
-        num_finished = sum(r.is_finished for r in touched)
         lookups = (kv.prefix_cache_queries - lookups_before[0], kv.prefix_cache_hits - lookups_before[1])
         engine._notify_observers(plan, start, now, num_finished, footprint, lookups, timing)
     return list({out.request_id: out for out in outputs}.values())
