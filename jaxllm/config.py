@@ -121,12 +121,32 @@ class SchedulerConfig:
 @dataclasses.dataclass(frozen=True)
 class ParallelConfig:
     tensor_parallel_size: int = 1
+    # Pipeline parallelism (jaxllm/parallel/pipeline.py): the layers split into this many
+    # contiguous stages on a ("pp", "tp") mesh of P x T devices.
+    pipeline_parallel_size: int = 1
+    # Layers per stage, e.g. (3, 5) (vLLM's VLLM_PP_LAYER_PARTITION); None: an even split
+    # (jaxllm/parallel/partition.py). Checked against the model before anything is loaded.
+    pipeline_layer_partition: tuple[int, ...] | None = None
 
     def __post_init__(self):
         _require(
             isinstance(self.tensor_parallel_size, int) and self.tensor_parallel_size >= 1,
             f"tensor_parallel_size must be a positive int, got {self.tensor_parallel_size!r}",
         )
+        _require(
+            isinstance(self.pipeline_parallel_size, int) and not isinstance(self.pipeline_parallel_size, bool)
+            and self.pipeline_parallel_size >= 1,
+            f"pipeline_parallel_size must be a positive int, got {self.pipeline_parallel_size!r}",
+        )
+        if self.pipeline_layer_partition is not None:
+            part = self.pipeline_layer_partition
+            _require(
+                isinstance(part, (tuple, list)) and len(part) == self.pipeline_parallel_size
+                and all(isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in part),
+                f"pipeline_layer_partition={part!r} must be {self.pipeline_parallel_size} positive ints "
+                f"(one per stage, pipeline_parallel_size={self.pipeline_parallel_size})",
+            )
+            object.__setattr__(self, "pipeline_layer_partition", tuple(part))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,7 +201,7 @@ class EngineConfig:
         # KV heads on one device: sharded over tp, or one (replicated) head when tp > num_kv_heads.
         kv_heads_per_device = max(1, model_config.num_kv_heads // self.parallel.tensor_parallel_size)
         bytes_per_block = (
-            2 * model_config.num_layers * block_size * kv_heads_per_device
+            2 * self._layers_per_device(model_config) * block_size * kv_heads_per_device
             * model_config.head_dim * (4 if self.dtype == "float32" else 2)
         )
         if self.cache.num_kv_blocks is not None:
@@ -228,6 +248,15 @@ class EngineConfig:
             bytes_per_block=bytes_per_block,
             kv_cache_sizing=kv_sizing,
         )
+
+    def _layers_per_device(self, model_config: ModelConfig) -> int:
+        """Layers whose KV cache one device holds: all of them, or a pipeline stage's slots."""
+        if self.parallel.pipeline_parallel_size == 1:
+            return model_config.num_layers
+        from jaxllm.parallel.partition import StagePlan
+
+        return StagePlan.build(model_config.num_layers, self.parallel.pipeline_parallel_size,
+                               self.parallel.pipeline_layer_partition).layers_per_stage
 
     def may_swap(self) -> bool:
         """Whether any preemption can swap: the configured mode, or a policy choosing per victim."""

@@ -58,7 +58,12 @@ class Engine:
         self.config = config
         self.clock = clock
         self.mesh = None
-        if config.parallel.tensor_parallel_size > 1:
+        self.batch_queue = None  # pipeline parallelism: the micro-batches in flight
+        if config.parallel.pipeline_parallel_size > 1:
+            from jaxllm.parallel.pipeline import load_for_pipeline
+
+            self.mesh, stage_plan, self.model = load_for_pipeline(config, model)
+        elif config.parallel.tensor_parallel_size > 1:
             from jaxllm.parallel.runtime import load_for_engine
 
             # Params go straight into their shardings; the model's config may carry replicated
@@ -72,6 +77,9 @@ class Engine:
         self.resolved: ResolvedEngineConfig = config.resolve(self.model.config, memory=device_memory(devices))
         logger.info("KV cache: %.2f GiB per device (%s)", self.resolved.kv_cache_bytes / (1 << 30),
                     self.resolved.kv_cache_sizing)
+        if self.resolved.num_cpu_blocks and config.parallel.pipeline_parallel_size > 1:
+            warnings.warn("pipeline parallelism has no swap pool yet: preemption recomputes instead of swapping")
+            self.resolved = dataclasses.replace(self.resolved, num_cpu_blocks=0)
         if self.resolved.num_cpu_blocks and not host_memory_available(
                 self.mesh.devices.flat if self.mesh is not None else jax_devices()):
             warnings.warn(f"this backend has no '{SWAP_MEMORY_KIND}' memory for the swap pool: "
@@ -80,7 +88,14 @@ class Engine:
         if tokenizer is None and not config.skip_tokenizer_init:
             tokenizer = load_tokenizer(config.model)
         self._init_host(self.model.config, tokenizer)
-        self.runner = ModelRunner(self.model, self.resolved, mesh=self.mesh)
+        if config.parallel.pipeline_parallel_size > 1:
+            from jaxllm.core.batch_queue import BatchQueue
+            from jaxllm.runner.pipeline_runner import PipelineRunner
+
+            self.runner = PipelineRunner(self.model, self.resolved, self.mesh, stage_plan)
+            self.batch_queue = BatchQueue(stage_plan.num_stages)
+        else:
+            self.runner = ModelRunner(self.model, self.resolved, mesh=self.mesh)
 
     def _init_host(self, model_config, tokenizer) -> None:
         """The host side of an engine (KV-cache manager, scheduler, request bookkeeping), built from
@@ -198,11 +213,21 @@ class Engine:
         request_id = str(request_id)
         if request_id in self._parent_of:
             request_id = self._parent_of[request_id][0].request_id
+        if self.batch_queue is not None and self._in_flight(request_id):
+            # Its blocks must outlive its in-flight batch: abort once the token returns.
+            self.batch_queue.deferred_aborts.append(request_id)
+            return
         parent = self._parents.pop(request_id, None)
         for rid in parent.child_ids if parent is not None else [request_id]:
             self._parent_of.pop(rid, None)
             if self._states.pop(rid, None) is not None:
                 self.scheduler.abort_request(rid)
+
+    def _in_flight(self, request_id: str) -> bool:
+        """Whether the request (or any sample of it) is in a pipeline's in-flight batch."""
+        parent = self._parents.get(request_id)
+        ids = self.batch_queue.request_ids()
+        return any(rid in ids for rid in (parent.child_ids if parent is not None else [request_id]))
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
@@ -212,6 +237,10 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Run one scheduling step; returns an output for every request that produced a token
         or finished in it (incremental: each holds the request's whole output so far)."""
+        if self.batch_queue is not None:
+            from jaxllm.pipeline_step import pipeline_step
+
+            return pipeline_step(self)
         start = self.clock()
         kv = self.kv_cache_manager
         lookups_before = (kv.prefix_cache_queries, kv.prefix_cache_hits)
@@ -370,6 +399,11 @@ class Engine:
         step = self.build_step_inputs(plan.scheduled)
         with timing:
             result = self.runner.execute(step)
+        return self._apply_result(plan, step, result)
+
+    def _apply_result(self, plan, step: StepInputs, result) -> dict[str, int]:
+        """Read a finished step's outputs: prompt logprobs, counters, logprobs; returns
+        request_id -> sampled token for the rows that sample."""
         if step.prompt_logprobs:
             collect_prompt_logprobs(plan.scheduled, step.batch.cu_q_lens, result, self._states, self._logprob_fmt)
 

@@ -17,6 +17,8 @@ HOST_MODULES = [
     "jaxllm.core.kv_cache.manager",
     "jaxllm.core.scheduler",
     "jaxllm.core.policies",
+    "jaxllm.core.batch_queue",
+    "jaxllm.pipeline_step",
     "jaxllm.runner.batch",
     "jaxllm.runner.sampling_inputs",
     "jaxllm.runner.step_io",

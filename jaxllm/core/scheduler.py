@@ -288,8 +288,12 @@ class Scheduler:
             self._preempt(request, "recompute")
 
     # -- one step --
-    def schedule(self) -> SchedulerOutput:
-        """Choose this step's batch. See the module docstring for the rules."""
+    def schedule(self, in_flight: frozenset = frozenset()) -> SchedulerOutput:
+        """Choose this step's batch. See the module docstring for the rules.
+
+        in_flight: ids of requests whose last scheduled batch is still in a pipeline
+        (core/batch_queue.py). They are neither scheduled nor chosen as preemption victims.
+        """
         now = self.clock()
         kv = self.kv_cache_manager
         budget = self.max_num_batched_tokens
@@ -305,7 +309,7 @@ class Scheduler:
             req = self.running[i]
             remaining = req.num_tokens - req.num_computed_tokens
             num_new = min(remaining, budget)
-            if num_new <= 0 or (num_new < remaining and not self.enable_chunked_prefill):
+            if num_new <= 0 or (num_new < remaining and not self.enable_chunked_prefill) or req.request_id in in_flight:
                 i += 1
                 continue
             while not kv.allocate_slots(req, num_new):
@@ -316,8 +320,11 @@ class Scheduler:
                     self._finish(req, RequestStatus.FINISHED_LENGTH, None, None, None, now)
                     finished.append(req)
                     break
-                victim = self.policy.choose_victim(list(self.running))
-                if not any(victim is r for r in self.running):
+                # Never an in-flight request (its batch would write into freed blocks); req
+                # itself is always a candidate.
+                candidates = [r for r in self.running if r.request_id not in in_flight]
+                victim = self.policy.choose_victim(candidates)
+                if not any(victim is r for r in candidates):
                     raise ValueError(f"{self.policy!r}.choose_victim returned {victim!r}, not a running request")
                 vi = next(k for k, r in enumerate(self.running) if r is victim)
                 for k, item in enumerate(scheduled):
@@ -386,6 +393,8 @@ class Scheduler:
                 scheduled.append(ScheduledRequest(req, num_new, num_new == remaining))
                 budget -= num_new
 
+        # The batch queue's invariant: a request is in at most one in-flight batch.
+        assert not in_flight.intersection(item.request_id for item in scheduled), "scheduled an in-flight request"
         self._finished_in_schedule.extend(finished)
         return SchedulerOutput(
             scheduled=scheduled,

@@ -36,46 +36,68 @@ def forward(
     kv_caches: list with one entry per layer, or None (each entry is passed to `attention` and
     replaced by what it returns). Returns (hidden [T, H] after the final norm, kv_caches).
     """
-    dtype = params["embed"].dtype
-    t = token_ids.shape[0]
-    nh, nkv, d = config.num_heads, config.num_kv_heads, config.head_dim
-    eps = config.rms_norm_eps
-    norm = layers.gemma_rms_norm if config.gemma_norms else layers.rms_norm
-    # cos/sin [T, D] once per distinct RoPE (Gemma 3: one for sliding layers, one for global ones).
-    tables = {rope: layers.rope_cos_sin(positions, rope, d, dtype) for rope in set(config.layer_ropes)}
+    tables = rope_tables(config, positions, params["embed"].dtype)
+    x = embed(params["embed"], config, token_ids)  # [T, H]
+    new_caches = [] if kv_caches is not None else None
+    for i, lp in enumerate(params["layers"]):
+        cache_i = kv_caches[i] if kv_caches is not None else None
+        x, cache_i = decoder_layer(lp, config, x, tables[config.layer_ropes[i]], i, cache_i, attention)
+        if new_caches is not None:
+            new_caches.append(cache_i)
+    return final_norm(params["final_norm"], config, x), new_caches
 
-    x = jnp.take(params["embed"], token_ids, axis=0)  # [T, H]
+
+def final_norm(weight: jax.Array, config: ModelConfig, x: jax.Array) -> jax.Array:
+    """The norm after the last layer: x [T, H] -> [T, H]."""
+    norm = layers.gemma_rms_norm if config.gemma_norms else layers.rms_norm
+    return norm(x, weight, config.rms_norm_eps)
+
+
+def rope_tables(config: ModelConfig, positions: jax.Array, dtype) -> dict:
+    """cos/sin [T, D] once per distinct RoPE (Gemma 3: one for sliding layers, one for global ones)."""
+    return {rope: layers.rope_cos_sin(positions, rope, config.head_dim, dtype) for rope in set(config.layer_ropes)}
+
+
+def embed(table: jax.Array, config: ModelConfig, token_ids: jax.Array) -> jax.Array:
+    """token_ids [T] -> embeddings [T, H] from `table` [V, H] (Gemma 3: scaled by sqrt(H))."""
+    x = jnp.take(table, token_ids, axis=0)
     if config.scale_embeddings:
         # The scale is rounded to the model dtype first, as transformers does (bf16: 25.25 for
         # sqrt(640) = 25.30); the rounding is part of what the checkpoint was trained with.
-        x = x * jnp.asarray(config.hidden_size**0.5, dtype)
-    new_caches = [] if kv_caches is not None else None
-    for i, lp in enumerate(params["layers"]):
-        cos, sin = tables[config.layer_ropes[i]]
-        h = norm(x, lp["attn_norm"], eps)
-        q = layers.linear(h, lp["q_proj"], lp.get("q_bias")).reshape(t, nh, d)
-        k = layers.linear(h, lp["k_proj"], lp.get("k_bias")).reshape(t, nkv, d)
-        v = layers.linear(h, lp["v_proj"], lp.get("v_bias")).reshape(t, nkv, d)
-        if config.qk_norm:
-            # Qwen3 and Gemma 3 normalise each head before rotating it.
-            q = norm(q, lp["q_norm"], eps)
-            k = norm(k, lp["k_norm"], eps)
-        q = layers.apply_rope(q, cos, sin)
-        k = layers.apply_rope(k, cos, sin)
-        cache_i = kv_caches[i] if kv_caches is not None else None
-        attn, cache_i = attention(i, q, k, v, cache_i)  # [T, nH, D]
-        if new_caches is not None:
-            new_caches.append(cache_i)
-        h = layers.linear(attn.reshape(t, nh * d), lp["o_proj"])
-        if config.gemma_norms:
-            h = norm(h, lp["post_attn_norm"], eps)
-        x = x + h
-        h = norm(x, lp["mlp_norm"], eps)
-        h = layers.gated_mlp(h, lp["gate_proj"], lp["up_proj"], lp["down_proj"], config.hidden_act)
-        if config.gemma_norms:
-            h = norm(h, lp["post_mlp_norm"], eps)
-        x = x + h
-    return norm(x, params["final_norm"], eps), new_caches
+        x = x * jnp.asarray(config.hidden_size**0.5, table.dtype)
+    return x
+
+
+def decoder_layer(lp: dict, config: ModelConfig, x: jax.Array, cos_sin: tuple, layer_idx: int,
+                  kv_cache, attention: Attention) -> tuple[jax.Array, Any]:
+    """One decoder layer on the residual stream x [T, H]: returns (x [T, H], the layer's new KV
+    cache entry). cos_sin: this layer's RoPE tables [T, D]; layer_idx: passed to `attention`
+    (which reads the layer's sliding window); kv_cache: the layer's entry (None: no cache)."""
+    t = x.shape[0]
+    nh, nkv, d = config.num_heads, config.num_kv_heads, config.head_dim
+    eps = config.rms_norm_eps
+    norm = layers.gemma_rms_norm if config.gemma_norms else layers.rms_norm
+    cos, sin = cos_sin
+    h = norm(x, lp["attn_norm"], eps)
+    q = layers.linear(h, lp["q_proj"], lp.get("q_bias")).reshape(t, nh, d)
+    k = layers.linear(h, lp["k_proj"], lp.get("k_bias")).reshape(t, nkv, d)
+    v = layers.linear(h, lp["v_proj"], lp.get("v_bias")).reshape(t, nkv, d)
+    if config.qk_norm:
+        # Qwen3 and Gemma 3 normalise each head before rotating it.
+        q = norm(q, lp["q_norm"], eps)
+        k = norm(k, lp["k_norm"], eps)
+    q = layers.apply_rope(q, cos, sin)
+    k = layers.apply_rope(k, cos, sin)
+    attn, kv_cache = attention(layer_idx, q, k, v, kv_cache)  # [T, nH, D]
+    h = layers.linear(attn.reshape(t, nh * d), lp["o_proj"])
+    if config.gemma_norms:
+        h = norm(h, lp["post_attn_norm"], eps)
+    x = x + h
+    h = norm(x, lp["mlp_norm"], eps)
+    h = layers.gated_mlp(h, lp["gate_proj"], lp["up_proj"], lp["down_proj"], config.hidden_act)
+    if config.gemma_norms:
+        h = norm(h, lp["post_mlp_norm"], eps)
+    return x + h, kv_cache
 
 
 def compute_logits(params: dict, config: ModelConfig, hidden: jax.Array) -> jax.Array:

@@ -33,10 +33,19 @@ def make_mesh(tensor_parallel_size: int, devices=None) -> Mesh:
     n = tensor_parallel_size
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ValueError(f"tensor_parallel_size must be a positive int, got {n!r}")
+    chosen = pick_devices(n, f"tensor_parallel_size={n}", devices)
+    # Auto axis types: GSPMD propagates shardings from the parameters and inserts the collectives
+    # (jax.make_mesh would default to Explicit sharding, which needs per-op annotations).
+    return Mesh(np.asarray(chosen), (TP_AXIS,), axis_types=(AxisType.Auto,))
+
+
+def pick_devices(n: int, what: str, devices=None) -> list:
+    """The first n devices (default jax.devices(), global), refusing too few devices or a choice
+    that leaves out a process; `what` names the sizes in the error (e.g. "tensor_parallel_size=4")."""
     devices = list(jax.devices() if devices is None else devices)
     if n > len(devices):
         raise ValueError(
-            f"tensor_parallel_size={n} exceeds the {len(devices)} available device(s) "
+            f"{what} exceeds the {len(devices)} available device(s) "
             f"({devices[0].platform if devices else 'none'}); on CPU, fake more with "
             f"XLA_FLAGS=--xla_force_host_platform_device_count={n} (set before jax is imported)"
         )
@@ -45,12 +54,10 @@ def make_mesh(tensor_parallel_size: int, devices=None) -> Mesh:
     if missing:
         # Every process runs the same step and must own part of the mesh to read its outputs.
         raise ValueError(
-            f"tensor_parallel_size={n} uses devices of processes {sorted({d.process_index for d in chosen})} "
+            f"{what} uses devices of processes {sorted({d.process_index for d in chosen})} "
             f"only, but processes {missing} also run; in a multi-host run use all {len(devices)} devices"
         )
-    # Auto axis types: GSPMD propagates shardings from the parameters and inserts the collectives
-    # (jax.make_mesh would default to Explicit sharding, which needs per-op annotations).
-    return Mesh(np.asarray(chosen), (TP_AXIS,), axis_types=(AxisType.Auto,))
+    return chosen
 
 
 def validate_tp(config, tensor_parallel_size: int) -> None:

@@ -84,6 +84,16 @@ def paged_step(params, kv_caches, token_ids, positions, metadata, logits_indices
     """
     attention = make_paged_attention(config, metadata, attention_fn)
     hidden, kv_caches = llama.forward(params, config, token_ids, positions, kv_caches, attention)
+    out = sample_outputs(params, config, hidden, logits_indices, sampling_inputs, prompt_targets,
+                         sampler=sampler, prompt_logprobs=prompt_logprobs)
+    return out, kv_caches
+
+
+def sample_outputs(params, config: ModelConfig, hidden, logits_indices, sampling_inputs, prompt_targets, *,
+                   sampler: str, prompt_logprobs: bool) -> StepOutputs:
+    """hidden [T, H] (after the final norm) -> StepOutputs: LM head on the rows' last tokens,
+    sampling, and with `prompt_logprobs` every token's top-20 logprobs. `params` needs only
+    "embed" / "lm_head" (the pipeline passes its last stage's table)."""
     logits = llama.compute_logits(params, config, hidden[logits_indices])
     sampled = sampling.sample(logits, sampling_inputs, sampler)
     out = StepOutputs(sampled.token_ids, sampled.logprobs, sampled.top_logprobs, sampled.top_token_ids)
@@ -92,7 +102,7 @@ def paged_step(params, kv_caches, token_ids, positions, metadata, logits_indices
         all_logits = llama.compute_logits(params, config, hidden)
         lp, top, ids = sampling.token_logprobs(all_logits, prompt_targets, MAX_LOGPROBS)
         out = dataclasses.replace(out, prompt_logprobs=lp, prompt_top_logprobs=top, prompt_top_token_ids=ids)
-    return out, kv_caches
+    return out
 
 
 jax.tree_util.register_dataclass(

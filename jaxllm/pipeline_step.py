@@ -1,0 +1,62 @@
+"""Engine.step under pipeline parallelism: one pipeline tick per engine step (vLLM V1's batch queue).
+
+    plan   = scheduler.schedule(in_flight=queue.request_ids())   # never a request already in flight
+    window = queue.advance(InFlight(plan, step) or a bubble)    # every batch one stage on
+    out    = runner.run_tick(window)                            # stage s runs window[s]
+    done   = queue.complete()                                   # the batch that left stage P-1
+    scheduler.update(done.plan, tokens)                         # its tokens, P ticks after scheduling
+
+So the host schedules a new batch while up to P - 1 older ones are still in the pipeline, and a
+request's next token is scheduled only once its previous one has come back (batches hold
+disjoint requests). Aborting an in-flight request is deferred until its batch returns (its KV
+blocks must stay its own until then). Host only: never imports jax.
+"""
+
+from __future__ import annotations
+
+from jaxllm.core.batch_queue import InFlight
+from jaxllm.core.scheduler import SchedulerOutput
+
+
+def pipeline_step(engine) -> list:
+    from jaxllm.engine import _DeviceTiming
+
+    start = engine.clock()
+    kv, queue, scheduler = engine.kv_cache_manager, engine.batch_queue, engine.scheduler
+    lookups_before = (kv.prefix_cache_queries, kv.prefix_cache_hits)
+    plan = scheduler.schedule(in_flight=queue.request_ids())
+    footprint = engine._kv_footprint()
+    timing = _DeviceTiming(engine.clock, engine.runner)
+    done, sampled, failed = None, {}, []
+    if plan.scheduled or queue.in_flight:
+        # Why stage 0 idles this tick if nothing was scheduled (batch_queue.py).
+        reason = "in_flight" if scheduler.num_waiting == 0 and all(
+            r.request_id in queue.request_ids() for r in scheduler.running) else "blocked"
+        # Outside the try: a broken invariant (a request in two in-flight batches) must raise.
+        entry = InFlight(plan, engine.build_step_inputs(plan.scheduled)) if plan.scheduled else None
+        window = queue.advance(entry, reason)
+        try:
+            with timing:
+                result = engine.runner.run_tick(window)
+            done = queue.complete()
+            if done is not None:
+                sampled = engine._apply_result(done.plan, done.step, result)
+        except Exception as e:  # noqa: BLE001 - a failed tick must not take the engine down
+            lost = queue.clear()
+            every = [item for p in [plan] + [d.plan for d in lost] for item in p.scheduled]
+            failed = engine._fail_step(SchedulerOutput(scheduled=every, preempted=[], num_batched_tokens=0), e)
+            # (_fail_step resets a lost KV cache and carry; a kept carry's rows of the dropped
+            # batches are read only by the bubbles that follow them.)
+            done = None
+    now = engine.clock()
+    applied = done.plan if done is not None else SchedulerOutput(scheduled=[], preempted=[], num_batched_tokens=0)
+    finished = scheduler.update(applied, sampled, now=now) + failed
+    engine.num_steps += bool(plan.scheduled)
+    outputs, num_finished = engine._make_outputs(applied, sampled, finished)
+    for rid in [r for r in queue.deferred_aborts if not engine._in_flight(r)]:
+        queue.deferred_aborts.remove(rid)
+        engine.abort_request(rid)
+    if plan.scheduled or plan.preempted or applied.scheduled:
+        lookups = (kv.prefix_cache_queries - lookups_before[0], kv.prefix_cache_hits - lookups_before[1])
+        engine._notify_observers(plan, start, now, num_finished, footprint, lookups, timing)
+    return list({out.request_id: out for out in outputs}.values())

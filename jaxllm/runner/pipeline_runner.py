@@ -1,0 +1,177 @@
+"""PipelineRunner: the device side of a pipeline-parallel engine (jaxllm/parallel/pipeline.py).
+
+    outputs = runner.run_tick(window)   # window[s]: StepInputs stage s runs (None: a bubble);
+                                        # returns window[P-1]'s StepOutputs (None for a bubble)
+    outputs = runner.execute(step)      # ModelRunner's contract: one batch through all P stages
+
+The engine's batch queue (jaxllm/core/batch_queue.py) owns which micro-batch is at which stage;
+the runner is stateless about that and keeps only device state: stage-placed params, each stage's
+KV cache, and the activations in transit between stages (`carry`, [P, T_max, H], donated).
+
+All micro-batches of one tick run padded to one shape: T = the largest token bucket among them
+(S = min(T, max_num_seqs), as batch.padded_shape), so the tick compiles once per token bucket and
+sampler variant, like the ModelRunner's step. Padding tokens write into sink block 0.
+It reuses ModelRunner's neutral sampling arrays and counters; there is no swap pool (the engine
+turns swap preemption into recompute under pipeline parallelism).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxllm.attention.metadata import AttentionMetadata
+from jaxllm.parallel import pipeline
+from jaxllm.parallel.pipeline_tick import StageInputs, tick_function
+from jaxllm.parallel.rules import tp_model_config
+from jaxllm.parallel.runtime import to_global
+from jaxllm.parallel.mesh import TP_AXIS
+from jaxllm.runner import runner as runner_mod
+from jaxllm.runner.batch import BatchInputs, prepare_batch
+from jaxllm.runner.runner import ModelRunner, attention_impl
+from jaxllm.runner.sampling_inputs import GREEDY, SamplingInputs, build_sampling_inputs
+from jaxllm.runner.step_io import StepInputs, StepOutputs
+
+
+def repad_batch(batch: BatchInputs, t: int, s: int) -> BatchInputs:
+    """`batch` padded further to T=t tokens and S=s rows (padding tokens -> sink slot 0, padding
+    rows empty), so micro-batches of different buckets can share one tick."""
+    dt, ds = t - batch.padded_num_tokens, s - batch.padded_num_seqs
+    if dt < 0 or ds < 0:
+        raise ValueError(f"cannot pad a batch of T={batch.padded_num_tokens}, S={batch.padded_num_seqs} to T={t}, S={s}")
+    if dt == 0 and ds == 0:
+        return batch
+    tok = lambda a: np.pad(a, (0, dt))  # noqa: E731
+    return dataclasses.replace(
+        batch,
+        token_ids=tok(batch.token_ids), positions=tok(batch.positions), slot_mapping=tok(batch.slot_mapping),
+        block_tables=np.pad(batch.block_tables, ((0, ds), (0, 0))),
+        kv_lens=np.pad(batch.kv_lens, (0, ds)),
+        cu_q_lens=np.pad(batch.cu_q_lens, (0, ds), mode="edge"),
+        logits_indices=np.pad(batch.logits_indices, (0, ds)),
+    )
+
+
+def repad_rows(inputs: SamplingInputs, s: int) -> SamplingInputs:
+    """Sampling inputs padded to s rows by repeating the last row (padding rows' outputs are
+    never read; repeating keeps every value valid)."""
+    ds = s - inputs.num_rows
+    if ds == 0:
+        return inputs
+    pad = lambda a: None if a is None else np.pad(a, ((0, ds),) + ((0, 0),) * (a.ndim - 1), mode="edge")  # noqa: E731
+    return SamplingInputs(**{f.name: pad(getattr(inputs, f.name)) for f in dataclasses.fields(inputs)})
+
+
+class PipelineRunner(ModelRunner):
+    """See the module docstring. `model.params` may be host numpy (they are placed per stage)."""
+
+    def __init__(self, model, resolved, mesh, plan):  # noqa: D107 - not ModelRunner's device layout
+        self.model = model
+        self.mesh, self.plan = mesh, plan
+        self.config = tp_model_config(model.config, mesh.shape[TP_AXIS])
+        self.resolved = resolved
+        self.num_compilations = 0
+        self.step_variants_used: set[tuple[int, str, bool]] = set()
+        self._attention_fn = attention_impl(resolved.engine.attention_backend)
+        self.params = pipeline.place_stage_params(model.params, model.config, mesh, plan)
+        self._kv_sharding = pipeline.kv_sharding(mesh)
+        self.kv_caches = self._allocate_kv_cache(self._kv_sharding)
+        self.carry = self._zero_carry()
+        self._neutral: dict = {}
+        self._jitted = tick_function(mesh, plan.layers_per_stage)
+        self.host_caches = None
+        self.swap_buckets: tuple[int, ...] = ()
+        self._empty_batches: dict[int, BatchInputs] = {}
+
+    def _allocate_kv_cache(self, sharding, num_blocks=None):
+        """One (K, V) pair per local layer slot, each [P, num_blocks, block_size, nKV, D]."""
+        cfg, res = self.config, self.resolved
+        shape = (self.plan.num_stages, res.num_kv_blocks, res.engine.cache.block_size, cfg.num_kv_heads, cfg.head_dim)
+        zeros = jax.jit(lambda: jnp.zeros(shape, jnp.dtype(res.engine.dtype)), out_shardings=sharding)
+        return [(zeros(), zeros()) for _ in range(self.plan.layers_per_stage)]
+
+    def _zero_carry(self):
+        shape = (self.plan.num_stages, max(self.resolved.token_buckets), self.config.hidden_size)
+        return jax.jit(lambda: jnp.zeros(shape, jnp.dtype(self.resolved.engine.dtype)),
+                       out_shardings=pipeline.carry_sharding(self.mesh))()
+
+    def _empty_batch(self, t: int) -> BatchInputs:
+        """An all-padding batch of bucket t (a bubble's stage input)."""
+        if t not in self._empty_batches:
+            self._empty_batches[t] = prepare_batch([], np.zeros((1, self.resolved.max_blocks_per_seq), np.int32),
+                                                   None, self.resolved.engine.cache.block_size, (t,),
+                                                   self.resolved.engine.scheduler.max_num_seqs)
+        return self._empty_batches[t]
+
+    def run_tick(self, window: list[StepInputs | None]) -> StepOutputs | None:
+        """Run stage s on window[s] for every s; returns the outputs of window[-1] (numpy)."""
+        if len(window) != self.plan.num_stages:
+            raise ValueError(f"a tick needs {self.plan.num_stages} stage inputs, got {len(window)}")
+        real = [w for w in window if w is not None]
+        if not real:
+            return None
+        t = max(w.batch.padded_num_tokens for w in real)
+        s = self._empty_batch(t).padded_num_seqs
+        batches = [repad_batch(w.batch if w is not None else self._empty_batch(t), t, s) for w in window]
+        last = window[-1]
+        # A bubble at the last stage samples nothing anyone reads: it borrows the sampler variant
+        # of the batch nearest the end, so bubbles compile no executable of their own.
+        variant = next(w for w in reversed(window) if w is not None)
+        sampler, prompt_lp = variant.sampler, variant.prompt_logprobs
+        if last is not None:
+            sampling = repad_rows(last.sampling, s)
+        else:
+            sampling, _ = build_sampling_inputs([], s, vocab_size=self.config.vocab_size,
+                                                history_width=self.resolved.max_model_len,
+                                                force_general=sampler != GREEDY)
+        targets = np.zeros(t, np.int32)
+        if last is not None and prompt_lp:
+            targets[: last.prompt_targets.shape[0]] = last.prompt_targets
+        stacked = StageInputs(
+            token_ids=np.stack([b.token_ids for b in batches]),
+            positions=np.stack([b.positions for b in batches]),
+            metadata=AttentionMetadata(
+                slot_mapping=np.stack([b.slot_mapping for b in batches]),
+                block_tables=np.stack([b.block_tables for b in batches]),
+                kv_lens=np.stack([b.kv_lens for b in batches]),
+                cu_q_lens=np.stack([b.cu_q_lens for b in batches]),
+            ),
+        )
+        stage_sharding = pipeline.stage_sharding(self.mesh)
+        stacked = jax.tree.map(
+            lambda x: jax.make_array_from_callback(x.shape, stage_sharding, lambda idx: x[idx]), stacked)
+        logits_indices, sampling, targets = to_global(self.mesh, (batches[-1].logits_indices, sampling, targets))
+        compiles = runner_mod._NUM_XLA_COMPILES[0]
+        try:
+            out, self.kv_caches, self.carry = self._jitted(
+                self.params, self.kv_caches, self.carry, stacked, logits_indices, self._fill_neutral(sampling),
+                targets, config=self.config, plan=self.plan, attention_fn=self._attention_fn,
+                sampler=sampler, prompt_logprobs=prompt_lp,
+            )
+        finally:
+            new = runner_mod._NUM_XLA_COMPILES[0] - compiles
+            self.num_compilations += new
+            runner_mod._NUM_STEP_COMPILES[0] += new
+        self.step_variants_used.add((t, sampler, prompt_lp))
+        return None if last is None else jax.tree.map(np.asarray, out)
+
+    def execute(self, step: StepInputs) -> StepOutputs:
+        """One batch through all P stages (P ticks, nothing else in flight): the synchronous
+        pipeline, used by warm-up and by callers of the ModelRunner contract."""
+        num_stages = self.plan.num_stages
+        out = None
+        for k in range(num_stages):
+            window = [None] * num_stages
+            window[k] = step
+            out = self.run_tick(window)
+        return out
+
+    def kv_cache_lost(self) -> bool:
+        return super().kv_cache_lost() or self.carry.is_deleted()
+
+    def reset_kv_cache(self) -> None:
+        self.kv_caches = self._allocate_kv_cache(self._kv_sharding)
+        self.carry = self._zero_carry()

@@ -1,0 +1,124 @@
+"""Pipeline-parallel scenarios run in a fresh process with 8 fake CPU devices (see
+test_pipeline_parallel.py; same reasons as tp_worker.py). Each writes its findings as JSON.
+
+    python tests/helpers/pp_worker.py engine MODEL_DIR OUT.json "1x1,2x1,2x4:1+3"   (PxT[:partition])
+    JAXLLM_COORDINATOR=127.0.0.1:PORT JAXLLM_NUM_PROCESSES=2 JAXLLM_PROCESS_ID=i \\
+        python tests/helpers/pp_worker.py multihost MODEL_DIR OUT.json           (2 devices per process)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+MODE = sys.argv[1] if len(sys.argv) > 1 else ""
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={2 if MODE == 'multihost' else 8}"
+)
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+# Seven requests, a 32-token budget and a 9-block cache (8 tokens each, 8 usable = 64 tokens
+# for ~190 tokens of work): prompts are chunked, prefills mix with decodes, requests are
+# preempted (recompute), and requests 4-6 share a 16-token prefix (prefix-cache hits). With P
+# stages the batch queue keeps up to P of these batches in flight.
+PROMPT_LENS = (3, 21, 38, 30, 20, 24, 18)
+MAX_TOKENS = (4, 3, 4, 4, 3, 2, 4)
+VOCAB = 512
+TOP = 5
+
+
+def _llm(model_dir, pp, tp, partition=None, **kw):
+    from jaxllm import LLM
+
+    return LLM(model_dir, pipeline_parallel_size=pp, tensor_parallel_size=tp, pipeline_layer_partition=partition,
+               skip_tokenizer_init=True, block_size=8, num_kv_blocks=9, max_num_seqs=6,
+               max_num_batched_tokens=32, token_buckets=(32,), **kw)
+
+
+def _generate(llm):
+    from jaxllm import SamplingParams
+    from tests.helpers.tiny_models import random_prompt
+
+    shared = random_prompt(16, VOCAB, seed=100)
+    prompts = [random_prompt(n, VOCAB, seed=i) for i, n in enumerate(PROMPT_LENS)]
+    prompts = [p if i < 4 else shared + p[16:] for i, p in enumerate(prompts)]
+    params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True, logprobs=TOP) for m in MAX_TOKENS]
+    # Seeded sampling and penalties run on the last stage too.
+    params[2] = SamplingParams(temperature=0.7, top_k=20, seed=11, max_tokens=MAX_TOKENS[2], ignore_eos=True,
+                               logprobs=TOP)
+    params[3] = SamplingParams(temperature=0.0, repetition_penalty=1.4, min_tokens=2, max_tokens=MAX_TOKENS[3],
+                               logprobs=TOP)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    tokens = [o.outputs[0].token_ids for o in outs]
+    # Every step's top-TOP logprobs by token id (log-softmax of the logits).
+    logprobs = [[{str(k): float(v.logprob) for k, v in step.items()} for step in o.outputs[0].logprobs] for o in outs]
+    return tokens, logprobs
+
+
+def _device_bytes(tree, device) -> int:
+    import jax
+
+    return sum(s.data.nbytes for x in jax.tree.leaves(tree) for s in x.addressable_shards if s.device == device)
+
+
+def _run(model_dir, pp, tp, partition=None):
+    import jax
+    import numpy as np
+
+    llm = _llm(model_dir, pp, tp, partition)
+    tokens, logprobs = _generate(llm)
+    eng = llm.engine
+    stats = eng.get_stats()
+    run = {"tokens": tokens, "logprobs": logprobs, "num_preemptions": stats["num_preemptions"],
+           "prefix_cache_hits": stats["prefix_cache_hits"], "num_compilations": stats["num_compilations"]}
+    if pp > 1:
+        runner = eng.runner
+        total_params = sum(np.asarray(x).nbytes for x in jax.tree.leaves(eng.model.params))
+        cfg = eng.model.config
+        total_kv = 2 * cfg.num_layers * 9 * 8 * cfg.num_kv_heads * cfg.head_dim * 4
+        devices = list(runner.mesh.devices.flat)
+        run["param_bytes_ratio"] = [_device_bytes(runner.params, d) / total_params for d in devices]
+        run["kv_bytes_ratio"] = [_device_bytes(runner.kv_caches, d) / total_kv for d in devices]
+        run["table_bytes_ratio"] = float(np.asarray(eng.model.params["embed"]).nbytes / total_params)
+        run["counts"] = list(runner.plan.counts)
+        run["k_cache_spec"] = str(runner.kv_caches[0][0].sharding.spec)
+        run["queue"] = eng.batch_queue.stats()
+        # A padding slot's KV is never the model's: slot 1 on the stage of 1 layer stays zero.
+        run["stage_kv_nonzero"] = [[bool(np.abs(np.asarray(s.data)).sum() > 0)
+                                    for s in sorted(k.addressable_shards, key=lambda s: s.device.id)
+                                    if s.replica_id == 0]
+                                   for k, _ in runner.kv_caches]
+    return run
+
+
+def engine(model_dir, out_path, configs):
+    result = {}
+    for c in configs.split(","):
+        shape, _, part = c.partition(":")
+        pp, tp = (int(x) for x in shape.split("x"))
+        partition = tuple(int(x) for x in part.split("+")) if part else None
+        result[c] = _run(model_dir, pp, tp, partition)
+    with open(out_path, "w") as f:
+        json.dump(result, f)
+
+
+def multihost(model_dir, out_path):
+    from jaxllm.parallel import distributed
+
+    distributed.initialize()  # JAXLLM_* from the environment
+    import jax
+
+    llm = _llm(model_dir, 2, 2)  # stage 0 on process 0's two devices, stage 1 on process 1's
+    tokens, logprobs = _generate(llm)
+    mesh = llm.engine.runner.mesh
+    with open(out_path, "w") as f:
+        json.dump({"process_index": jax.process_index(), "process_count": jax.process_count(),
+                   "stage_processes": [sorted({d.process_index for d in row}) for row in mesh.devices],
+                   "tokens": tokens, "logprobs": logprobs}, f)
+    distributed.shutdown()
+
+
+if __name__ == "__main__":
+    {"engine": engine, "multihost": multihost}[MODE](*sys.argv[2:])
