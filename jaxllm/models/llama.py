@@ -28,6 +28,7 @@ def forward(
     positions: jax.Array,
     kv_caches: list | None,
     attention: Attention,
+    residual_hook: Callable[[int, jax.Array], jax.Array] | None = None,
 ) -> tuple[jax.Array, list | None]:
     """Run the decoder stack.
 
@@ -35,6 +36,9 @@ def forward(
     attends to whom, with config.sm_scale, config.attn_logit_softcap and the layer's window).
     kv_caches: list with one entry per layer, or None (each entry is passed to `attention` and
     replaced by what it returns). Returns (hidden [T, H] after the final norm, kv_caches).
+    residual_hook(i, x [T, H]) -> [T, H], called while tracing: at the input of each layer i
+    (transformers' hidden_states[i]), its result continues as the residual; and once with
+    (num_layers, final hidden), its result returned (hidden-state capture, interventions).
     """
     dtype = params["embed"].dtype
     t = token_ids.shape[0]
@@ -51,6 +55,8 @@ def forward(
         x = x * jnp.asarray(config.hidden_size**0.5, dtype)
     new_caches = [] if kv_caches is not None else None
     for i, lp in enumerate(params["layers"]):
+        if residual_hook is not None:
+            x = residual_hook(i, x)
         cos, sin = tables[config.layer_ropes[i]]
         h = norm(x, lp["attn_norm"], eps)
         q = layers.linear(h, lp["q_proj"], lp.get("q_bias")).reshape(t, nh, d)
@@ -75,7 +81,10 @@ def forward(
         if config.gemma_norms:
             h = norm(h, lp["post_mlp_norm"], eps)
         x = x + h
-    return norm(x, params["final_norm"], eps), new_caches
+    x = norm(x, params["final_norm"], eps)
+    if residual_hook is not None:
+        x = residual_hook(len(params["layers"]), x)
+    return x, new_caches
 
 
 def compute_logits(params: dict, config: ModelConfig, hidden: jax.Array) -> jax.Array:
