@@ -43,6 +43,7 @@ class LLM:
         enable_prefix_caching: bool = True,
         preemption_mode: str = "recompute",
         swap_space: float = 4,
+        batch_invariant: bool = False,
     ):
         config = EngineConfig(
             model=model,
@@ -67,6 +68,7 @@ class LLM:
             parallel=ParallelConfig(tensor_parallel_size=tensor_parallel_size),
             token_buckets=token_buckets,
             skip_tokenizer_init=skip_tokenizer_init,
+            batch_invariant=batch_invariant,
         )
         self.engine = Engine(config)
         self._next_id = 0

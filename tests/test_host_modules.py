@@ -19,6 +19,7 @@ HOST_MODULES = [
     "jaxllm.core.policies",
     "jaxllm.runner.batch",
     "jaxllm.runner.sampling_inputs",
+    "jaxllm.runner.instrument_inputs",
     "jaxllm.runner.step_io",
     "jaxllm.sampling_params",
     "jaxllm.inputs",

@@ -95,12 +95,31 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos + rotate_half(x) * sin
 
 
-def linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:
-    """x [..., IN] @ w [IN, OUT] (+ b [OUT]) -> [..., OUT] in x.dtype.
+# Rows per matmul in batch-invariant mode (EngineConfig.batch_invariant). Measured on XLA:CPU
+# (jax 0.10.2, f32): row r of x @ w is bitwise stable only while x's row count stays in one band
+# ({1}, {2-56}, {>= 63} at 4096^2); a loop over fixed [ROW_TILE, IN] tiles was bitwise stable
+# for every row count and row position.
+ROW_TILE = 32
+
+
+def row_tiled(fn, x: jax.Array, row_tile: int | None) -> jax.Array:
+    """fn(x) for x [N, ...], or, with row_tile, fn applied to fixed [row_tile, ...] tiles of x
+    (zero-padded to a multiple) in a loop, so each row's result never depends on N."""
+    if row_tile is None:
+        return fn(x)
+    n = x.shape[0]
+    tiles = jnp.pad(x, ((0, -n % row_tile),) + ((0, 0),) * (x.ndim - 1)).reshape(-1, row_tile, *x.shape[1:])
+    y = jax.lax.map(fn, tiles)
+    return y.reshape(-1, *y.shape[2:])[:n]
+
+
+def linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None, row_tile: int | None = None) -> jax.Array:
+    """x [N, IN] @ w [IN, OUT] (+ b [OUT]) -> [N, OUT] in x.dtype (row_tile: see row_tiled).
 
     Accumulates in f32 (free on CPU/TPU for bf16, exact for f32) and casts back once.
     """
-    y = jnp.matmul(x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+    w = w.astype(x.dtype)
+    y = row_tiled(lambda xt: jnp.matmul(xt, w, preferred_element_type=jnp.float32), x, row_tile)
     if b is not None:
         y = y + b.astype(jnp.float32)
     return y.astype(x.dtype)
@@ -113,12 +132,13 @@ _ACTIVATIONS = {
 }
 
 
-def gated_mlp(x: jax.Array, gate_w: jax.Array, up_w: jax.Array, down_w: jax.Array, act: str = "silu") -> jax.Array:
+def gated_mlp(x: jax.Array, gate_w: jax.Array, up_w: jax.Array, down_w: jax.Array, act: str = "silu",
+              row_tile: int | None = None) -> jax.Array:
     """down(act(gate(x)) * up(x)): SwiGLU for act="silu", GeGLU (Gemma) for "gelu_pytorch_tanh".
 
     x [T, H], gate/up [H, I], down [I, H] -> [T, H].
     """
-    gate = linear(x, gate_w)
-    up = linear(x, up_w)
-    return linear(_ACTIVATIONS[act](gate) * up, down_w)
+    gate = linear(x, gate_w, row_tile=row_tile)
+    up = linear(x, up_w, row_tile=row_tile)
+    return linear(_ACTIVATIONS[act](gate) * up, down_w, row_tile=row_tile)
 

@@ -10,6 +10,7 @@ callable, from config.sm_scale) and final logit soft-capping. Any GQA ratio work
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -45,6 +46,8 @@ def forward(
     nh, nkv, d = config.num_heads, config.num_kv_heads, config.head_dim
     eps = config.rms_norm_eps
     norm = layers.gemma_rms_norm if config.gemma_norms else layers.rms_norm
+    tile = layers.ROW_TILE if config.batch_invariant else None
+    linear = functools.partial(layers.linear, row_tile=tile)
     # cos/sin [T, D] once per distinct RoPE (Gemma 3: one for sliding layers, one for global ones).
     tables = {rope: layers.rope_cos_sin(positions, rope, d, dtype) for rope in set(config.layer_ropes)}
 
@@ -59,9 +62,9 @@ def forward(
             x = residual_hook(i, x)
         cos, sin = tables[config.layer_ropes[i]]
         h = norm(x, lp["attn_norm"], eps)
-        q = layers.linear(h, lp["q_proj"], lp.get("q_bias")).reshape(t, nh, d)
-        k = layers.linear(h, lp["k_proj"], lp.get("k_bias")).reshape(t, nkv, d)
-        v = layers.linear(h, lp["v_proj"], lp.get("v_bias")).reshape(t, nkv, d)
+        q = linear(h, lp["q_proj"], lp.get("q_bias")).reshape(t, nh, d)
+        k = linear(h, lp["k_proj"], lp.get("k_bias")).reshape(t, nkv, d)
+        v = linear(h, lp["v_proj"], lp.get("v_bias")).reshape(t, nkv, d)
         if config.qk_norm:
             # Qwen3 and Gemma 3 normalise each head before rotating it.
             q = norm(q, lp["q_norm"], eps)
@@ -72,12 +75,12 @@ def forward(
         attn, cache_i = attention(i, q, k, v, cache_i)  # [T, nH, D]
         if new_caches is not None:
             new_caches.append(cache_i)
-        h = layers.linear(attn.reshape(t, nh * d), lp["o_proj"])
+        h = linear(attn.reshape(t, nh * d), lp["o_proj"])
         if config.gemma_norms:
             h = norm(h, lp["post_attn_norm"], eps)
         x = x + h
         h = norm(x, lp["mlp_norm"], eps)
-        h = layers.gated_mlp(h, lp["gate_proj"], lp["up_proj"], lp["down_proj"], config.hidden_act)
+        h = layers.gated_mlp(h, lp["gate_proj"], lp["up_proj"], lp["down_proj"], config.hidden_act, tile)
         if config.gemma_norms:
             h = norm(h, lp["post_mlp_norm"], eps)
         x = x + h
@@ -89,10 +92,13 @@ def forward(
 
 def compute_logits(params: dict, config: ModelConfig, hidden: jax.Array) -> jax.Array:
     """hidden [N, H] -> logits [N, V] float32 (lm_head, or the embedding when tied; soft-capped
-    when config.final_logit_softcap is set)."""
+    when config.final_logit_softcap is set; row-tiled in batch-invariant mode)."""
+    tile = layers.ROW_TILE if config.batch_invariant else None
     if config.tie_word_embeddings:
-        w = params["embed"]  # [V, H]
-        logits = jnp.einsum("nh,vh->nv", hidden, w.astype(hidden.dtype), preferred_element_type=jnp.float32)
+        w = params["embed"].astype(hidden.dtype)  # [V, H]
+        head = lambda x: jnp.einsum("nh,vh->nv", x, w, preferred_element_type=jnp.float32)  # noqa: E731
     else:
-        logits = jnp.matmul(hidden, params["lm_head"].astype(hidden.dtype), preferred_element_type=jnp.float32)
+        w = params["lm_head"].astype(hidden.dtype)
+        head = lambda x: jnp.matmul(x, w, preferred_element_type=jnp.float32)  # noqa: E731
+    logits = layers.row_tiled(head, hidden, tile)
     return layers.softcap(logits, config.final_logit_softcap)

@@ -32,9 +32,11 @@ from jaxllm import sampling
 from jaxllm.sampling_params import MAX_LOGPROBS
 
 
-def attention_impl(backend: str):
+def attention_impl(backend: str, batch_invariant: bool = False):
     """The ragged paged attention function of a backend (same signature for all)."""
-    if backend == "reference":
+    if batch_invariant:
+        from jaxllm.attention.invariant import ragged_paged_attention
+    elif backend == "reference":
         from jaxllm.attention.reference import ragged_paged_attention
     elif backend == "pallas":
         from jaxllm.attention.pallas import ragged_paged_attention
@@ -213,7 +215,7 @@ class ModelRunner:
         # it needs. Plus the hidden-state gathers, (token bucket, capture bucket) pairs.
         self.step_variants_used: set[tuple[int, str, bool, bool]] = set()
         self.gather_variants_used: set[tuple[int, int]] = set()
-        self._attention_fn = attention_impl(resolved.engine.attention_backend)
+        self._attention_fn = attention_impl(resolved.engine.attention_backend, resolved.engine.batch_invariant)
         self.params = model.params
         self.mesh = mesh
         jit_kwargs, jit_key, kv_sharding = {}, None, None
@@ -229,6 +231,8 @@ class ModelRunner:
             kv_sharding = runtime.kv_cache_sharding(mesh)
             jit_kwargs = runtime.jit_shardings(mesh, self.config.num_layers)
             jit_key = (mesh, self.config.num_layers)
+        if resolved.engine.batch_invariant:  # a jit static: its own executables
+            self.config = dataclasses.replace(self.config, batch_invariant=True)
         self._kv_sharding = kv_sharding
         self.kv_caches = self._allocate_kv_cache(kv_sharding)
         self._neutral: dict = {}  # (shape, dtype) -> device array, see _fill_neutral
