@@ -95,31 +95,46 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos + rotate_half(x) * sin
 
 
-# Rows per matmul in batch-invariant mode (EngineConfig.batch_invariant). Measured on XLA:CPU
+# Rows per tile in batch-invariant mode (EngineConfig.batch_invariant). Measured on XLA:CPU
 # (jax 0.10.2, f32): row r of x @ w is bitwise stable only while x's row count stays in one band
 # ({1}, {2-56}, {>= 63} at 4096^2); a loop over fixed [ROW_TILE, IN] tiles was bitwise stable
-# for every row count and row position.
+# for every row count and row position. The forward tiles whole per-token blocks, not only the
+# matmuls: the fusion of the norms and RoPE around them changes with the row count too.
 ROW_TILE = 32
 
 
-def row_tiled(fn, x: jax.Array, row_tile: int | None) -> jax.Array:
-    """fn(x) for x [N, ...], or, with row_tile, fn applied to fixed [row_tile, ...] tiles of x
-    (zero-padded to a multiple) in a loop, so each row's result never depends on N."""
+def row_tiled(fn, *xs: jax.Array, row_tile: int | None):
+    """fn(*xs) for per-row arrays xs [N, ...] (fn returns a pytree of [N, ...] arrays); with
+    row_tile, fn runs on fixed [row_tile, ...] tiles of them (zero-padded to a multiple) in a
+    loop, so each row's result never depends on N.
+
+    XLA must see the same loop body whatever N: the trip count goes through an optimization
+    barrier (or a one-tile loop would be removed), and the arrays get one spare tile (or a
+    one-tile step's slices would cover whole arrays and be simplified away); either changes how
+    the body's norms and matmuls are fused, and their rounding with it."""
     if row_tile is None:
-        return fn(x)
-    n = x.shape[0]
-    tiles = jnp.pad(x, ((0, -n % row_tile),) + ((0, 0),) * (x.ndim - 1)).reshape(-1, row_tile, *x.shape[1:])
-    y = jax.lax.map(fn, tiles)
-    return y.reshape(-1, *y.shape[2:])[:n]
+        return fn(*xs)
+    n = xs[0].shape[0]
+    num_tiles = -(-n // row_tile)
+    rows = (num_tiles + 1) * row_tile
+    padded = [jnp.pad(x, ((0, rows - n),) + ((0, 0),) * (x.ndim - 1)) for x in xs]
+    tile_out = jax.eval_shape(fn, *[jax.ShapeDtypeStruct((row_tile, *x.shape[1:]), x.dtype) for x in xs])
+    out = jax.tree.map(lambda a: jnp.zeros((rows, *a.shape[1:]), a.dtype), tile_out)
+
+    def body(i, out):
+        ys = fn(*[jax.lax.dynamic_slice_in_dim(x, i * row_tile, row_tile) for x in padded])
+        return jax.tree.map(lambda o, y: jax.lax.dynamic_update_slice_in_dim(o, y, i * row_tile, axis=0), out, ys)
+
+    trips = jax.lax.optimization_barrier(jnp.int32(num_tiles))
+    return jax.tree.map(lambda o: o[:n], jax.lax.fori_loop(0, trips, body, out))
 
 
-def linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None, row_tile: int | None = None) -> jax.Array:
-    """x [N, IN] @ w [IN, OUT] (+ b [OUT]) -> [N, OUT] in x.dtype (row_tile: see row_tiled).
+def linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:
+    """x [..., IN] @ w [IN, OUT] (+ b [OUT]) -> [..., OUT] in x.dtype.
 
     Accumulates in f32 (free on CPU/TPU for bf16, exact for f32) and casts back once.
     """
-    w = w.astype(x.dtype)
-    y = row_tiled(lambda xt: jnp.matmul(xt, w, preferred_element_type=jnp.float32), x, row_tile)
+    y = jnp.matmul(x, w.astype(x.dtype), preferred_element_type=jnp.float32)
     if b is not None:
         y = y + b.astype(jnp.float32)
     return y.astype(x.dtype)
@@ -132,13 +147,12 @@ _ACTIVATIONS = {
 }
 
 
-def gated_mlp(x: jax.Array, gate_w: jax.Array, up_w: jax.Array, down_w: jax.Array, act: str = "silu",
-              row_tile: int | None = None) -> jax.Array:
+def gated_mlp(x: jax.Array, gate_w: jax.Array, up_w: jax.Array, down_w: jax.Array, act: str = "silu") -> jax.Array:
     """down(act(gate(x)) * up(x)): SwiGLU for act="silu", GeGLU (Gemma) for "gelu_pytorch_tanh".
 
     x [T, H], gate/up [H, I], down [I, H] -> [T, H].
     """
-    gate = linear(x, gate_w, row_tile=row_tile)
-    up = linear(x, up_w, row_tile=row_tile)
-    return linear(_ACTIVATIONS[act](gate) * up, down_w, row_tile=row_tile)
+    gate = linear(x, gate_w)
+    up = linear(x, up_w)
+    return linear(_ACTIVATIONS[act](gate) * up, down_w)
 

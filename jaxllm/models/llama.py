@@ -42,14 +42,13 @@ def forward(
     (num_layers, final hidden), its result returned (hidden-state capture, interventions).
     """
     dtype = params["embed"].dtype
-    t = token_ids.shape[0]
-    nh, nkv, d = config.num_heads, config.num_kv_heads, config.head_dim
     eps = config.rms_norm_eps
     norm = layers.gemma_rms_norm if config.gemma_norms else layers.rms_norm
+    # Batch-invariant mode runs every per-token block over fixed row tiles (layers.row_tiled):
+    # XLA's fusion and vectorisation of even elementwise ops and row reductions change with the
+    # token count, and with them the rounding, so only a fixed-shape loop body is stable.
     tile = layers.ROW_TILE if config.batch_invariant else None
-    linear = functools.partial(layers.linear, row_tile=tile)
-    # cos/sin [T, D] once per distinct RoPE (Gemma 3: one for sliding layers, one for global ones).
-    tables = {rope: layers.rope_cos_sin(positions, rope, d, dtype) for rope in set(config.layer_ropes)}
+    per_token = functools.partial(layers.row_tiled, row_tile=tile)
 
     x = jnp.take(params["embed"], token_ids, axis=0)  # [T, H]
     if config.scale_embeddings:
@@ -60,45 +59,56 @@ def forward(
     for i, lp in enumerate(params["layers"]):
         if residual_hook is not None:
             x = residual_hook(i, x)
-        cos, sin = tables[config.layer_ropes[i]]
-        h = norm(x, lp["attn_norm"], eps)
-        q = linear(h, lp["q_proj"], lp.get("q_bias")).reshape(t, nh, d)
-        k = linear(h, lp["k_proj"], lp.get("k_bias")).reshape(t, nkv, d)
-        v = linear(h, lp["v_proj"], lp.get("v_bias")).reshape(t, nkv, d)
-        if config.qk_norm:
-            # Qwen3 and Gemma 3 normalise each head before rotating it.
-            q = norm(q, lp["q_norm"], eps)
-            k = norm(k, lp["k_norm"], eps)
-        q = layers.apply_rope(q, cos, sin)
-        k = layers.apply_rope(k, cos, sin)
+        rope = config.layer_ropes[i]
+        q, k, v = per_token(lambda xt, pt: _attention_inputs(lp, config, norm, rope, xt, pt), x, positions)
         cache_i = kv_caches[i] if kv_caches is not None else None
         attn, cache_i = attention(i, q, k, v, cache_i)  # [T, nH, D]
         if new_caches is not None:
             new_caches.append(cache_i)
-        h = linear(attn.reshape(t, nh * d), lp["o_proj"])
-        if config.gemma_norms:
-            h = norm(h, lp["post_attn_norm"], eps)
-        x = x + h
-        h = norm(x, lp["mlp_norm"], eps)
-        h = layers.gated_mlp(h, lp["gate_proj"], lp["up_proj"], lp["down_proj"], config.hidden_act, tile)
-        if config.gemma_norms:
-            h = norm(h, lp["post_mlp_norm"], eps)
-        x = x + h
-    x = norm(x, params["final_norm"], eps)
+        x = per_token(lambda xt, at: _attention_output_and_mlp(lp, config, norm, xt, at), x, attn)
+    x = per_token(lambda xt: norm(xt, params["final_norm"], eps), x)
     if residual_hook is not None:
         x = residual_hook(len(params["layers"]), x)
     return x, new_caches
 
 
+def _attention_inputs(lp: dict, config: ModelConfig, norm, rope, x: jax.Array, positions: jax.Array):
+    """x [t, H], positions [t] -> q [t, nH, D], k and v [t, nKV, D], RoPE applied (per token)."""
+    t, nh, nkv, d, eps = x.shape[0], config.num_heads, config.num_kv_heads, config.head_dim, config.rms_norm_eps
+    cos, sin = layers.rope_cos_sin(positions, rope, d, x.dtype)  # [t, D]
+    h = norm(x, lp["attn_norm"], eps)
+    q = layers.linear(h, lp["q_proj"], lp.get("q_bias")).reshape(t, nh, d)
+    k = layers.linear(h, lp["k_proj"], lp.get("k_bias")).reshape(t, nkv, d)
+    v = layers.linear(h, lp["v_proj"], lp.get("v_bias")).reshape(t, nkv, d)
+    if config.qk_norm:
+        # Qwen3 and Gemma 3 normalise each head before rotating it.
+        q = norm(q, lp["q_norm"], eps)
+        k = norm(k, lp["k_norm"], eps)
+    return layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin), v
+
+
+def _attention_output_and_mlp(lp: dict, config: ModelConfig, norm, x: jax.Array, attn: jax.Array) -> jax.Array:
+    """Residual x [t, H] and attention output [t, nH, D] -> the layer's output [t, H] (per token)."""
+    eps = config.rms_norm_eps
+    h = layers.linear(attn.reshape(x.shape[0], -1), lp["o_proj"])
+    if config.gemma_norms:
+        h = norm(h, lp["post_attn_norm"], eps)
+    x = x + h
+    h = norm(x, lp["mlp_norm"], eps)
+    h = layers.gated_mlp(h, lp["gate_proj"], lp["up_proj"], lp["down_proj"], config.hidden_act)
+    if config.gemma_norms:
+        h = norm(h, lp["post_mlp_norm"], eps)
+    return x + h
+
+
 def compute_logits(params: dict, config: ModelConfig, hidden: jax.Array) -> jax.Array:
     """hidden [N, H] -> logits [N, V] float32 (lm_head, or the embedding when tied; soft-capped
     when config.final_logit_softcap is set; row-tiled in batch-invariant mode)."""
-    tile = layers.ROW_TILE if config.batch_invariant else None
     if config.tie_word_embeddings:
         w = params["embed"].astype(hidden.dtype)  # [V, H]
         head = lambda x: jnp.einsum("nh,vh->nv", x, w, preferred_element_type=jnp.float32)  # noqa: E731
     else:
         w = params["lm_head"].astype(hidden.dtype)
         head = lambda x: jnp.matmul(x, w, preferred_element_type=jnp.float32)  # noqa: E731
-    logits = layers.row_tiled(head, hidden, tile)
+    logits = layers.row_tiled(head, hidden, row_tile=layers.ROW_TILE if config.batch_invariant else None)
     return layers.softcap(logits, config.final_logit_softcap)
