@@ -35,15 +35,17 @@ def run_scenarios(model_dir, batch_invariant: bool, vocab: int, max_tokens: int)
     rng = np.random.default_rng(0)
     target = _ids(rng, 70, vocab)
     target_params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, logprobs=20)
-    greedy = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    preemptions = []
     base = dict(num_kv_blocks=20, max_num_seqs=8, token_buckets=(16, 64), skip_tokenizer_init=True,
                 batch_invariant=batch_invariant)
 
-    def run(llm, company=(), before=()):
+    def run(llm, company=(), before=(), company_tokens=12):
         if before:
             llm.generate(list(before), SamplingParams(temperature=0.0, max_tokens=2), use_tqdm=False)
+        greedy = SamplingParams(temperature=0.0, max_tokens=company_tokens, ignore_eos=True)
         outs = llm.generate(list(company) + [target], [greedy] * len(company) + [target_params], use_tqdm=False)
         comp = outs[-1].outputs[0]
+        preemptions.append(outs[-1].metrics.num_preemptions)
         return comp.token_ids, [{t: e.logprob for t, e in entry.items()} for entry in comp.logprobs]
 
     wide = lambda **kw: LLM(model_dir, max_num_batched_tokens=64, **{**base, **kw})  # noqa: E731
@@ -53,10 +55,12 @@ def run_scenarios(model_dir, batch_invariant: bool, vocab: int, max_tokens: int)
         "batched_long_company": lambda: run(wide(), company=[_ids(rng, 33 + 7 * i, vocab) for i in range(2)]),
         "chunked_budget_16": lambda: run(LLM(model_dir, max_num_batched_tokens=16, **base)),
         "prefix_cached": lambda: run(wide(), before=[{"prompt_token_ids": target["prompt_token_ids"][:40]}]),
+        # Three 62-token requests and the target fill 17 of 19 blocks; when the three need a
+        # fifth block, the newest (the target) is preempted.
         "preempted_recompute": lambda: run(wide(enable_prefix_caching=False),
-                                           company=[_ids(rng, 55 + 7 * i, vocab) for i in range(5)]),
+                                           company=[_ids(rng, 62, vocab) for _ in range(3)], company_tokens=40),
         "preempted_swap": lambda: run(wide(enable_prefix_caching=False, preemption_mode="swap"),
-                                      company=[_ids(rng, 55 + 7 * i, vocab) for i in range(5)]),
+                                      company=[_ids(rng, 62, vocab) for _ in range(3)], company_tokens=40),
     }
     result = {}
     for name, scenario in scenarios.items():
@@ -66,6 +70,7 @@ def run_scenarios(model_dir, batch_invariant: bool, vocab: int, max_tokens: int)
             "max_abs_logprob_diff": float(max(diffs)) if diffs else 0.0,
             "bitwise_identical": tokens == alone[0] and logprobs == alone[1],
             "token_flips": sum(a != b for a, b in zip(tokens, alone[0])),
+            "target_preemptions": preemptions[-1],
         }
     return result
 

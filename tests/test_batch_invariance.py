@@ -45,10 +45,10 @@ def run_target(llm, before=(), company=()):
     return out, (comp.token_ids, record)
 
 
-def company(n, seed, length=50, max_tokens=12):
+def company(n, seed, length=50, max_tokens=12, step=7):
     sampled = SamplingParams(temperature=0.9, seed=seed, max_tokens=max_tokens, ignore_eos=True)
     greedy = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-    return [(ids(length + 7 * i, seed=seed + i), sampled if i % 2 else greedy) for i in range(n)]
+    return [(ids(length + step * i, seed=seed + i), sampled if i % 2 else greedy) for i in range(n)]
 
 
 def test_logprobs_bitwise_identical_across_scenarios(model_dir):
@@ -72,10 +72,11 @@ def test_logprobs_bitwise_identical_across_scenarios(model_dir):
     assert cached.num_cached_tokens == 32 and from_cache == alone
 
     for mode in ("recompute", "swap"):
-        # 19 usable blocks; five 50-60 token requests growing by 12 and TARGET do not fit.
+        # 19 usable blocks: three 62-token requests (4 blocks each) and TARGET (5) are admitted;
+        # when the three need a fifth block, the newest (TARGET) is preempted.
         llm = LLM(model_dir, max_num_batched_tokens=64, preemption_mode=mode, enable_prefix_caching=False,
                   **ENGINE)
-        preempted, record = run_target(llm, company=company(5, seed=20, length=55))
+        preempted, record = run_target(llm, company=company(3, seed=20, length=62, max_tokens=40, step=0))
         assert preempted.metrics.num_preemptions > 0, mode
         if mode == "swap":
             assert llm.get_stats()["num_swap_outs"] > 0
