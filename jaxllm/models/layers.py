@@ -103,10 +103,10 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 ROW_TILE = 32
 
 
-def row_tiled(fn, *xs: jax.Array, row_tile: int | None):
-    """fn(*xs) for per-row arrays xs [N, ...] (fn returns a pytree of [N, ...] arrays); with
-    row_tile, fn runs on fixed [row_tile, ...] tiles of them (zero-padded to a multiple) in a
-    loop, so each row's result never depends on N.
+def row_tiled(fn, *xs, row_tile: int | None):
+    """fn(*xs) for pytrees xs of per-row arrays [N, ...] (fn returns a pytree of [N, ...]
+    arrays); with row_tile, fn runs on fixed [row_tile, ...] tiles of them (zero-padded to a
+    multiple) in a loop, so each row's result never depends on N.
 
     XLA must see the same loop body whatever N: the trip count goes through an optimization
     barrier (or a one-tile loop would be removed), and the arrays get one spare tile (or a
@@ -114,15 +114,16 @@ def row_tiled(fn, *xs: jax.Array, row_tile: int | None):
     the body's norms and matmuls are fused, and their rounding with it."""
     if row_tile is None:
         return fn(*xs)
-    n = xs[0].shape[0]
+    n = jax.tree.leaves(xs)[0].shape[0]
     num_tiles = -(-n // row_tile)
     rows = (num_tiles + 1) * row_tile
-    padded = [jnp.pad(x, ((0, rows - n),) + ((0, 0),) * (x.ndim - 1)) for x in xs]
-    tile_out = jax.eval_shape(fn, *[jax.ShapeDtypeStruct((row_tile, *x.shape[1:]), x.dtype) for x in xs])
+    padded = jax.tree.map(lambda x: jnp.pad(x, ((0, rows - n),) + ((0, 0),) * (x.ndim - 1)), xs)
+    tile_in = jax.tree.map(lambda x: jax.ShapeDtypeStruct((row_tile, *x.shape[1:]), x.dtype), xs)
+    tile_out = jax.eval_shape(fn, *tile_in)
     out = jax.tree.map(lambda a: jnp.zeros((rows, *a.shape[1:]), a.dtype), tile_out)
 
     def body(i, out):
-        ys = fn(*[jax.lax.dynamic_slice_in_dim(x, i * row_tile, row_tile) for x in padded])
+        ys = fn(*jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, i * row_tile, row_tile), padded))
         return jax.tree.map(lambda o, y: jax.lax.dynamic_update_slice_in_dim(o, y, i * row_tile, axis=0), out, ys)
 
     trips = jax.lax.optimization_barrier(jnp.int32(num_tiles))
