@@ -166,9 +166,24 @@ class EngineConfig:
     # settings loads its compiled steps instead of compiling them. None: jaxllm does not enable it.
     # Process-wide: the first engine of a process that enables it picks the directory.
     compile_cache_dir: str | None = DEFAULT_COMPILE_CACHE_DIR
+    # A request's logits bitwise identical alone or in any batch, in one chunk or several, after a
+    # preemption, from the prefix cache: every matmul over fixed row tiles and the attention of
+    # jaxllm/attention/invariant.py (a jit static; costs speed, see the README). Verified on the
+    # reference attention, one device.
+    batch_invariant: bool = False
 
     def __post_init__(self):
         _require(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        _require(isinstance(self.batch_invariant, bool), f"batch_invariant must be a bool, got {self.batch_invariant!r}")
+        if self.batch_invariant:
+            # The Pallas kernels tile queries by the flattened batch (their tile height shrinks
+            # with small T), and sharded matmuls add an all-reduce: neither is verified invariant.
+            _require(self.attention_backend == "reference",
+                     f"batch_invariant=True needs attention_backend='reference', got {self.attention_backend!r}")
+            _require(self.parallel.tensor_parallel_size == 1,
+                     f"batch_invariant=True needs tensor_parallel_size=1, got {self.parallel.tensor_parallel_size}")
+            _require(self.parallel.pipeline_parallel_size == 1,
+                     f"batch_invariant=True needs pipeline_parallel_size=1, got {self.parallel.pipeline_parallel_size}")
         _require(
             self.attention_backend in ATTENTION_BACKENDS,
             f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}",

@@ -38,7 +38,16 @@ from jaxllm.outputs import (
 from jaxllm.request import Request, RequestOutput, RequestStatus
 from jaxllm.runner.batch import pick_bucket, prepare_batch
 from jaxllm.runner.sampling_inputs import GENERAL, build_sampling_inputs
-from jaxllm.runner.step_io import STEP_VARIANTS, StepInputs
+from jaxllm.runner.instrument_inputs import (
+    HiddenStateBuffer,
+    InstrumentInputs,
+    build_instrument_inputs,
+    collect_hidden_states,
+    intervention_salt,
+    resolve_hidden_layers,
+    resolve_interventions,
+)
+from jaxllm.runner.step_io import INSTRUMENTED_STEP_VARIANTS, STEP_VARIANTS, StepInputs
 from jaxllm.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -46,6 +55,8 @@ logger = logging.getLogger(__name__)
 
 class Engine:
     """Continuous-batching engine over one model. See the module docstring for the loop."""
+
+    batch_queue = None  # pipeline parallelism: the micro-batches in flight (core/batch_queue.py)
 
     def __init__(self, config: EngineConfig, model=None, tokenizer=None, clock: Callable[[], float] = time.monotonic):
         """`clock` (seconds) stamps arrivals, request timings and step records; the scheduler
@@ -58,7 +69,6 @@ class Engine:
         self.config = config
         self.clock = clock
         self.mesh = None
-        self.batch_queue = None  # pipeline parallelism: the micro-batches in flight
         if config.parallel.pipeline_parallel_size > 1:
             from jaxllm.parallel.pipeline import load_for_pipeline
 
@@ -179,6 +189,9 @@ class Engine:
         """(text, token ids) of a prompt this engine can serve with `params`; ValueError naming
         the problem otherwise (the one validation path of add_request and LLM.beam_search)."""
         text, token_ids = tokenize_prompt(prompt, self.tokenizer)
+        if self.batch_queue is not None and (params.output_hidden_states or params.residual_interventions):
+            raise ValueError("output_hidden_states and residual_interventions are not supported with "
+                             f"pipeline_parallel_size={self.config.parallel.pipeline_parallel_size} (only 1)")
         validate_prompt(
             token_ids, params,
             vocab_size=self.model_config.vocab_size,
@@ -186,11 +199,16 @@ class Engine:
             block_size=self.config.cache.block_size,
             num_usable_blocks=self.resolved.num_kv_blocks - 1,
             prefix_caching=self.config.cache.enable_prefix_caching,
+            num_layers=self.model_config.num_layers,
+            hidden_size=self.model_config.hidden_size,
         )
         return text, token_ids
 
     def _add_one(self, request_id: str, token_ids: list[int], text, params: SamplingParams,
                  arrival_time: float, priority: int, cache_salt: str | None) -> None:
+        cfg = self.model_config
+        hidden_layers = resolve_hidden_layers(params.output_hidden_states, cfg.num_layers)
+        interventions = resolve_interventions(params.residual_interventions, cfg.num_layers, cfg.hidden_size)
         req = Request(
             request_id=request_id,
             prompt_token_ids=token_ids,
@@ -199,12 +217,14 @@ class Engine:
             arrival_time=arrival_time,
             priority=priority,
             prompt=text,
-            cache_salt=cache_salt,
+            cache_salt=intervention_salt(cache_salt, interventions),
         )
         self.scheduler.add_request(req)
         self._states[request_id] = RequestState(
             seed=params.seed if params.seed is not None else int(self._seed_rng.integers(2**31 - 1)),
             detokenizer=Detokenizer(self.tokenizer, params) if self.tokenizer is not None else None,
+            hidden_states=HiddenStateBuffer(hidden_layers, cfg.hidden_size) if hidden_layers else None,
+            interventions=interventions,
         )
 
     def abort_request(self, request_id) -> None:
@@ -391,8 +411,22 @@ class Engine:
             for item in scheduled
         ]
         targets = prompt_logprob_targets(scheduled, batch.cu_q_lens, batch.padded_num_tokens)
-        sampling, sampler = self._sampling_inputs(rows, batch.padded_num_seqs, force_general=targets is not None)
-        return StepInputs(batch, sampling, sampler, targets)
+        instruments = build_instrument_inputs(
+            scheduled, self._instrumented_requests(scheduled), batch.cu_q_lens, batch.padded_num_seqs,
+            self.model_config.num_layers, self.model_config.hidden_size,
+        )
+        sampling, sampler = self._sampling_inputs(
+            rows, batch.padded_num_seqs, force_general=targets is not None or instruments is not None)
+        return StepInputs(batch, sampling, sampler, targets, instruments)
+
+    def _instrumented_requests(self, scheduled) -> dict:
+        """request_id -> (hidden-state buffer, interventions) of the scheduled requests with either."""
+        out = {}
+        for item in scheduled:
+            state = self._states[item.request.request_id]
+            if state.hidden_states is not None or state.interventions:
+                out[item.request.request_id] = (state.hidden_states, state.interventions)
+        return out
 
     def _execute(self, plan, timing: _DeviceTiming) -> dict[str, int]:
         """Run the planned batch on the device; returns request_id -> sampled token."""
@@ -406,6 +440,8 @@ class Engine:
         request_id -> sampled token for the rows that sample."""
         if step.prompt_logprobs:
             collect_prompt_logprobs(plan.scheduled, step.batch.cu_q_lens, result, self._states, self._logprob_fmt)
+        if step.instrumented and result.hidden_states is not None:
+            collect_hidden_states(step.instruments, result.hidden_states, self._states)
 
         self._count_prompt_tokens(plan.scheduled)
         sampled: dict[str, int] = {}
@@ -432,7 +468,7 @@ class Engine:
     def _sampling_inputs(self, rows, num_rows_padded: int, force_general: bool = False):
         return build_sampling_inputs(
             rows, num_rows_padded,
-            vocab_size=self.model.config.vocab_size,
+            vocab_size=self.model_config.vocab_size,
             history_width=self.resolved.max_model_len,
             force_general=force_general,
         )
@@ -456,13 +492,16 @@ class Engine:
             self.scheduler.preempt_all_running()
         return failed
 
-    def warmup(self, step_variants=STEP_VARIANTS) -> int:
+    def warmup(self, step_variants=STEP_VARIANTS, instrumented: bool = False) -> int:
         """Compile the step for every token bucket and every step variant (step_io.STEP_VARIANTS:
         the greedy sampler, the general one, the general one with prompt logprobs). Sampling
         parameters are data, so after this no request mix compiles anything. Returns the number
         of compilations it caused (0 when another engine on the same model compiled them).
         `step_variants` narrows it (a benchmark that runs only greedy steps passes
         ((GREEDY, False),)); steady state is then free of compilation only for those variants.
+
+        instrumented=True also compiles INSTRUMENTED_STEP_VARIANTS (hidden states, interventions;
+        otherwise they compile on first use). The hidden-state gathers compile on first use.
 
         With a swap pool it first compiles the block copies for every bucket (runner.swap_buckets;
         copies between sink block 0 and host scratch block 0).
@@ -475,10 +514,14 @@ class Engine:
             self.runner.warmup_swap()
         for t in self.resolved.token_buckets:
             batch = prepare_batch([], self.block_manager.block_table, None, bs, (t,), max_seqs)
-            for sampler, prompt_logprobs in step_variants:
+            variants = [(v, None) for v in step_variants]
+            if instrumented:
+                none = np.zeros(0, np.int32)  # no intervention, nothing captured
+                variants += [(v, InstrumentInputs(None, none, none, (), 0)) for v in INSTRUMENTED_STEP_VARIANTS]
+            for (sampler, prompt_logprobs), instruments in variants:
                 sampling, chosen = self._sampling_inputs([], batch.padded_num_seqs, force_general=sampler == GENERAL)
                 targets = np.zeros(batch.padded_num_tokens, np.int32) if prompt_logprobs else None
-                self.runner.execute(StepInputs(batch, sampling, chosen, targets))
+                self.runner.execute(StepInputs(batch, sampling, chosen, targets, instruments))
         return self.runner.num_compilations - before
 
     # ---------------------------------------------------------------- helpers
@@ -506,10 +549,13 @@ class Engine:
             # compilation cache (EngineConfig.compile_cache_dir) are counted again on their own.
             "num_compilations": self.runner.num_compilations,
             "num_compile_cache_hits": self.runner.num_compile_cache_hits,
-            # Step variants this engine has run: at most len(STEP_VARIANTS) per token bucket,
-            # whatever the requests ask for. num_executables counts the compiled steps alive in
+            # Step variants this engine has run: at most MAX_STEP_VARIANTS_PER_BUCKET per token
+            # bucket (len(STEP_VARIANTS) without hidden states or interventions), whatever the
+            # requests ask for. num_gather_variants: the hidden-state gathers, at most one per
+            # (token bucket T, power-of-two capture count <= (L + 1) * T). num_executables counts the compiled steps alive in
             # the whole process (every engine sharing the jit), which is what costs memory.
             "num_step_variants": len(self.runner.step_variants_used),
+            "num_gather_variants": len(self.runner.gather_variants_used),
             "num_executables": self.runner.num_executables,
             "num_failed_steps": self.num_failed_steps,
             "num_steps": self.num_steps,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from jaxllm.runner.instrument_inputs import resolve_hidden_layers, resolve_interventions
 from jaxllm.sampling_params import SamplingParams
 
 
@@ -66,10 +67,16 @@ def as_token_list(ids) -> list[int]:
 
 def validate_prompt(token_ids: list[int], params: SamplingParams, *, vocab_size: int,
                     max_model_len: int, block_size: int, num_usable_blocks: int,
-                    prefix_caching: bool = False) -> None:
+                    prefix_caching: bool = False, num_layers: int | None = None,
+                    hidden_size: int | None = None) -> None:
     """Refuse an empty prompt, ids outside the vocabulary, a prompt longer than max_model_len,
     and a request (or its n samples together) needing more KV blocks than the whole cache holds
-    (it could never run). With prefix caching, n samples share the prompt's full blocks."""
+    (it could never run). With prefix caching, n samples share the prompt's full blocks.
+    With num_layers and hidden_size, also hidden-state indices and interventions the model
+    does not have (see runner/instrument_inputs.py)."""
+    if num_layers is not None:
+        resolve_hidden_layers(params.output_hidden_states, num_layers)
+        resolve_interventions(params.residual_interventions, num_layers, hidden_size)
     if not token_ids:
         raise ValueError("the prompt is empty (0 tokens)")
     bad = [t for t in token_ids if not 0 <= t < vocab_size]

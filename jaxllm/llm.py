@@ -48,6 +48,7 @@ class LLM:
         swap_space: float = 4,
         compile_cache_dir: str | None = DEFAULT_COMPILE_CACHE_DIR,
         gpu_memory_utilization: float = 0.9,
+        batch_invariant: bool = False,
     ):
         config = EngineConfig(
             model=model,
@@ -76,6 +77,7 @@ class LLM:
             token_buckets=token_buckets,
             skip_tokenizer_init=skip_tokenizer_init,
             compile_cache_dir=compile_cache_dir,
+            batch_invariant=batch_invariant,
         )
         self.engine = Engine(config)
         self._next_id = 0

@@ -11,6 +11,7 @@ import dataclasses
 import numpy as np
 
 from jaxllm.detokenizer import Detokenizer
+from jaxllm.runner.instrument_inputs import HiddenStateBuffer
 from jaxllm.request import CompletionOutput, Logprob, Request, RequestOutput
 from jaxllm.runner.step_io import StepOutputs
 
@@ -27,6 +28,8 @@ class RequestState:
         self.logprobs.append(entry)
         self.cumulative_logprob += entry[token].logprob
     prompt_logprobs: list | None = None  # [None, {token_id: Logprob}, ...] when requested
+    hidden_states: HiddenStateBuffer | None = None  # SamplingParams.output_hidden_states
+    interventions: dict | None = None  # resolved residual_interventions {layer: [H] f32}
 
 
 class LogprobFormatter:
@@ -93,6 +96,7 @@ def collect_prompt_logprobs(scheduled, cu_q_lens, result: StepOutputs, states: d
 def make_output(req: Request, state: RequestState) -> RequestOutput:
     """The request's output so far (vLLM's cumulative RequestOutput)."""
     wants_logprobs = req.sampling_params.logprobs is not None
+    hidden = state.hidden_states
     completion = CompletionOutput(
         index=0,
         text=state.detokenizer.text if state.detokenizer is not None else "",
@@ -101,6 +105,7 @@ def make_output(req: Request, state: RequestState) -> RequestOutput:
         logprobs=list(state.logprobs) if wants_logprobs else None,
         finish_reason=req.finish_reason,
         stop_reason=req.stop_reason,
+        hidden_states=hidden.view(req.num_prompt_tokens, req.num_tokens) if hidden is not None else None,
     )
     return RequestOutput(
         request_id=req.request_id,
@@ -112,6 +117,7 @@ def make_output(req: Request, state: RequestState) -> RequestOutput:
         metrics=req.metrics,
         error=req.error,
         num_cached_tokens=max(req.num_cached_tokens, 0),  # -1 until first admitted
+        prompt_hidden_states=hidden.view(0, req.num_prompt_tokens) if hidden is not None else None,
     )
 
 
@@ -149,4 +155,5 @@ class ParentRequest:
             metrics=first.metrics,  # the first sample to report (its TTFT is the request's)
             error=next((o.error for o in self._latest if o is not None and o.error), None),
             num_cached_tokens=first.num_cached_tokens,
+            prompt_hidden_states=self._latest[0].prompt_hidden_states if self._latest[0] is not None else None,
         )

@@ -167,8 +167,10 @@ class Request:
 
     @property
     def skip_reading_prefix_cache(self) -> bool:
-        """Prompt logprobs need every prompt token's logits, so such a request computes them all."""
-        return getattr(self.sampling_params, "prompt_logprobs", None) is not None
+        """Prompt logprobs need every prompt token's logits, and hidden-state capture every prompt
+        token's residuals, so such a request computes them all."""
+        return (getattr(self.sampling_params, "prompt_logprobs", None) is not None
+                or getattr(self.sampling_params, "output_hidden_states", None) is not None)
 
     # -- derived state --
     @property
@@ -229,6 +231,10 @@ class CompletionOutput:
     logprobs: Any = None  # per-token list of {token_id: logprob} when requested
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" | None while running
     stop_reason: int | str | None = None
+    # SamplingParams.output_hidden_states: [num_output_tokens - 1, num_asked, hidden] float32, row j
+    # the residual stream at generated token j's position (the last generated token is never run
+    # through the model, as in transformers' generate). None when not asked.
+    hidden_states: Any = None
 
     def finished(self) -> bool:
         return self.finish_reason is not None
@@ -247,3 +253,6 @@ class RequestOutput:
     metrics: RequestMetrics | None = None
     error: str | None = None
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at admission
+    # SamplingParams.output_hidden_states: [num_prompt_tokens, num_asked, hidden] float32 (every
+    # prompt token is computed: such requests skip the prefix-cache lookup). None when not asked.
+    prompt_hidden_states: Any = None

@@ -9,6 +9,8 @@ import dataclasses
 import math
 import numbers
 
+from jaxllm.runner.instrument_inputs import normalize_hidden_layers, normalize_interventions
+
 # vLLM treats temperatures below this as greedy (argmax); the device sampler uses the same threshold.
 SAMPLING_EPS = 1e-5
 # vLLM clamps tiny positive temperatures up to this, because logits / 1e-4 overflow to inf/NaN in f32.
@@ -47,6 +49,13 @@ class SamplingParams:
     logprobs: int | None = None  # [0, 20]: top-N logprobs per sampled token (plus the sampled one)
     prompt_logprobs: int | None = None  # [0, 20]: same, for each prompt token
     skip_special_tokens: bool = True
+    # Research instruments (jaxllm/runner/instrument_inputs.py). output_hidden_states: indices
+    # as transformers' hidden_states[i] (i = input of layer i, num_layers = after the final norm;
+    # negative from the end) -> RequestOutput.prompt_hidden_states / CompletionOutput.hidden_states,
+    # numpy [num_tokens, len(indices), hidden]. residual_interventions: {layer: [hidden] float
+    # vector} added to the residual at the input of that layer, for every token of the request.
+    output_hidden_states: list[int] | None = None
+    residual_interventions: dict | None = None
 
     def __post_init__(self) -> None:
         _check_int("n", self.n)
@@ -54,6 +63,8 @@ class SamplingParams:
             raise ValueError(f"n must be an int >= 1, got {self.n!r}")
         self.stop = _normalize_stop(self.stop)
         self.stop_token_ids = _normalize_stop_token_ids(self.stop_token_ids)
+        self.output_hidden_states = normalize_hidden_layers(self.output_hidden_states)
+        self.residual_interventions = normalize_interventions(self.residual_interventions)
         self._verify()
         if self.top_k == -1:
             self.top_k = 0  # vLLM < 0.10 spelled "off" as -1

@@ -21,6 +21,7 @@ HOST_MODULES = [
     "jaxllm.pipeline_step",
     "jaxllm.runner.batch",
     "jaxllm.runner.sampling_inputs",
+    "jaxllm.runner.instrument_inputs",
     "jaxllm.runner.step_io",
     "jaxllm.sampling_params",
     "jaxllm.inputs",

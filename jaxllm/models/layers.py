@@ -95,6 +95,41 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos + rotate_half(x) * sin
 
 
+# Rows per tile in batch-invariant mode (EngineConfig.batch_invariant). Measured on XLA:CPU
+# (jax 0.10.2, f32): row r of x @ w is bitwise stable only while x's row count stays in one band
+# ({1}, {2-56}, {>= 63} at 4096^2); a loop over fixed [ROW_TILE, IN] tiles was bitwise stable
+# for every row count and row position. The forward tiles whole per-token blocks, not only the
+# matmuls: the fusion of the norms and RoPE around them changes with the row count too.
+ROW_TILE = 32
+
+
+def row_tiled(fn, *xs, row_tile: int | None):
+    """fn(*xs) for pytrees xs of per-row arrays [N, ...] (fn returns a pytree of [N, ...]
+    arrays); with row_tile, fn runs on fixed [row_tile, ...] tiles of them (zero-padded to a
+    multiple) in a loop, so each row's result never depends on N.
+
+    XLA must see the same loop body whatever N: the trip count goes through an optimization
+    barrier (or a one-tile loop would be removed), and the arrays get one spare tile (or a
+    one-tile step's slices would cover whole arrays and be simplified away); either changes how
+    the body's norms and matmuls are fused, and their rounding with it."""
+    if row_tile is None:
+        return fn(*xs)
+    n = jax.tree.leaves(xs)[0].shape[0]
+    num_tiles = -(-n // row_tile)
+    rows = (num_tiles + 1) * row_tile
+    padded = jax.tree.map(lambda x: jnp.pad(x, ((0, rows - n),) + ((0, 0),) * (x.ndim - 1)), xs)
+    tile_in = jax.tree.map(lambda x: jax.ShapeDtypeStruct((row_tile, *x.shape[1:]), x.dtype), xs)
+    tile_out = jax.eval_shape(fn, *tile_in)
+    out = jax.tree.map(lambda a: jnp.zeros((rows, *a.shape[1:]), a.dtype), tile_out)
+
+    def body(i, out):
+        ys = fn(*jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, i * row_tile, row_tile), padded))
+        return jax.tree.map(lambda o, y: jax.lax.dynamic_update_slice_in_dim(o, y, i * row_tile, axis=0), out, ys)
+
+    trips = jax.lax.optimization_barrier(jnp.int32(num_tiles))
+    return jax.tree.map(lambda o: o[:n], jax.lax.fori_loop(0, trips, body, out))
+
+
 def linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:
     """x [..., IN] @ w [IN, OUT] (+ b [OUT]) -> [..., OUT] in x.dtype.
 

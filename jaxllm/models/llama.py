@@ -10,6 +10,7 @@ callable, from config.sm_scale) and final logit soft-capping. Any GQA ratio work
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -28,6 +29,7 @@ def forward(
     positions: jax.Array,
     kv_caches: list | None,
     attention: Attention,
+    residual_hook: Callable[[int, jax.Array], jax.Array] | None = None,
 ) -> tuple[jax.Array, list | None]:
     """Run the decoder stack.
 
@@ -35,27 +37,34 @@ def forward(
     attends to whom, with config.sm_scale, config.attn_logit_softcap and the layer's window).
     kv_caches: list with one entry per layer, or None (each entry is passed to `attention` and
     replaced by what it returns). Returns (hidden [T, H] after the final norm, kv_caches).
+    residual_hook(i, x [T, H]) -> [T, H], called while tracing: at the input of each layer i
+    (transformers' hidden_states[i]), its result continues as the residual; and once with
+    (num_layers, final hidden), its result returned (hidden-state capture, interventions).
     """
-    tables = rope_tables(config, positions, params["embed"].dtype)
     x = embed(params["embed"], config, token_ids)  # [T, H]
     new_caches = [] if kv_caches is not None else None
     for i, lp in enumerate(params["layers"]):
+        if residual_hook is not None:
+            x = residual_hook(i, x)
         cache_i = kv_caches[i] if kv_caches is not None else None
-        x, cache_i = decoder_layer(lp, config, x, tables[config.layer_ropes[i]], i, cache_i, attention)
+        x, cache_i = decoder_layer(lp, config, x, positions, i, cache_i, attention)
         if new_caches is not None:
             new_caches.append(cache_i)
-    return final_norm(params["final_norm"], config, x), new_caches
+    x = final_norm(params["final_norm"], config, x)
+    if residual_hook is not None:
+        x = residual_hook(len(params["layers"]), x)
+    return x, new_caches
 
 
-def final_norm(weight: jax.Array, config: ModelConfig, x: jax.Array) -> jax.Array:
-    """The norm after the last layer: x [T, H] -> [T, H]."""
-    norm = layers.gemma_rms_norm if config.gemma_norms else layers.rms_norm
-    return norm(x, weight, config.rms_norm_eps)
+def _per_token(config: ModelConfig):
+    """How per-token blocks run: directly, or in batch-invariant mode over fixed row tiles
+    (layers.row_tiled): XLA's fusion and vectorisation of even elementwise ops and row reductions
+    change with the token count, and with them the rounding, so only a fixed-shape loop body is stable."""
+    return functools.partial(layers.row_tiled, row_tile=layers.ROW_TILE if config.batch_invariant else None)
 
 
-def rope_tables(config: ModelConfig, positions: jax.Array, dtype) -> dict:
-    """cos/sin [T, D] once per distinct RoPE (Gemma 3: one for sliding layers, one for global ones)."""
-    return {rope: layers.rope_cos_sin(positions, rope, config.head_dim, dtype) for rope in set(config.layer_ropes)}
+def _norm(config: ModelConfig):
+    return layers.gemma_rms_norm if config.gemma_norms else layers.rms_norm
 
 
 def embed(table: jax.Array, config: ModelConfig, token_ids: jax.Array) -> jax.Array:
@@ -68,16 +77,28 @@ def embed(table: jax.Array, config: ModelConfig, token_ids: jax.Array) -> jax.Ar
     return x
 
 
-def decoder_layer(lp: dict, config: ModelConfig, x: jax.Array, cos_sin: tuple, layer_idx: int,
+def final_norm(weight: jax.Array, config: ModelConfig, x: jax.Array) -> jax.Array:
+    """The norm after the last layer: x [T, H] -> [T, H]."""
+    norm = _norm(config)
+    return _per_token(config)(lambda xt: norm(xt, weight, config.rms_norm_eps), x)
+
+
+def decoder_layer(lp: dict, config: ModelConfig, x: jax.Array, positions: jax.Array, layer_idx: int,
                   kv_cache, attention: Attention) -> tuple[jax.Array, Any]:
-    """One decoder layer on the residual stream x [T, H]: returns (x [T, H], the layer's new KV
-    cache entry). cos_sin: this layer's RoPE tables [T, D]; layer_idx: passed to `attention`
-    (which reads the layer's sliding window); kv_cache: the layer's entry (None: no cache)."""
-    t = x.shape[0]
-    nh, nkv, d = config.num_heads, config.num_kv_heads, config.head_dim
-    eps = config.rms_norm_eps
-    norm = layers.gemma_rms_norm if config.gemma_norms else layers.rms_norm
-    cos, sin = cos_sin
+    """One decoder layer on the residual stream x [T, H] at RoPE positions [T]: returns
+    (x [T, H], the layer's new KV cache entry). layer_idx picks the layer's RoPE and is passed to
+    `attention` (which reads the layer's sliding window); kv_cache: the layer's entry (None: no cache)."""
+    per_token, norm, rope = _per_token(config), _norm(config), config.layer_ropes[layer_idx]
+    q, k, v = per_token(lambda xt, pt: _attention_inputs(lp, config, norm, rope, xt, pt), x, positions)
+    attn, kv_cache = attention(layer_idx, q, k, v, kv_cache)  # [T, nH, D]
+    x = per_token(lambda xt, at: _attention_output_and_mlp(lp, config, norm, xt, at), x, attn)
+    return x, kv_cache
+
+
+def _attention_inputs(lp: dict, config: ModelConfig, norm, rope, x: jax.Array, positions: jax.Array):
+    """x [t, H], positions [t] -> q [t, nH, D], k and v [t, nKV, D], RoPE applied (per token)."""
+    t, nh, nkv, d, eps = x.shape[0], config.num_heads, config.num_kv_heads, config.head_dim, config.rms_norm_eps
+    cos, sin = layers.rope_cos_sin(positions, rope, d, x.dtype)  # [t, D]
     h = norm(x, lp["attn_norm"], eps)
     q = layers.linear(h, lp["q_proj"], lp.get("q_bias")).reshape(t, nh, d)
     k = layers.linear(h, lp["k_proj"], lp.get("k_bias")).reshape(t, nkv, d)
@@ -86,10 +107,13 @@ def decoder_layer(lp: dict, config: ModelConfig, x: jax.Array, cos_sin: tuple, l
         # Qwen3 and Gemma 3 normalise each head before rotating it.
         q = norm(q, lp["q_norm"], eps)
         k = norm(k, lp["k_norm"], eps)
-    q = layers.apply_rope(q, cos, sin)
-    k = layers.apply_rope(k, cos, sin)
-    attn, kv_cache = attention(layer_idx, q, k, v, kv_cache)  # [T, nH, D]
-    h = layers.linear(attn.reshape(t, nh * d), lp["o_proj"])
+    return layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin), v
+
+
+def _attention_output_and_mlp(lp: dict, config: ModelConfig, norm, x: jax.Array, attn: jax.Array) -> jax.Array:
+    """Residual x [t, H] and attention output [t, nH, D] -> the layer's output [t, H] (per token)."""
+    eps = config.rms_norm_eps
+    h = layers.linear(attn.reshape(x.shape[0], -1), lp["o_proj"])
     if config.gemma_norms:
         h = norm(h, lp["post_attn_norm"], eps)
     x = x + h
@@ -97,15 +121,17 @@ def decoder_layer(lp: dict, config: ModelConfig, x: jax.Array, cos_sin: tuple, l
     h = layers.gated_mlp(h, lp["gate_proj"], lp["up_proj"], lp["down_proj"], config.hidden_act)
     if config.gemma_norms:
         h = norm(h, lp["post_mlp_norm"], eps)
-    return x + h, kv_cache
+    return x + h
 
 
 def compute_logits(params: dict, config: ModelConfig, hidden: jax.Array) -> jax.Array:
     """hidden [N, H] -> logits [N, V] float32 (lm_head, or the embedding when tied; soft-capped
-    when config.final_logit_softcap is set)."""
+    when config.final_logit_softcap is set; row-tiled in batch-invariant mode)."""
     if config.tie_word_embeddings:
-        w = params["embed"]  # [V, H]
-        logits = jnp.einsum("nh,vh->nv", hidden, w.astype(hidden.dtype), preferred_element_type=jnp.float32)
+        w = params["embed"].astype(hidden.dtype)  # [V, H]
+        head = lambda x: jnp.einsum("nh,vh->nv", x, w, preferred_element_type=jnp.float32)  # noqa: E731
     else:
-        logits = jnp.matmul(hidden, params["lm_head"].astype(hidden.dtype), preferred_element_type=jnp.float32)
+        w = params["lm_head"].astype(hidden.dtype)
+        head = lambda x: jnp.matmul(x, w, preferred_element_type=jnp.float32)  # noqa: E731
+    logits = layers.row_tiled(head, hidden, row_tile=layers.ROW_TILE if config.batch_invariant else None)
     return layers.softcap(logits, config.final_logit_softcap)

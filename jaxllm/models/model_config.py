@@ -91,6 +91,9 @@ class ModelConfig:
     scale_embeddings: bool = False
     attn_logit_softcap: float | None = None
     final_logit_softcap: float | None = None
+    # Not the model's: set by the engine from EngineConfig.batch_invariant (a jit static like the
+    # rest of this config). True computes every matmul over fixed row tiles (layers.ROW_TILE).
+    batch_invariant: bool = False
 
     def __post_init__(self):
         if self.architecture not in SUPPORTED_ARCHITECTURES:

@@ -65,13 +65,12 @@ def pipeline_tick(params, kv_caches, carry, stage_inputs: StageInputs, logits_in
         table = params["vocab"][0]  # embedding on stage 0, LM head on the last stage
         x = jnp.where(stage == 0, llama.embed(table, config, inputs.token_ids), carry[0, :t])
         attention = make_paged_attention(config, inputs.metadata, attention_fn)
-        # validate_pp guarantees every layer has the same RoPE and window: use layer 0's.
-        cos_sin = llama.rope_tables(config, inputs.positions, table.dtype)[config.layer_ropes[0]]
+        # validate_pp guarantees every layer has the same RoPE and window: run each as layer 0.
         num_real = jnp.asarray(plan.counts, jnp.int32)[stage]
         new_caches = []
         for j, (lp, (k, v)) in enumerate(zip(params["layers"], kv_caches)):
             lp = jax.tree.map(lambda a: a[0], lp)
-            y, (k, v) = llama.decoder_layer(lp, config, x, cos_sin, 0, (k[0], v[0]), attention)
+            y, (k, v) = llama.decoder_layer(lp, config, x, inputs.positions, 0, (k[0], v[0]), attention)
             x = jnp.where(j < num_real, y, x)  # padding slot: identity
             new_caches.append((k[None], v[None]))
         hidden = llama.final_norm(params["final_norm"], config, x)

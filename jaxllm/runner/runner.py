@@ -23,8 +23,9 @@ import numpy as np
 
 from jaxllm.attention.metadata import AttentionMetadata
 from jaxllm.config import ResolvedEngineConfig
-from jaxllm.models import llama
+from jaxllm.models import layers, llama
 from jaxllm.models.model_config import ModelConfig
+from jaxllm.runner import instruments
 from jaxllm.runner.sampling_inputs import GENERAL, SamplingInputs
 from jaxllm.runner.step_io import StepInputs, StepOutputs
 from jaxllm import sampling
@@ -32,9 +33,11 @@ from jaxllm.runner import compile_cache
 from jaxllm.sampling_params import MAX_LOGPROBS
 
 
-def attention_impl(backend: str):
+def attention_impl(backend: str, batch_invariant: bool = False):
     """The ragged paged attention function of a backend (same signature for all)."""
-    if backend == "reference":
+    if batch_invariant:
+        from jaxllm.attention.invariant import ragged_paged_attention
+    elif backend == "reference":
         from jaxllm.attention.reference import ragged_paged_attention
     elif backend == "pallas":
         from jaxllm.attention.pallas import ragged_paged_attention
@@ -68,7 +71,8 @@ def make_paged_attention(config: ModelConfig, metadata: AttentionMetadata, atten
 
 
 def paged_step(params, kv_caches, token_ids, positions, metadata, logits_indices, sampling_inputs,
-               prompt_targets, *, config: ModelConfig, attention_fn, sampler: str, prompt_logprobs: bool):
+               prompt_targets, residual_add=None, *, config: ModelConfig, attention_fn, sampler: str,
+               prompt_logprobs: bool, instrumented: bool = False):
     """One engine step as a pure function: forward the ragged batch, sample a token per row.
 
     Args:
@@ -79,13 +83,19 @@ def paged_step(params, kv_caches, token_ids, positions, metadata, logits_indices
       prompt_targets: [T] int32, the next prompt token after each token (for prompt_logprobs).
       sampler: static, GREEDY or GENERAL (jaxllm/runner/sampling_inputs.py).
       prompt_logprobs: static; True computes every token's logits and the top-20 prompt logprobs.
+      residual_add: [L, S, H] per-row interventions, only when instrumented (static): the step
+        then also returns the residuals at every hidden-state index (runner/instruments.py).
     Returns:
       (StepOutputs of [S, ...] / [T, ...] arrays, updated kv_caches).
     """
     attention = make_paged_attention(config, metadata, attention_fn)
-    hidden, kv_caches = llama.forward(params, config, token_ids, positions, kv_caches, attention)
+    hook, recorded = (instruments.residual_hook(residual_add, metadata.cu_q_lens, token_ids.shape[0])
+                      if instrumented else (None, None))
+    hidden, kv_caches = llama.forward(params, config, token_ids, positions, kv_caches, attention, hook)
     out = sample_outputs(params, config, hidden, logits_indices, sampling_inputs, prompt_targets,
                          sampler=sampler, prompt_logprobs=prompt_logprobs)
+    if instrumented:
+        out = dataclasses.replace(out, residuals=jnp.stack(recorded))
     return out, kv_caches
 
 
@@ -94,13 +104,17 @@ def sample_outputs(params, config: ModelConfig, hidden, logits_indices, sampling
     """hidden [T, H] (after the final norm) -> StepOutputs: LM head on the rows' last tokens,
     sampling, and with `prompt_logprobs` every token's top-20 logprobs. `params` needs only
     "embed" / "lm_head" (the pipeline passes its last stage's table)."""
+    # Batch-invariant mode: the sampler's row reductions over fixed row tiles too (layers.row_tiled).
+    tile = layers.ROW_TILE if config.batch_invariant else None
     logits = llama.compute_logits(params, config, hidden[logits_indices])
-    sampled = sampling.sample(logits, sampling_inputs, sampler)
+    sampled = layers.row_tiled(lambda lg, si: sampling.sample(lg, si, sampler), logits, sampling_inputs,
+                               row_tile=tile)
     out = StepOutputs(sampled.token_ids, sampled.logprobs, sampled.top_logprobs, sampled.top_token_ids)
     if prompt_logprobs:
         # Logits of every token, only in steps where some request asked for prompt logprobs.
         all_logits = llama.compute_logits(params, config, hidden)
-        lp, top, ids = sampling.token_logprobs(all_logits, prompt_targets, MAX_LOGPROBS)
+        lp, top, ids = layers.row_tiled(lambda lg, tg: sampling.token_logprobs(lg, tg, MAX_LOGPROBS),
+                                        all_logits, prompt_targets, row_tile=tile)
         out = dataclasses.replace(out, prompt_logprobs=lp, prompt_top_logprobs=top, prompt_top_token_ids=ids)
     return out
 
@@ -112,8 +126,9 @@ jax.tree_util.register_dataclass(
 # Compiled steps are shared by every runner in the process: an ablation that builds one LLM per
 # policy or cache size on the same model compiles each bucket once, not once per LLM. Keyed by the
 # jit's sharding arguments (None for a single device); the static arguments (model config,
-# attention function, sampler, prompt_logprobs) key the jit's own cache. Sampling parameters are
-# data, so each token bucket has at most len(STEP_VARIANTS) executables, whatever the requests.
+# attention function, sampler, prompt_logprobs, instrumented) key the jit's own cache. Sampling
+# parameters, captures and interventions are data, so each token bucket has at most
+# MAX_STEP_VARIANTS_PER_BUCKET executables, whatever the requests.
 _STEP_FUNCTIONS: dict = {}
 
 # Executables are counted from jax's own monitoring events, not from traces: jax can compile
@@ -190,7 +205,7 @@ def _step_function(jit_kwargs_key, jit_kwargs: dict):
     if fn is None:
         fn = _STEP_FUNCTIONS[jit_kwargs_key] = jax.jit(
             paged_step,
-            static_argnames=("config", "attention_fn", "sampler", "prompt_logprobs"),
+            static_argnames=("config", "attention_fn", "sampler", "prompt_logprobs", "instrumented"),
             donate_argnames=("kv_caches",),
             **jit_kwargs,
         )
@@ -209,9 +224,11 @@ class ModelRunner:
         self.num_compilations = 0
         self.num_compile_cache_hits = 0
         self.compile_cache_dir = compile_cache.enable(resolved.engine.compile_cache_dir)
-        # (token bucket, sampler, prompt_logprobs) of every step run: the executables it needs.
-        self.step_variants_used: set[tuple[int, str, bool]] = set()
-        self._attention_fn = attention_impl(resolved.engine.attention_backend)
+        # (token bucket, sampler, prompt_logprobs, instrumented) of every step run: the executables
+        # it needs. Plus the hidden-state gathers, (token bucket, capture bucket) pairs.
+        self.step_variants_used: set[tuple[int, str, bool, bool]] = set()
+        self.gather_variants_used: set[tuple[int, int]] = set()
+        self._attention_fn = attention_impl(resolved.engine.attention_backend, resolved.engine.batch_invariant)
         self.params = model.params
         self.mesh = mesh
         jit_kwargs, jit_key, kv_sharding = {}, None, None
@@ -227,6 +244,8 @@ class ModelRunner:
             kv_sharding = runtime.kv_cache_sharding(mesh)
             jit_kwargs = runtime.jit_shardings(mesh, self.config.num_layers)
             jit_key = (mesh, self.config.num_layers)
+        if resolved.engine.batch_invariant:  # a jit static: its own executables
+            self.config = dataclasses.replace(self.config, batch_invariant=True)
         self._kv_sharding = kv_sharding
         self.kv_caches = self._allocate_kv_cache(kv_sharding)
         self._neutral: dict = {}  # (shape, dtype) -> device array, see _fill_neutral
@@ -281,11 +300,34 @@ class ModelRunner:
             out, self.kv_caches = self._jitted(
                 self.params, self.kv_caches, *self.device_args(step), config=self.config,
                 attention_fn=self._attention_fn, sampler=step.sampler, prompt_logprobs=step.prompt_logprobs,
+                instrumented=step.instrumented,
             )
         finally:
             _NUM_STEP_COMPILES[0] += self._count_built(compiles, hits)
-        self.step_variants_used.add((step.batch.padded_num_tokens, step.sampler, step.prompt_logprobs))
+        self.step_variants_used.add(
+            (step.batch.padded_num_tokens, step.sampler, step.prompt_logprobs, step.instrumented))
+        if step.instrumented:
+            out = dataclasses.replace(out, residuals=None, hidden_states=self._gather_hidden_states(step, out.residuals))
         return jax.tree.map(np.asarray, out)
+
+    def _gather_hidden_states(self, step: StepInputs, residuals):
+        """[R, H] captured pairs (device), or None when the step captures nothing: only these
+        rows of the [L + 1, T, H] residuals leave the device."""
+        inst = step.instruments
+        if not inst.num_captured:
+            return None
+        compiles, hits = _NUM_XLA_COMPILES[0], compile_cache.NUM_CACHE_HITS[0]
+        try:
+            index = (inst.capture_layers, inst.capture_tokens)
+            if self.mesh is not None:
+                from jaxllm.parallel.runtime import to_global
+
+                index = to_global(self.mesh, index)
+            gathered = instruments.gather_hidden_states(residuals, *index)
+        finally:
+            self._count_built(compiles, hits)
+        self.gather_variants_used.add((step.batch.padded_num_tokens, len(inst.capture_layers)))
+        return gathered
 
     def swap(self, blocks_to_swap_out, blocks_to_swap_in) -> None:
         """Copy (device, host) block pairs out, then (host, device) pairs in: swap-outs read
@@ -341,11 +383,21 @@ class ModelRunner:
             cu_q_lens=batch.cu_q_lens,
         )
         args = (batch.token_ids, batch.positions, metadata, batch.logits_indices, step.sampling, targets)
+        residual_add = None
+        if step.instrumented:
+            residual_add = step.instruments.residual_add
+            if residual_add is None:  # no row intervenes: a cached device-resident zero array
+                shape = (self.config.num_layers, batch.padded_num_seqs, self.config.hidden_size)
+                residual_add = self._neutral_array(shape, np.float32, 0.0)
+            elif self.mesh is not None:
+                from jaxllm.parallel.runtime import to_global
+
+                residual_add = to_global(self.mesh, residual_add)
         if self.mesh is not None:
             from jaxllm.parallel.runtime import to_global
 
             args = to_global(self.mesh, args)  # global replicated arrays (needed multi-host)
-        return (*args[:4], self._fill_neutral(args[4]), args[5])
+        return (*args[:4], self._fill_neutral(args[4]), args[5], residual_add)
 
     def _fill_neutral(self, inputs: SamplingInputs) -> SamplingInputs:
         """Replace the None wide arrays (no row uses them) by cached neutral device arrays, so a

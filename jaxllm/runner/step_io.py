@@ -13,11 +13,18 @@ import dataclasses
 import numpy as np
 
 from jaxllm.runner.batch import BatchInputs
+from jaxllm.runner.instrument_inputs import InstrumentInputs
 from jaxllm.runner.sampling_inputs import GENERAL, GREEDY, SamplingInputs
 
 # Step variants per token bucket, in the order warm-up compiles them: (sampler, prompt_logprobs).
 # A step with prompt logprobs always takes the GENERAL sampler, so there is no fourth variant.
 STEP_VARIANTS = ((GREEDY, False), (GENERAL, False), (GENERAL, True))
+# The instrumented variants (hidden-state capture / residual interventions, runner/instrument_inputs.py):
+# only steps where some row asks for them, always with the GENERAL sampler (so not 3 more). They
+# compile on first use; Engine.warmup(instrumented=True) compiles them up front.
+INSTRUMENTED_STEP_VARIANTS = ((GENERAL, False), (GENERAL, True))
+# What get_stats()["num_step_variants"] is bounded by, per token bucket.
+MAX_STEP_VARIANTS_PER_BUCKET = len(STEP_VARIANTS) + len(INSTRUMENTED_STEP_VARIANTS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,10 +35,15 @@ class StepInputs:
     sampling: SamplingInputs  # per-row sampling parameters ([S] / [S, ...] arrays)
     sampler: str  # GREEDY or GENERAL (a jit static)
     prompt_targets: np.ndarray | None = None  # [T] int32 next prompt tokens; None: no prompt logprobs
+    instruments: InstrumentInputs | None = None  # None: no row captures or intervenes
 
     @property
     def prompt_logprobs(self) -> bool:
         return self.prompt_targets is not None
+
+    @property
+    def instrumented(self) -> bool:
+        return self.instruments is not None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,3 +58,7 @@ class StepOutputs:
     prompt_logprobs: np.ndarray | None = None  # [T] f32
     prompt_top_logprobs: np.ndarray | None = None  # [T, min(20, V)] f32 descending
     prompt_top_token_ids: np.ndarray | None = None  # [T, min(20, V)] int32
+    # Only in instrumented steps: the residual stream at every hidden-state index, on the device
+    # only ([L + 1, T, H]; None once on the host), and the captured pairs gathered from it.
+    residuals: np.ndarray | None = None  # [L + 1, T, H] (device)
+    hidden_states: np.ndarray | None = None  # [R, H] f32 (host), InstrumentInputs.capture_* order
