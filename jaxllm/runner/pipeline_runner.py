@@ -29,6 +29,7 @@ from jaxllm.parallel.pipeline_tick import StageInputs, tick_function
 from jaxllm.parallel.rules import tp_model_config
 from jaxllm.parallel.runtime import to_global
 from jaxllm.parallel.mesh import TP_AXIS
+from jaxllm.runner import compile_cache
 from jaxllm.runner import runner as runner_mod
 from jaxllm.runner.batch import BatchInputs, prepare_batch
 from jaxllm.runner.runner import ModelRunner, attention_impl
@@ -74,7 +75,10 @@ class PipelineRunner(ModelRunner):
         self.config = tp_model_config(model.config, mesh.shape[TP_AXIS])
         self.resolved = resolved
         self.num_compilations = 0
+        self.num_compile_cache_hits = 0
+        self.compile_cache_dir = compile_cache.enable(resolved.engine.compile_cache_dir)
         self.step_variants_used: set[tuple[int, str, bool]] = set()
+        self.gather_variants_used: set[tuple[int, int]] = set()  # none: no hidden-state capture here
         self._attention_fn = attention_impl(resolved.engine.attention_backend)
         self.params = pipeline.place_stage_params(model.params, model.config, mesh, plan)
         self._kv_sharding = pipeline.kv_sharding(mesh)
@@ -144,7 +148,7 @@ class PipelineRunner(ModelRunner):
         stacked = jax.tree.map(
             lambda x: jax.make_array_from_callback(x.shape, stage_sharding, lambda idx: x[idx]), stacked)
         logits_indices, sampling, targets = to_global(self.mesh, (batches[-1].logits_indices, sampling, targets))
-        compiles = runner_mod._NUM_XLA_COMPILES[0]
+        compiles, hits = runner_mod._NUM_XLA_COMPILES[0], compile_cache.NUM_CACHE_HITS[0]
         try:
             out, self.kv_caches, self.carry = self._jitted(
                 self.params, self.kv_caches, self.carry, stacked, logits_indices, self._fill_neutral(sampling),
@@ -152,9 +156,7 @@ class PipelineRunner(ModelRunner):
                 sampler=sampler, prompt_logprobs=prompt_lp,
             )
         finally:
-            new = runner_mod._NUM_XLA_COMPILES[0] - compiles
-            self.num_compilations += new
-            runner_mod._NUM_STEP_COMPILES[0] += new
+            runner_mod._NUM_STEP_COMPILES[0] += self._count_built(compiles, hits)
         self.step_variants_used.add((t, sampler, prompt_lp))
         return None if last is None else jax.tree.map(np.asarray, out)
 

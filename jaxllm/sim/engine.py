@@ -35,11 +35,13 @@ class SimulatedRunner:
 
     compile_seconds = 0.0
     num_compilations = 0
+    num_compile_cache_hits = 0
     num_executables = 0
 
     def __init__(self, engine: "SimulatedEngine"):
         self._engine = engine
         self.step_variants_used: set = set()
+        self.gather_variants_used: set = set()
 
     def swap(self, blocks_to_swap_out, blocks_to_swap_in) -> None:
         n = len(blocks_to_swap_out) + len(blocks_to_swap_in)
