@@ -69,7 +69,7 @@ def split(engine, step, reps: int) -> dict:
     runner, cfg = engine.runner, engine.runner.config
     out = {"full": best_ms(lambda: runner.execute(step), reps)}
     args = runner.device_args(step)
-    token_ids, positions, metadata, logits_indices, sinputs, _ = [jax.device_put(a) for a in args]
+    token_ids, positions, metadata, logits_indices, sinputs, _ = [jax.device_put(a) for a in args[:6]]
     params = runner.params
 
     @jax.jit
