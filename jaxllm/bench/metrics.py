@@ -160,6 +160,7 @@ def summarize(requests: pd.DataFrame, steps: pd.DataFrame | None, duration: floa
 def step_summary(steps: pd.DataFrame, block_size: int | None = None) -> dict:
     """KV usage, batch composition, preemptions by mode, where the step time went, compile time."""
     usage = steps["kv_blocks_used"] / steps["num_kv_blocks"]
+    peak = int(np.argmax(steps["kv_blocks_referenced"].to_numpy()))
     step_time = (steps["end_time"] - steps["start_time"]).sum()
     out = {
         "num_steps": int(len(steps)),
@@ -178,6 +179,16 @@ def step_summary(steps: pd.DataFrame, block_size: int | None = None) -> dict:
         "prefix_cache_hit_rate": float(steps["prefix_cache_hits"].sum() / max(steps["prefix_cache_queries"].sum(), 1)),
         # The PagedAttention paper's sharing saving: 1 - blocks held / blocks referenced.
         "kv_sharing_saving": float(1 - steps["kv_blocks_used"].sum() / max(steps["kv_blocks_referenced"].sum(), 1)),
+        # ... at the step referencing the most blocks (the memory a run needs is its peak).
+        "kv_sharing_saving_at_peak": float(1 - steps["kv_blocks_used"].iloc[peak]
+                                           / max(steps["kv_blocks_referenced"].iloc[peak], 1)),
+        "kv_blocks_used_max": int(steps["kv_blocks_used"].max()),
+        "kv_blocks_used_mean": float(steps["kv_blocks_used"].mean()),
+        # Prompt tokens the steps computed (a prefix-cache hit skips them; a recompute-preempted
+        # request computes its tokens again).
+        "total_prefill_tokens": int(steps["num_prefill_tokens"].sum()),
+        "num_blocks_swapped_out": int(steps["num_blocks_swapped_out"].sum()),
+        "num_blocks_swapped_in": int(steps["num_blocks_swapped_in"].sum()),
     }
     if block_size:
         # Tokens whose K/V the batch attends to / slots of the blocks its requests reference:
