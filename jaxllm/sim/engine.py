@@ -162,7 +162,8 @@ class SimulatedEngine(Engine):
             self.clock.advance(t.forward)
         self._pending = t
         self._count_prompt_tokens(plan.scheduled)
-        sampled = {item.request_id: self._token(item.request) for item in plan.scheduled if item.samples}
+        token = self._token if self._scripts else (lambda req: self._fillers[req.request_id])
+        sampled = {item.request.request_id: token(item.request) for item in plan.scheduled if item.samples}
         self.num_generated_tokens += len(sampled)
         return sampled
 
