@@ -379,6 +379,7 @@ class Engine:
             host_time=(end - start) - timing.seconds,
             device_time=timing.seconds,
             compile_time=timing.compile_seconds,
+            row_num_computed_tokens=tuple([item.num_computed_tokens for item in plan.scheduled]),
         )
         for observer in list(self._observers):
             observer(stats)

@@ -95,8 +95,8 @@ def step_table(stats, origin: float = 0.0) -> pd.DataFrame:
         d = record_dict(s)
         for k in ("start_time", "time", "end_time"):
             d[k] -= origin
-        for k in ("scheduled", "preempted"):
-            d[k] = json.dumps([list(x) if isinstance(x, tuple) else x for x in d[k]])
+        for k in ("scheduled", "preempted", "row_num_computed_tokens"):
+            d[k] = json.dumps([list(x) if isinstance(x, tuple) else x for x in d.get(k, ())])
         rows.append(d)
     return pd.DataFrame(rows)
 

@@ -155,7 +155,8 @@ class SimulatedEngine(Engine):
         return outputs
 
     def _execute(self, plan, timing: _DeviceTiming) -> dict[str, int]:
-        shape = StepShape.from_plan(plan.scheduled, self.resolved.token_buckets, self.config.scheduler.max_num_seqs)
+        shape = StepShape.from_plan(plan.scheduled, self.resolved.token_buckets, self.config.scheduler.max_num_seqs,
+                                    block_size=self.config.cache.block_size)
         t = self.cost_model.predict(step_features(shape, self.costs, self.resolved.bytes_per_block))
         self.clock.advance(t.host_before)
         with timing:
