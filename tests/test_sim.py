@@ -208,11 +208,14 @@ def test_attention_tile_features_by_hand_and_from_the_record():
     from jaxllm.sim.cost_model import attention_tiles
 
     # Decodes at contexts 16 and 17 (1 and 2 blocks of 16), a 3-token chunk (1 block each), and a
-    # 40-token chunk after 100 cached tokens: query tiles read 100 + 32 and 100 + 40 keys.
+    # 40-token chunk after 100 cached tokens: its two query tiles need 132 and 140 keys, i.e. 144
+    # (whole blocks), more than 4 chunks of 32, so chunks of 128: 256 keys read each.
     q, c = [1, 1, 3, 40], [15, 16, 0, 100]
-    assert attention_tiles(q, c, 16) == (1 * 8 * 64, 272)  # one tile of 5 tokens, its longest: 1 chunk
+    assert attention_tiles(q, c, 16) == (1 * 8 * 64, 2 * 256)  # one token tile of 5, its longest: 1 chunk
     # Nine more decodes needing 9 blocks: tiles [1,1,1,1,2,9,9,9] and [9 x 6], 3 chunks of 4 blocks each.
-    assert attention_tiles(q + [1] * 9, c + [130] * 9, 16) == (6 * 8 * 64, 272)
+    assert attention_tiles(q + [1] * 9, c + [130] * 9, 16) == (6 * 8 * 64, 2 * 256)
+    # A 20-token first chunk: one tile needing 32 keys, one chunk of 32.
+    assert attention_tiles([20], [0], 16) == (0, 32)
     assert attention_tiles([], [], 16) == (0, 0)
 
     model = LinearCostModel({"device": {"decode_rows": 1e-4, "token_tile_kv_bytes": 1e-9,

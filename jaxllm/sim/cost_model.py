@@ -19,8 +19,9 @@ features in physical units by `step_features`:
                      context (jaxllm/attention/reference.py, the CPU engine's attention), so
                      the cost follows each row's context rounded up, not the batch's sum
     query_tile_kv_bytes  K/V bytes the query tiles of longer chunks read: each Q_TILE queries
-                     read the context up to their last position once (a chunk after a cached
-                     prefix attends to all of it: kv_bytes counts that prefix once per row)
+                     read the context up to their last position once, in chunks of 32, 128 or
+                     512 tokens by its length, the last one whole (a chunk after a cached prefix
+                     attends to all of it: kv_bytes counts that prefix once per row)
 
 A cost model maps those features to a StepTime: host work before the device (scheduling,
 building inputs), the forward on the device, the swap copies, host work after it (updating
@@ -48,6 +49,7 @@ _F = {name: i for i, name in enumerate(FEATURES)}
 # The tiling of jaxllm/attention/reference.py (its _SHARED_MIN_Q_LEN, _TOKEN_TILE,
 # _TOKEN_CHUNK_TOKENS and q_tile defaults), which the features above follow.
 SHARED_MIN_Q_LEN, TOKEN_TILE, TOKEN_CHUNK, Q_TILE = 8, 8, 64, 32
+QUERY_CHUNK_TOKENS, CHUNKS_PER_WIDTH = (32, 128, 512), 4  # its _SEQ_CHUNK_TOKENS, _CHUNKS_PER_WIDTH
 
 
 def attention_tiles(q_lens, num_computed, block_size: int) -> tuple[int, int]:
@@ -57,8 +59,15 @@ def attention_tiles(q_lens, num_computed, block_size: int) -> tuple[int, int]:
     query_kv = 0
     for q, c in zip(q_lens, num_computed):
         if q >= SHARED_MIN_Q_LEN:
-            tiles = -(-q // Q_TILE)  # tile t reads keys up to c + min(Q_TILE (t + 1), q)
-            query_kv += tiles * c + Q_TILE * tiles * (tiles - 1) // 2 + q
+            for t in range(-(-q // Q_TILE)):
+                # Tile t reads keys [0, c + min(Q_TILE (t + 1), q)) in chunks of the smallest
+                # QUERY_CHUNK_TOKENS width that needs at most CHUNKS_PER_WIDTH of them (or the
+                # largest), the last chunk whole.
+                need = -(-(c + min(Q_TILE * (t + 1), q)) // block_size) * block_size
+                width = next((w for w in QUERY_CHUNK_TOKENS[:-1] if need <= CHUNKS_PER_WIDTH * w),
+                             QUERY_CHUNK_TOKENS[-1])
+                chunk = max(1, width // block_size) * block_size
+                query_kv += -(-need // chunk) * chunk
         elif q == 1:
             needs.append(-(-(c + 1) // block_size))
         else:
