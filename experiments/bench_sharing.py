@@ -33,6 +33,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from jaxllm.bench import load_run, load_toml, sweep  # noqa: E402
+from jaxllm.bench.models import SHAPES  # noqa: E402
 from jaxllm.bench.results import read_summary, write_json  # noqa: E402
 from jaxllm.bench.run import run_benchmark  # noqa: E402
 
@@ -82,7 +83,9 @@ def main(argv=None) -> dict:
     n_req = over.get("num_prompts", 16)
     widths = [2] if args.quick else [2, 4, 6]
     print(f"roofline: {roof['matmul_flops'] / 1e9:.0f} GFLOP/s matmul, {roof['read_bandwidth'] / 1e9:.1f} GB/s read")
-    report = {"roofline": roof, "model": over.get("model", "random:small"), "num_requests": n_req, "block_size": 16,
+    model = over.get("model", "random:small")
+    shape = SHAPES.get(model.split(":", 1)[1]) if model.startswith("random:") else None
+    report = {"roofline": roof, "model": shape or model, "num_requests": n_req, "block_size": 16,
               "parallel": {}, "beam": {}, "prefix": {}}
 
     def pairs(table, axis, kind, labels=("shared", "independent")):
