@@ -339,9 +339,11 @@ class Engine:
         self.num_recorded_steps += 1
         if not self._observers:
             return
-        decode = [item.num_new_tokens == 1 and item.num_computed_tokens >= item.request.num_prompt_tokens
-                  for item in plan.scheduled]
-        num_decode_tokens = sum(decode)  # a decode row feeds exactly one token
+        num_decode_tokens = num_context_tokens = 0  # a decode row feeds exactly one token
+        for item in plan.scheduled:  # one pass: this runs every step over every row
+            n, computed = item.num_new_tokens, item.num_computed_tokens
+            num_context_tokens += computed + n
+            num_decode_tokens += n == 1 and computed >= len(item.request.prompt_token_ids)
         swapped = sum(r.status == RequestStatus.SWAPPED for r in plan.preempted)
         end = self.clock()
         stats = StepStats(
@@ -350,14 +352,14 @@ class Engine:
             time=now,
             end_time=end,
             num_scheduled_requests=len(plan.scheduled),
-            num_prefill_requests=len(decode) - num_decode_tokens,
+            num_prefill_requests=len(plan.scheduled) - num_decode_tokens,
             num_decode_requests=num_decode_tokens,
             num_batched_tokens=plan.num_batched_tokens,
             num_prefill_tokens=plan.num_batched_tokens - num_decode_tokens,
             num_decode_tokens=num_decode_tokens,
             num_padded_tokens=pick_bucket(plan.num_batched_tokens, self.resolved.token_buckets) if plan.scheduled else 0,
-            num_context_tokens=sum(item.num_computed_tokens + item.num_new_tokens for item in plan.scheduled),
-            scheduled=tuple((item.request_id, item.num_new_tokens) for item in plan.scheduled),
+            num_context_tokens=num_context_tokens,
+            scheduled=tuple([(item.request.request_id, item.num_new_tokens) for item in plan.scheduled]),
             num_running=self.scheduler.num_running,
             num_waiting=self.scheduler.num_waiting,
             num_preempted=len(plan.preempted),
@@ -377,6 +379,7 @@ class Engine:
             host_time=(end - start) - timing.seconds,
             device_time=timing.seconds,
             compile_time=timing.compile_seconds,
+            row_num_computed_tokens=tuple([item.num_computed_tokens for item in plan.scheduled]),
         )
         for observer in list(self._observers):
             observer(stats)
@@ -458,12 +461,14 @@ class Engine:
 
     def _count_prompt_tokens(self, scheduled) -> None:
         """Prompt tokens computed for the first time or again after a preemption (get_stats)."""
+        total = 0
         for item in scheduled:
             req = item.request
-            self.num_prompt_tokens_processed += max(
-                0, min(req.num_computed_tokens + item.num_new_tokens, req.num_prompt_tokens)
-                - req.num_computed_tokens,
-            )
+            computed = req.num_computed_tokens
+            num_prompt = len(req.prompt_token_ids)
+            if computed < num_prompt:  # else a decode row: no prompt token
+                total += min(computed + item.num_new_tokens, num_prompt) - computed
+        self.num_prompt_tokens_processed += total
 
     def _sampling_inputs(self, rows, num_rows_padded: int, force_general: bool = False):
         return build_sampling_inputs(

@@ -57,6 +57,9 @@ def parse_cache_salt(prompt, cache_salt=None) -> str | None:
 
 
 def as_token_list(ids) -> list[int]:
+    ids = list(ids)
+    if all(type(t) is int for t in ids):  # the common case, checked at C speed (bool is not int here)
+        return ids
     out = []
     for t in list(ids):
         if isinstance(t, (bool, np.bool_)) or not isinstance(t, (int, np.integer)):

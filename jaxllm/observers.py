@@ -73,5 +73,11 @@ class StepStats:
     device_time: float
     compile_time: float  # XLA compilation during this step (0 in steady state)
 
+    # Per scheduled row (batch order, as `scheduled`): tokens already in its KV cache before this
+    # step. With `scheduled`'s num_new_tokens this gives each row's attention context (what a
+    # step-cost model needs: attention's work is per row, not per batch). Empty in records made
+    # before the field existed.
+    row_num_computed_tokens: tuple[int, ...] = ()
+
 
 StepObserver = Callable[[StepStats], None]

@@ -8,6 +8,7 @@ tokens so it catches up. When it catches up completely in a step, that step samp
 from __future__ import annotations
 
 import dataclasses
+import functools
 import enum
 import time
 from typing import TYPE_CHECKING, Any
@@ -164,6 +165,12 @@ class Request:
     @property
     def ignore_eos(self) -> bool:
         return bool(getattr(self.sampling_params, "ignore_eos", False))
+
+    @functools.cached_property
+    def stop_checks(self) -> tuple[int, bool, tuple[int, ...], int | None]:
+        """(min_tokens, ignore_eos, stop_token_ids, max_tokens), read once: the scheduler checks
+        them for every request every step, and a request's sampling params do not change."""
+        return self.min_tokens, self.ignore_eos, self.stop_token_ids, self.max_tokens
 
     @property
     def skip_reading_prefix_cache(self) -> bool:

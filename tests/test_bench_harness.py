@@ -214,6 +214,21 @@ def test_step_summary_against_hand_computed_steps():
     assert s["device_time_s"] == pytest.approx(0.16) and s["step_time_s"] == pytest.approx(0.2)
 
 
+def test_step_summary_sharing_at_the_peak_prefill_and_swaps():
+    """The sharing saving at the step referencing the most blocks, the blocks held, the prompt
+    tokens computed and the blocks swapped, by hand."""
+    steps = metrics.step_table([_step(0, kv_blocks_used=3, kv_blocks_referenced=4),
+                                _step(1, kv_blocks_used=5, kv_blocks_referenced=8, num_prefill_tokens=0,
+                                      num_blocks_swapped_out=3, num_blocks_swapped_in=2),
+                                _step(2, kv_blocks_used=4, kv_blocks_referenced=6)], origin=0.0)
+    s = metrics.step_summary(steps)
+    assert s["kv_sharing_saving"] == pytest.approx(1 - 12 / 18)
+    assert s["kv_sharing_saving_at_peak"] == pytest.approx(1 - 5 / 8)  # step 1 references the most
+    assert s["kv_blocks_used_max"] == 5 and s["kv_blocks_used_mean"] == pytest.approx(4.0)
+    assert s["total_prefill_tokens"] == 16
+    assert s["num_blocks_swapped_out"] == 3 and s["num_blocks_swapped_in"] == 2
+
+
 def test_kv_memory_fill_of_paging_and_static_reservation():
     from jaxllm.bench.memory import kv_memory_fill
 
@@ -369,6 +384,20 @@ def test_bad_config_files_are_named(tmp_path, toml, message):
     path.write_text(toml)
     with pytest.raises(ValueError, match=message):
         load_toml(str(path))
+
+
+def test_replace_checks_fields_across_sections_at_once():
+    """A change in two sections is checked once, with both in place (a victim that fits the new
+    step budget is fine); the preemption cost, off by default, leaves earlier hashes alone."""
+    cfg = BenchConfig(engine=EngineArgs(max_num_batched_tokens=512), preemption_cost_tokens=256)
+    small = cfg.replace(max_num_batched_tokens=128, preemption_cost_tokens=128)
+    assert small.engine.max_num_batched_tokens == 128 and small.preemption_cost_tokens == 128
+    with pytest.raises(ValueError, match="preemption_cost_tokens=256 must fit one step"):
+        cfg.replace(max_num_batched_tokens=128)
+    with pytest.raises(ValueError, match="preemption_cost_reps"):
+        BenchConfig(preemption_cost_tokens=16, preemption_cost_reps=0)
+    assert BenchConfig(preemption_cost_reps=9).config_hash() == BenchConfig().config_hash()
+    assert cfg.config_hash() != cfg.replace(preemption_cost_tokens=64).config_hash()
 
 
 def test_a_policy_object_is_named_in_the_config():

@@ -94,7 +94,8 @@ def test_quick_preemption_bench_json(tmp_path):
 
     out = tmp_path / "preemption.json"
     try:
-        r = bench_preemption.main(["--quick", "--out", str(out), "--model-cache-dir", str(tmp_path / "models")])
+        r = bench_preemption.main(["--quick", "--out", str(out), "--model-cache-dir", str(tmp_path / "models"),
+                                   "--runs-dir", str(tmp_path / "runs")])
     finally:
         jax.clear_caches()  # its steps serve no later test, and each maps hundreds of pages
     data = json.loads(out.read_text())
@@ -114,12 +115,12 @@ def test_quick_preemption_bench_json(tmp_path):
         assert 0 < m["swap_copy_bw_fraction"] <= 1.0 and 0 < m["recompute_roofline_fraction"] <= 1.0
 
 
-def test_quick_sharing_bench():
+def test_quick_sharing_bench(tmp_path):
     """experiments/bench_sharing.py --quick: sharing holds fewer blocks than no sharing for n > 1
     and beams (same best beams either way: the bench asserts it), and the prefix cache hits."""
     import bench_sharing
 
-    r = bench_sharing.main(["--quick", "--skip-hf"])
+    r = bench_sharing.main(["--quick", "--skip-hf", "--runs-dir", str(tmp_path / "runs")])
     for kind in ("parallel", "beam"):
         run = r[kind][2]
         assert 0 < run["shared"]["saving"] < 1 and run["shared"]["steps"] > 0, (kind, run)
@@ -128,3 +129,33 @@ def test_quick_sharing_bench():
         p = r["prefix"][shots]
         assert p["cache_on"]["hit_rate"] > 0.5 and p["cache_off"]["hit_rate"] == 0
         assert p["cache_on"]["prompt_tokens_computed"] < p["cache_off"]["prompt_tokens_computed"]
+
+
+def test_preemption_cost_times_both_ways_and_leaves_the_cache_intact(tiny_model_dir):
+    """jaxllm.bench.preemption on a swap-capable engine: a one-step recompute of fresh tokens and
+    a swap round trip of the victim's blocks, both timed; the blocks a round trip copied hold
+    what they held (a prefix-cache hit on them gives the same greedy tokens), nothing is left
+    running or held, and a victim larger than one step is refused by name."""
+    import pytest
+
+    from jaxllm import LLM, SamplingParams
+    from jaxllm.bench.preemption import preemption_cost
+    from jaxllm.runner.step_io import STEP_VARIANTS
+
+    llm = LLM(tiny_model_dir(), block_size=8, num_kv_blocks=32, max_num_seqs=4, max_num_batched_tokens=32,
+              max_model_len=64, token_buckets=(8, 32), preemption_mode="swap", swap_space=0.01,
+              skip_tokenizer_init=True)
+    llm.engine.warmup(step_variants=STEP_VARIANTS[:1])
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    prompt = {"prompt_token_ids": list(range(5, 29))}  # 24 tokens: 3 full blocks, cached
+    before = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids
+    vocab = llm.engine.model_config.vocab_size
+    cost = preemption_cost(llm.engine, victim_tokens=32, reps=2, vocab_size=vocab)
+    assert cost["victim_blocks"] == 4 and cost["recompute_ms"] > 0 and cost["swap_ms"] > 0
+    assert cost["swap_over_recompute"] == pytest.approx(cost["swap_ms"] / cost["recompute_ms"])
+    assert cost["swap_bytes_copied"] == 4 * 4 * llm.engine.resolved.bytes_per_block
+    assert not llm.engine.has_unfinished_requests()
+    after = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids
+    assert after == before and llm.get_stats()["prefix_cache_hit_rate"] > 0
+    with pytest.raises(ValueError, match="victim_tokens=33"):
+        preemption_cost(llm.engine, victim_tokens=33, reps=1, vocab_size=vocab)

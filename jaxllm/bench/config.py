@@ -143,6 +143,11 @@ class BenchConfig:
     # or the path of a LinearCostModel JSON fitted with jaxllm.sim.fit. Its results are predictions.
     sim_cost_model: str = "h100-sxm"
     torch_threads: int | None = None
+    # > 0: after its timed run, jaxllm measures what preempting a victim with this many computed
+    # tokens costs by recompute and by swap (bench/preemption.py; the paper's Fig. 19), median
+    # of preemption_cost_reps; at most max_num_batched_tokens (one prefill step).
+    preemption_cost_tokens: int = 0
+    preemption_cost_reps: int = 5
 
     def __post_init__(self):
         if isinstance(self.systems, (list, str)):
@@ -158,6 +163,14 @@ class BenchConfig:
         for name in ("slo_ttft_ms", "slo_tpot_ms", "slo_e2e_ms"):
             v = getattr(self, name)
             _require(v is None or (isinstance(v, (int, float)) and v > 0), f"{name} must be > 0 ms, got {v!r}")
+        for name in ("preemption_cost_tokens", "preemption_cost_reps"):
+            v = getattr(self, name)
+            _require(isinstance(v, int) and not isinstance(v, bool) and v >= 0, f"{name} must be an int >= 0, got {v!r}")
+        _require(self.preemption_cost_tokens <= self.engine.max_num_batched_tokens,
+                 f"preemption_cost_tokens={self.preemption_cost_tokens} must fit one step "
+                 f"(max_num_batched_tokens={self.engine.max_num_batched_tokens})")
+        _require(not self.preemption_cost_tokens or self.preemption_cost_reps >= 1,
+                 f"preemption_cost_reps must be >= 1, got {self.preemption_cost_reps!r}")
         if self.workload.beam_width and self.workload.n > 1:
             raise ValueError("give n > 1 or beam_width > 0, not both")
 
@@ -172,22 +185,26 @@ class BenchConfig:
             d.pop(k)
         if "sim" not in self.systems:  # only the simulator reads it: other runs keep their hashes
             d.pop("sim_cost_model")
+        if not self.preemption_cost_tokens:  # off: runs from before the field keep their hashes
+            d.pop("preemption_cost_tokens")
+            d.pop("preemption_cost_reps")
         return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
     def replace(self, **fields) -> "BenchConfig":
         """A copy with fields changed, named flat (`block_size`) or dotted (`engine.block_size`)."""
-        cfg = self
+        top: dict[str, Any] = {}
+        sections = {name: getattr(self, name) for name in SECTIONS}
         for name, value in fields.items():
             section, field = field_path(name)
             if section is None:
-                cfg = dataclasses.replace(cfg, **{field: value})
+                top[field] = value
             else:
                 change = {field: value}
                 if field == "kv_cache_memory_bytes" and value is not None:
                     change["num_kv_blocks"] = None  # the cache is sized one way: the one set last
-                sub = dataclasses.replace(getattr(cfg, section), **change)
-                cfg = dataclasses.replace(cfg, **{section: sub})
-        return cfg
+                sections[section] = dataclasses.replace(sections[section], **change)
+        # One construction: checks across sections see every change at once.
+        return dataclasses.replace(self, **sections, **top)
 
 
 SECTIONS = {"engine": EngineArgs, "workload": WorkloadConfig}

@@ -93,7 +93,7 @@ class DriverResult:
         metrics.step_table is the results-file form."""
         import pandas as pd
 
-        return pd.DataFrame([dataclasses.asdict(s) for s in self.steps])
+        return pd.DataFrame([metrics.record_dict(s) for s in self.steps])
 
     def request_table(self):
         """metrics.request_table of every request, times relative to the run's start."""

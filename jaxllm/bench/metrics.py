@@ -20,6 +20,7 @@ apart; throughput is measured over the run's wall time either way.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -74,15 +75,28 @@ def request_table(rows: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=list(REQUEST_COLUMNS))
 
 
+def record_dict(record) -> dict:
+    """A StepStats (or a dict) as a flat dict of its fields. Not dataclasses.asdict: that deep-
+    copies every tuple of the `scheduled` column, which cost more than simulating the steps."""
+    if not dataclasses.is_dataclass(record):
+        return dict(record)
+    return {name: getattr(record, name) for name in _field_names(type(record))}
+
+
+@functools.lru_cache(maxsize=None)
+def _field_names(cls) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+
 def step_table(stats, origin: float = 0.0) -> pd.DataFrame:
     """StepStats records as a DataFrame; times relative to `origin`; tuples as JSON strings."""
     rows = []
     for s in stats:
-        d = dataclasses.asdict(s) if dataclasses.is_dataclass(s) else dict(s)
+        d = record_dict(s)
         for k in ("start_time", "time", "end_time"):
             d[k] -= origin
-        for k in ("scheduled", "preempted"):
-            d[k] = json.dumps([list(x) if isinstance(x, tuple) else x for x in d[k]])
+        for k in ("scheduled", "preempted", "row_num_computed_tokens"):
+            d[k] = json.dumps([list(x) if isinstance(x, tuple) else x for x in d.get(k, ())])
         rows.append(d)
     return pd.DataFrame(rows)
 
@@ -160,6 +174,7 @@ def summarize(requests: pd.DataFrame, steps: pd.DataFrame | None, duration: floa
 def step_summary(steps: pd.DataFrame, block_size: int | None = None) -> dict:
     """KV usage, batch composition, preemptions by mode, where the step time went, compile time."""
     usage = steps["kv_blocks_used"] / steps["num_kv_blocks"]
+    peak = int(np.argmax(steps["kv_blocks_referenced"].to_numpy()))
     step_time = (steps["end_time"] - steps["start_time"]).sum()
     out = {
         "num_steps": int(len(steps)),
@@ -178,6 +193,16 @@ def step_summary(steps: pd.DataFrame, block_size: int | None = None) -> dict:
         "prefix_cache_hit_rate": float(steps["prefix_cache_hits"].sum() / max(steps["prefix_cache_queries"].sum(), 1)),
         # The PagedAttention paper's sharing saving: 1 - blocks held / blocks referenced.
         "kv_sharing_saving": float(1 - steps["kv_blocks_used"].sum() / max(steps["kv_blocks_referenced"].sum(), 1)),
+        # ... at the step referencing the most blocks (the memory a run needs is its peak).
+        "kv_sharing_saving_at_peak": float(1 - steps["kv_blocks_used"].iloc[peak]
+                                           / max(steps["kv_blocks_referenced"].iloc[peak], 1)),
+        "kv_blocks_used_max": int(steps["kv_blocks_used"].max()),
+        "kv_blocks_used_mean": float(steps["kv_blocks_used"].mean()),
+        # Prompt tokens the steps computed (a prefix-cache hit skips them; a recompute-preempted
+        # request computes its tokens again).
+        "total_prefill_tokens": int(steps["num_prefill_tokens"].sum()),
+        "num_blocks_swapped_out": int(steps["num_blocks_swapped_out"].sum()),
+        "num_blocks_swapped_in": int(steps["num_blocks_swapped_in"].sum()),
     }
     if block_size:
         # Tokens whose K/V the batch attends to / slots of the blocks its requests reference:

@@ -16,12 +16,13 @@ import os
 import time
 import traceback
 
+import numpy as np
 import pandas as pd
 
 from jaxllm.bench import arrivals as arrivals_mod
 from jaxllm.bench import metrics, results
 from jaxllm.bench.models import hf_config, resolve_model
-from jaxllm.bench.roofline import QUICK, ModelCost, measure_roofline, roofline_fraction
+from jaxllm.bench.roofline import QUICK, ModelCost, measure_roofline, roofline_fraction, roofline_time
 from jaxllm.bench.systems import SystemUnavailable, get_system
 from jaxllm.bench.workloads import make_workload
 
@@ -99,6 +100,8 @@ def run_benchmark(cfg, log=print, roofline: dict | None = None, model_dir: str |
             s["prediction"] = f"predicted by the simulator's cost model {res.info.get('cost_model')!r}: a model, not a measurement"
         if res.steps is not None and cost is not None and roofline is not None:
             s["roofline"] = roofline_fraction(res.steps, res.duration, cost, roofline)
+        if "preemption_cost" in res.info:
+            s.update(preemption_summary(res.info["preemption_cost"], cost, roofline))
         per_system[name] = s
         req_tables.append(res.requests.assign(system=name))
         if res.steps is not None:
@@ -126,6 +129,21 @@ def run_benchmark(cfg, log=print, roofline: dict | None = None, model_dir: str |
     run = results.Run(path, cfg.to_dict(), requests, steps, summ)
     log(report(run))
     return run
+
+
+def preemption_summary(pc: dict, cost: ModelCost | None, roofline: dict | None) -> dict:
+    """Flat summary fields of bench/preemption.py's costs (sweep rows read them), with the
+    recompute step's roofline fraction (its roofline time / measured) and the swap copies'
+    fraction of the measured copy bandwidth, when the peaks were measured."""
+    out = {"preemption_victim_tokens": pc["victim_tokens"], "preemption_recompute_ms": pc["recompute_ms"],
+           "preemption_swap_ms": pc["swap_ms"], "preemption_swap_over_recompute": pc["swap_over_recompute"]}
+    if roofline is not None and cost is not None:
+        n = np.array([pc["victim_tokens"]])
+        out["preemption_recompute_roofline_fraction"] = (
+            roofline_time(*cost.step_cost(n, n, 1), roofline) / (pc["recompute_ms"] / 1e3))
+        out["preemption_swap_copy_bw_fraction"] = (
+            None if pc["swap_ms"] is None else pc["swap_bytes_copied"] / (pc["swap_ms"] / 1e3) / roofline["copy_bandwidth"])
+    return out
 
 
 def _label(name: str, summary: dict) -> str:

@@ -28,7 +28,9 @@ ROW_METRICS = ("completed", "failed", "output_throughput", "request_throughput",
                "mean_ttft_ms", "median_ttft_ms", "p90_ttft_ms", "p99_ttft_ms",
                "mean_tpot_ms", "p90_tpot_ms", "mean_itl_ms", "p90_itl_ms", "mean_e2el_ms", "p90_e2el_ms",
                "num_preemptions", "kv_usage_mean", "kv_usage_max", "kv_token_fill", "kv_sharing_saving",
-               "prefix_cache_hit_rate", "mean_batch_requests", "num_steps", "compile_time_during_run_s")
+               "kv_sharing_saving_at_peak", "kv_blocks_used_max", "total_prefill_tokens", "num_preempted_swap",
+               "num_blocks_swapped_out", "preemption_recompute_ms", "preemption_swap_ms",
+               "preemption_swap_over_recompute", "prefix_cache_hit_rate", "mean_batch_requests", "num_steps", "compile_time_during_run_s")
 
 
 def grid(axes: dict[str, list]) -> list[dict]:

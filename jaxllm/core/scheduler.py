@@ -307,7 +307,8 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            remaining = req.num_tokens - req.num_computed_tokens
+            num_computed = req.num_computed_tokens
+            remaining = len(req.prompt_token_ids) + len(req.output_token_ids) - num_computed  # num_tokens, inlined: hot
             num_new = min(remaining, budget)
             if num_new <= 0 or (num_new < remaining and not self.enable_chunked_prefill) or req.request_id in in_flight:
                 i += 1
@@ -339,7 +340,7 @@ class Scheduler:
                 if victim is req:
                     break
             else:
-                scheduled.append(ScheduledRequest(req, num_new, num_new == remaining))
+                scheduled.append(ScheduledRequest(req, num_new, num_new == remaining, num_computed))
                 budget -= num_new
                 i += 1
         # Preemption is over for this step, so these blocks will be computed: admissions below
@@ -442,11 +443,12 @@ class Scheduler:
                 continue
             token = int(token)
             req.output_token_ids.append(token)
-            req.metrics.num_output_tokens = req.num_output_tokens
-            if req.first_token_time is None:
-                req.first_token_time = now
-            req.last_token_time = now
-            req.metrics.token_times.append(now)
+            m = req.metrics  # the Request's timing properties live here: set them directly
+            m.num_output_tokens = len(req.output_token_ids)
+            if m.first_token_time is None:
+                m.first_token_time = now
+            m.last_token_time = now
+            m.token_times.append(now)
             stop = self._check_stop(req, token)
             if stop is not None:
                 status, stop_reason = stop
@@ -457,13 +459,15 @@ class Scheduler:
 
     def _check_stop(self, req: Request, token: int) -> tuple[RequestStatus, int | None] | None:
         # Stop tokens win over length when both hold: the request did end naturally.
-        if req.num_output_tokens >= req.min_tokens:
-            if not req.ignore_eos and token in req.eos_token_ids:
+        min_tokens, ignore_eos, stop_token_ids, max_tokens = req.stop_checks
+        num_output = len(req.output_token_ids)
+        if num_output >= min_tokens:
+            if not ignore_eos and token in req.eos_token_ids:
                 return RequestStatus.FINISHED_STOPPED, None
-            if token in req.stop_token_ids:
+            if token in stop_token_ids:
                 return RequestStatus.FINISHED_STOPPED, token
-        max_tokens = req.max_tokens
-        if (max_tokens is not None and req.num_output_tokens >= max_tokens) or req.num_tokens >= self.max_model_len:
+        if ((max_tokens is not None and num_output >= max_tokens)
+                or len(req.prompt_token_ids) + num_output >= self.max_model_len):
             return RequestStatus.FINISHED_LENGTH, None
         return None
 

@@ -12,6 +12,16 @@ features in physical units by `step_features`:
     attention_flops  (sum over prefill chunks of n^2) / 2 x 4 nH D L (causal pairs inside chunks)
     swap_bytes       swapped blocks x bytes per block (host <-> device copies)
     rows, tokens     real batch rows and tokens (host-side preparation and bookkeeping)
+    decode_rows      rows feeding one sampled token (per-row gathers, sampling)
+    token_tile_kv_bytes  K/V bytes the attention's per-token tiles gather: rows with few new
+                     tokens (decodes) go token by token, TOKEN_TILE tokens a tile sorted by
+                     context, each tile reading TOKEN_CHUNK-token chunks up to its longest
+                     context (jaxllm/attention/reference.py, the CPU engine's attention), so
+                     the cost follows each row's context rounded up, not the batch's sum
+    query_tile_kv_bytes  K/V bytes the query tiles of longer chunks read: each Q_TILE queries
+                     read the context up to their last position once, in chunks of 32, 128 or
+                     512 tokens by its length, the last one whole (a chunk after a cached prefix
+                     attends to all of it: kv_bytes counts that prefix once per row)
 
 A cost model maps those features to a StepTime: host work before the device (scheduling,
 building inputs), the forward on the device, the swap copies, host work after it (updating
@@ -32,13 +42,48 @@ import numpy as np
 from jaxllm.runner.batch import padded_shape
 from jaxllm.sim.model_costs import ModelCosts
 
-FEATURES = ("step", "matmul_flops", "lm_head_flops", "kv_bytes", "attention_flops", "swap_bytes", "rows", "tokens")
+FEATURES = ("step", "matmul_flops", "lm_head_flops", "kv_bytes", "attention_flops", "swap_bytes", "rows", "tokens",
+            "decode_rows", "token_tile_kv_bytes", "query_tile_kv_bytes")
 _F = {name: i for i, name in enumerate(FEATURES)}
+
+# The tiling of jaxllm/attention/reference.py (its _SHARED_MIN_Q_LEN, _TOKEN_TILE,
+# _TOKEN_CHUNK_TOKENS and q_tile defaults), which the features above follow.
+SHARED_MIN_Q_LEN, TOKEN_TILE, TOKEN_CHUNK, Q_TILE = 8, 8, 64, 32
+QUERY_CHUNK_TOKENS, CHUNKS_PER_WIDTH = (32, 128, 512), 4  # its _SEQ_CHUNK_TOKENS, _CHUNKS_PER_WIDTH
+
+
+def attention_tiles(q_lens, num_computed, block_size: int) -> tuple[int, int]:
+    """(token-tile KV tokens, query-tile KV tokens) the reference attention reads for rows with
+    q_lens[i] new tokens after num_computed[i] cached ones (see the module docstring)."""
+    needs = []  # blocks each per-token query reads (its context rounded up to blocks)
+    query_kv = 0
+    for q, c in zip(q_lens, num_computed):
+        if q >= SHARED_MIN_Q_LEN:
+            for t in range(-(-q // Q_TILE)):
+                # Tile t reads keys [0, c + min(Q_TILE (t + 1), q)) in chunks of the smallest
+                # QUERY_CHUNK_TOKENS width that needs at most CHUNKS_PER_WIDTH of them (or the
+                # largest), the last chunk whole.
+                need = -(-(c + min(Q_TILE * (t + 1), q)) // block_size) * block_size
+                width = next((w for w in QUERY_CHUNK_TOKENS[:-1] if need <= CHUNKS_PER_WIDTH * w),
+                             QUERY_CHUNK_TOKENS[-1])
+                chunk = max(1, width // block_size) * block_size
+                query_kv += -(-need // chunk) * chunk
+        elif q == 1:
+            needs.append(-(-(c + 1) // block_size))
+        else:
+            needs.extend(-(-(c + j + 1) // block_size) for j in range(q))
+    needs.sort()
+    chunk_blocks = max(1, TOKEN_CHUNK // block_size)
+    n = len(needs)
+    # A tile of TOKEN_TILE sorted tokens loops over as many chunks as its last (longest) needs.
+    chunks = sum(-(-needs[min(i + TOKEN_TILE, n) - 1] // chunk_blocks) for i in range(0, n, TOKEN_TILE))
+    return chunks * TOKEN_TILE * chunk_blocks * block_size, query_kv
 
 # Which features each part of a step may depend on (a coefficient outside its part is fixed at 0).
 PARTS = {
     "host_before": ("step", "rows", "tokens"),
-    "device": ("step", "matmul_flops", "lm_head_flops", "kv_bytes", "attention_flops", "swap_bytes"),
+    "device": ("step", "matmul_flops", "lm_head_flops", "kv_bytes", "attention_flops", "swap_bytes",
+               "decode_rows", "token_tile_kv_bytes", "query_tile_kv_bytes"),
     "host_after": ("step", "rows"),
     "between": ("step",),
 }
@@ -74,28 +119,48 @@ class StepShape:
     context_tokens: int  # sum over rows of cached + new tokens
     chunk_sq_tokens: int  # sum over rows with more than one new token of num_new_tokens^2
     swap_blocks: int = 0  # blocks copied out + in
+    token_tile_kv_tokens: int = 0  # attention_tiles: the per-token tiles' KV reads (tokens)
+    query_tile_kv_tokens: int = 0  # attention_tiles: the query tiles' KV reads (tokens)
 
     @classmethod
-    def from_plan(cls, scheduled, token_buckets: tuple[int, ...], max_num_seqs: int, swap_blocks: int = 0) -> "StepShape":
+    def from_plan(cls, scheduled, token_buckets: tuple[int, ...], max_num_seqs: int, swap_blocks: int = 0,
+                  block_size: int = 16) -> "StepShape":
         """From the scheduler's ScheduledRequest items (batch order), as the engine would run them."""
         num_tokens = context = chunk_sq = decode = 0
+        q_lens, computed = [], []
         for item in scheduled:
             n = item.num_new_tokens
             num_tokens += n
             context += item.num_computed_tokens + n
             if n > 1:
                 chunk_sq += n * n
-            elif item.num_computed_tokens >= item.request.num_prompt_tokens:
+            elif item.num_computed_tokens >= len(item.request.prompt_token_ids):
                 decode += 1
+            q_lens.append(n)
+            computed.append(item.num_computed_tokens)
         t_pad, s_pad = padded_shape(num_tokens, token_buckets, max_num_seqs) if scheduled else (0, 0)
-        return cls(num_tokens, t_pad, len(scheduled), s_pad, decode, context, chunk_sq, swap_blocks)
+        tok_kv, query_kv = attention_tiles(q_lens, computed, block_size)
+        return cls(num_tokens, t_pad, len(scheduled), s_pad, decode, context, chunk_sq, swap_blocks, tok_kv, query_kv)
 
     @classmethod
-    def from_stats(cls, stats, max_num_seqs: int) -> "StepShape":
-        """From a StepStats record (or its dataclasses.asdict / DataFrame row dict)."""
+    def from_stats(cls, stats, max_num_seqs: int, block_size: int = 16) -> "StepShape":
+        """From a StepStats record (or its dataclasses.asdict / DataFrame row dict). A record
+        without row_num_computed_tokens (older tables) spreads the context the way
+        bench.roofline.ModelCost.step_cost_from_stats does: prefill rows attend to their own
+        chunk, one-token rows share the rest evenly."""
         get = stats.__getitem__ if isinstance(stats, dict) else lambda k: getattr(stats, k)
         t_pad = int(get("num_padded_tokens"))
-        chunk_sq = sum(int(n) * int(n) for _, n in get("scheduled") if int(n) > 1)
+        q_lens = [int(n) for _, n in get("scheduled")]
+        chunk_sq = sum(n * n for n in q_lens if n > 1)
+        try:
+            computed = [int(c) for c in get("row_num_computed_tokens")]
+        except (KeyError, AttributeError):
+            computed = []
+        if len(computed) != len(q_lens):
+            ones = sum(n == 1 for n in q_lens)
+            rest = max(int(get("num_context_tokens")) - sum(n for n in q_lens if n > 1) - ones, 0)
+            computed = [rest // ones if n == 1 else 0 for n in q_lens] if ones else [0] * len(q_lens)
+        tok_kv, query_kv = attention_tiles(q_lens, computed, block_size)
         return cls(
             num_tokens=int(get("num_batched_tokens")),
             padded_tokens=t_pad,
@@ -105,6 +170,8 @@ class StepShape:
             context_tokens=int(get("num_context_tokens")),
             chunk_sq_tokens=chunk_sq,
             swap_blocks=int(get("num_blocks_swapped_out")) + int(get("num_blocks_swapped_in")),
+            token_tile_kv_tokens=tok_kv,
+            query_tile_kv_tokens=query_kv,
         )
 
 
@@ -119,6 +186,9 @@ def step_features(shape: StepShape, costs: ModelCosts, bytes_per_block: int) -> 
         shape.swap_blocks * float(bytes_per_block),
         float(shape.num_rows),
         float(shape.num_tokens),
+        float(shape.num_decode_rows),
+        shape.token_tile_kv_tokens * float(costs.kv_bytes_per_token),
+        shape.query_tile_kv_tokens * float(costs.kv_bytes_per_token),
     ])
 
 
@@ -129,7 +199,8 @@ def _records(steps) -> list[dict]:
     return [s if isinstance(s, dict) else dataclasses.asdict(s) for s in steps]
 
 
-def step_table(steps, costs: ModelCosts, bytes_per_block: int, max_num_seqs: int) -> tuple[np.ndarray, dict]:
+def step_table(steps, costs: ModelCosts, bytes_per_block: int, max_num_seqs: int,
+               block_size: int | None = None) -> tuple[np.ndarray, dict]:
     """Features and measured times of recorded steps.
 
     Returns X [N, len(FEATURES)] and {part: (y [N] seconds, valid [N] bool)} for the PARTS.
@@ -137,7 +208,10 @@ def step_table(steps, costs: ModelCosts, bytes_per_block: int, max_num_seqs: int
     straight on to the next step (requests left after it, a next record exists).
     """
     rows = _records(steps)
-    X = np.stack([step_features(StepShape.from_stats(r, max_num_seqs), costs, bytes_per_block) for r in rows]) \
+    if block_size is None:  # one device holds every layer and K/V head: a block's bytes say its size
+        block_size = bytes_per_block // max(costs.kv_bytes_per_token, 1) if bytes_per_block else 16
+    X = np.stack([step_features(StepShape.from_stats(r, max_num_seqs, block_size), costs, bytes_per_block)
+                  for r in rows]) \
         if rows else np.zeros((0, len(FEATURES)))
     col = lambda k: np.array([float(r[k]) for r in rows])  # noqa: E731
     start, time, end, device = col("start_time"), col("time"), col("end_time"), col("device_time")

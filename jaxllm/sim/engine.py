@@ -155,14 +155,16 @@ class SimulatedEngine(Engine):
         return outputs
 
     def _execute(self, plan, timing: _DeviceTiming) -> dict[str, int]:
-        shape = StepShape.from_plan(plan.scheduled, self.resolved.token_buckets, self.config.scheduler.max_num_seqs)
+        shape = StepShape.from_plan(plan.scheduled, self.resolved.token_buckets, self.config.scheduler.max_num_seqs,
+                                    block_size=self.config.cache.block_size)
         t = self.cost_model.predict(step_features(shape, self.costs, self.resolved.bytes_per_block))
         self.clock.advance(t.host_before)
         with timing:
             self.clock.advance(t.forward)
         self._pending = t
         self._count_prompt_tokens(plan.scheduled)
-        sampled = {item.request_id: self._token(item.request) for item in plan.scheduled if item.samples}
+        token = self._token if self._scripts else (lambda req: self._fillers[req.request_id])
+        sampled = {item.request.request_id: token(item.request) for item in plan.scheduled if item.samples}
         self.num_generated_tokens += len(sampled)
         return sampled
 

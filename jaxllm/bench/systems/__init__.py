@@ -61,8 +61,9 @@ def get_system(name: str):
     return getattr(importlib.import_module(module), fn)
 
 
-def require_offline(name: str, workload_cfg) -> None:
+def require_offline(name: str, workload_cfg, sharing: bool = False) -> None:
+    """sharing: the system also runs n > 1 and beam-search requests."""
     if not workload_cfg.offline:
         raise SystemUnavailable(f"{name} runs offline workloads only (request_rate=inf, no trace replay)")
-    if workload_cfg.n > 1 or workload_cfg.beam_width:
+    if not sharing and (workload_cfg.n > 1 or workload_cfg.beam_width):
         raise SystemUnavailable(f"{name} runs n=1 sampling requests only in this harness")

@@ -5,7 +5,10 @@ hf_static: the way a user batches `model.generate` by hand. Requests in arrival 
   chunks of max_num_seqs, left-padded to the chunk's longest prompt, run greedy with
   max_new_tokens = min_new_tokens = the chunk's longest requested output and no EOS (a static
   batch runs until its longest member is done). Only each request's requested tokens count.
-  One small warm-up `generate` is excluded from the timing.
+  One small warm-up `generate` is excluded from the timing. n > 1 and beam requests run one
+  prompt at a time, `generate(num_return_sequences=n)` (sampled, temperature 0.8 when the
+  workload is greedy: n greedy samples would be one) or `generate(num_beams=k)`, all
+  max_new_tokens = min_new_tokens = the request's output length.
 hf_continuous: `model.init_continuous_batching(...)` (the manager behind `generate_batch`), one
   request per prompt with its own max_new_tokens and EOS disabled; same page size, KV budget,
   max_batch_tokens and max_requests_per_batch as jaxllm. Its warm-up is excluded.
@@ -42,8 +45,10 @@ def _done_row(spec, finish: float, got: int | None = None) -> dict:
 def run_hf_static(model_dir: str, workload, arrivals, cfg) -> SystemResult:
     import torch
 
-    require_offline("hf_static", cfg.workload)
+    require_offline("hf_static", cfg.workload, sharing=True)
     model = _hf_model(model_dir, cfg.torch_threads)
+    if cfg.workload.n > 1 or cfg.workload.beam_width:
+        return _run_hf_sharing(model, workload, cfg.workload)
     batch_size, pad = cfg.engine.max_num_seqs, 0
 
     def gen(prompts, n_new):
@@ -78,6 +83,34 @@ def run_hf_static(model_dir: str, workload, arrivals, cfg) -> SystemResult:
     info = dict(generated_tokens_incl_wasted=generated, useful_token_frac=sum(workload.output_lens) / generated,
                 num_batches=len(batches), batch_size=batch_size, batches=batches,
                 kv_cache=static_kv_utilisation(workload, batch_size))
+    return SystemResult("hf_static", request_table(rows), None, elapsed, info)
+
+
+def _run_hf_sharing(model, workload, wcfg) -> SystemResult:
+    """n samples or beams of each prompt, one prompt at a time (module docstring)."""
+    import torch
+
+    def gen(prompt, m):
+        ids = torch.tensor([list(prompt)])
+        with torch.no_grad():
+            if wcfg.beam_width:
+                return model.generate(ids, num_beams=wcfg.beam_width, do_sample=False, max_new_tokens=m,
+                                      min_new_tokens=m, pad_token_id=0, eos_token_id=None)
+            return model.generate(ids, do_sample=True, temperature=wcfg.temperature or 0.8,
+                                  num_return_sequences=wcfg.n, max_new_tokens=m, min_new_tokens=m,
+                                  pad_token_id=0, eos_token_id=None)
+
+    gen(workload.prompts[0][:8], 2)  # warm-up, excluded
+    rows, t0 = [], time.perf_counter()
+    for spec in workload.requests:
+        out = gen(spec.prompt_token_ids, spec.output_len)
+        if out.shape[-1] != spec.prompt_len + spec.output_len:
+            raise RuntimeError(f"generate returned {out.shape[-1]} columns, expected {spec.prompt_len} + {spec.output_len}")
+        row = _done_row(spec, time.perf_counter() - t0)
+        row["num_output_tokens"] = spec.output_len * (1 if wcfg.beam_width else wcfg.n)  # as jaxllm counts them
+        rows.append(row)
+    elapsed = time.perf_counter() - t0
+    info = dict(mode="beam_search" if wcfg.beam_width else "parallel_sampling", n=wcfg.n, beam_width=wcfg.beam_width)
     return SystemResult("hf_static", request_table(rows), None, elapsed, info)
 
 

@@ -59,12 +59,20 @@ def run_jaxllm(model_dir: str, workload, arrivals, cfg, llm=None) -> SystemResul
         result = driver.run(requests, arrivals)
         result = (result.request_table(), result.step_table(), result.duration)
     requests, steps, duration = result
-    stats = engine.get_stats()
+    stats = engine.get_stats()  # before the preemption-cost steps below: the run's own counters
+    preemption = None
+    if cfg.preemption_cost_tokens:
+        from jaxllm.bench.preemption import preemption_cost
+
+        preemption = preemption_cost(engine, cfg.preemption_cost_tokens, cfg.preemption_cost_reps,
+                                     engine.model_config.vocab_size)
     info = dict(load_time_s=load_s, warmup_s=warmup_s, warmup_compilations=warmup_compilations,
                 new_compilations_during_run=stats["num_compilations"] - compiles_before,
                 engine_stats=stats, engine_kwargs={k: v for k, v in kw.items()},
                 block_size=cfg.engine.block_size, num_kv_blocks=engine.resolved.num_kv_blocks - 1,
-                kv_cache_bytes=engine.resolved.kv_cache_bytes)
+                kv_cache_bytes=engine.resolved.kv_cache_bytes, num_cpu_blocks=engine.resolved.num_cpu_blocks)
+    if preemption is not None:
+        info["preemption_cost"] = preemption
     return SystemResult("jaxllm", requests, steps, duration, info)
 
 

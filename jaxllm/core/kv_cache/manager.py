@@ -172,9 +172,11 @@ class KVCacheManager:
         if not self.enable_caching:
             return
         rid = request.request_id
+        start = self._num_cached[rid]
+        if num_tokens // self.block_size <= start:
+            return  # no block became full since the last call (most decode steps)
         blocks = self._blocks[rid]
         num_full = min(num_tokens, request.num_tokens, len(blocks) * self.block_size) // self.block_size
-        start = self._num_cached[rid]
         if num_full <= start:
             return
         hashes = update_block_hashes(request, self.block_size, self._root)
@@ -201,6 +203,8 @@ class KVCacheManager:
         """
         rid = request.request_id
         have = self._blocks.get(rid, [])
+        if new_computed_blocks is None and len(have) * self.block_size >= request.num_computed_tokens + num_new_tokens:
+            return True  # the blocks it holds cover the slots (most decode steps): nothing to take
         hits = new_computed_blocks.blocks if new_computed_blocks is not None else ()
         if hits and have:
             raise ValueError(f"{rid!r} already holds blocks; computed blocks are taken at admission only")
