@@ -23,7 +23,7 @@ import numpy as np
 
 from jaxllm.attention.metadata import AttentionMetadata
 from jaxllm.config import ResolvedEngineConfig
-from jaxllm.models import layers, llama
+from jaxllm.models import layers, registry
 from jaxllm.models.model_config import ModelConfig
 from jaxllm.runner import instruments
 from jaxllm.runner.sampling_inputs import GENERAL, SamplingInputs
@@ -91,7 +91,8 @@ def paged_step(params, kv_caches, token_ids, positions, metadata, logits_indices
     attention = make_paged_attention(config, metadata, attention_fn)
     hook, recorded = (instruments.residual_hook(residual_add, metadata.cu_q_lens, token_ids.shape[0])
                       if instrumented else (None, None))
-    hidden, kv_caches = llama.forward(params, config, token_ids, positions, kv_caches, attention, hook)
+    model = registry.get_model_module(config.architecture)  # at trace time: free in the compiled step
+    hidden, kv_caches = model.forward(params, config, token_ids, positions, kv_caches, attention, hook)
     out = sample_outputs(params, config, hidden, logits_indices, sampling_inputs, prompt_targets,
                          sampler=sampler, prompt_logprobs=prompt_logprobs)
     if instrumented:
@@ -106,13 +107,14 @@ def sample_outputs(params, config: ModelConfig, hidden, logits_indices, sampling
     "embed" / "lm_head" (the pipeline passes its last stage's table)."""
     # Batch-invariant mode: the sampler's row reductions over fixed row tiles too (layers.row_tiled).
     tile = layers.ROW_TILE if config.batch_invariant else None
-    logits = llama.compute_logits(params, config, hidden[logits_indices])
+    model = registry.get_model_module(config.architecture)
+    logits = model.compute_logits(params, config, hidden[logits_indices])
     sampled = layers.row_tiled(lambda lg, si: sampling.sample(lg, si, sampler), logits, sampling_inputs,
                                row_tile=tile)
     out = StepOutputs(sampled.token_ids, sampled.logprobs, sampled.top_logprobs, sampled.top_token_ids)
     if prompt_logprobs:
         # Logits of every token, only in steps where some request asked for prompt logprobs.
-        all_logits = llama.compute_logits(params, config, hidden)
+        all_logits = model.compute_logits(params, config, hidden)
         lp, top, ids = layers.row_tiled(lambda lg, tg: sampling.token_logprobs(lg, tg, MAX_LOGPROBS),
                                         all_logits, prompt_targets, row_tile=tile)
         out = dataclasses.replace(out, prompt_logprobs=lp, prompt_top_logprobs=top, prompt_top_token_ids=ids)
