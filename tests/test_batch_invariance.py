@@ -12,6 +12,7 @@ from attention_cases import make_case
 from jaxllm import LLM, SamplingParams
 from jaxllm.attention import invariant
 from jaxllm.attention.reference import dense_reference
+from jaxllm.core.policies import POLICIES
 from tests.helpers.tiny_models import assert_greedy_match, hf_greedy_with_margins, make_tiny_model, random_prompt
 
 VOCAB = 512
@@ -41,9 +42,13 @@ def run_target(llm, before=(), company=()):
     others = [p for p, _ in company]
     outs = llm.generate(others + [TARGET], [q for _, q in company] + [TARGET_PARAMS], use_tqdm=False)
     out = outs[-1]
+    return out, record_of(out)
+
+
+def record_of(out):
+    """(tokens, [sorted (token, logprob) per step]) of a request's only completion."""
     comp = out.outputs[0]
-    record = [sorted((t, e.logprob) for t, e in entry.items()) for entry in comp.logprobs]
-    return out, (comp.token_ids, record)
+    return comp.token_ids, [sorted((t, e.logprob) for t, e in entry.items()) for entry in comp.logprobs]
 
 
 def company(n, seed, length=50, max_tokens=12, step=7):
@@ -82,6 +87,40 @@ def test_logprobs_bitwise_identical_across_scenarios(model_dir):
         if mode == "swap":
             assert llm.get_stats()["num_swap_outs"] > 0
         assert record == alone, mode
+
+
+# Mixed prompt lengths; the 45-token prompt starts with TARGET's first 40 tokens, so with prefix
+# caching on it reuses TARGET's blocks (or TARGET its) depending on who the policy runs first.
+MIX_PROMPTS = [TARGET, ids(9, seed=200), {"prompt_token_ids": TARGET["prompt_token_ids"][:40] + [7, 8, 9, 10, 11]},
+               ids(33, seed=201), ids(21, seed=202)]
+MIX_PARAMS = [SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=5),
+              SamplingParams(temperature=0.8, seed=1234, max_tokens=6, ignore_eos=True, logprobs=5)]
+# Priorities against arrival order, so "priority" admits in yet another order.
+MIX_PRIORITY = [3, 0, 1, 4, 2]
+# Scheduler settings: wide batches; 2 seats (the rest wait and join later); 16-token steps (the 70-
+# and 33-token prompts prefill in chunks next to decodes); prefix caching off.
+MIX_SETTINGS = [dict(max_num_batched_tokens=64), dict(max_num_batched_tokens=64, max_num_seqs=2),
+                dict(max_num_batched_tokens=16), dict(max_num_batched_tokens=64, enable_prefix_caching=False)]
+
+
+def test_every_policy_and_scheduler_setting_gives_bitwise_identical_outputs(model_dir):
+    """The same greedy and seeded-sampled requests under every registered policy and a few
+    scheduler settings: each request's tokens and top-5 logprobs are bitwise the same everywhere."""
+    params = [MIX_PARAMS[i % 2] for i in range(len(MIX_PROMPTS))]
+    records = {}
+    for policy in sorted(POLICIES):
+        for setting in MIX_SETTINGS:
+            llm = LLM(model_dir, **{**ENGINE, **setting, "scheduling_policy": policy})
+            outs = llm.generate(MIX_PROMPTS, params, priority=MIX_PRIORITY, use_tqdm=False)
+            records[policy, tuple(sorted(setting.items()))] = [record_of(o) for o in outs]
+            # TARGET or the 45-token prompt (whichever runs second) reads two cached blocks.
+            cached = sum(o.num_cached_tokens for o in outs)
+            assert cached == (32 if setting.get("enable_prefix_caching", True) else 0), (policy, setting)
+    (first_key, first), *rest = records.items()
+    assert all(len(tokens) == 6 for tokens, _ in first)
+    for key, record in rest:
+        for i, (got, want) in enumerate(zip(record, first)):
+            assert got == want, f"request {i}: {key} differs from {first_key}"
 
 
 def test_invariant_attention_matches_dense_reference():
