@@ -61,7 +61,7 @@ def as_token_list(ids) -> list[int]:
     if all(type(t) is int for t in ids):  # the common case, checked at C speed (bool is not int here)
         return ids
     out = []
-    for t in list(ids):
+    for t in ids:
         if isinstance(t, (bool, np.bool_)) or not isinstance(t, (int, np.integer)):
             raise ValueError(f"token ids must be ints, got {t!r}")
         out.append(int(t))

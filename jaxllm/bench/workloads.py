@@ -152,22 +152,27 @@ class Workload:
                 "prompt_len": stats(self.prompt_lens), "output_len": stats(self.output_lens)}
 
 
-def _random_ids(rng: np.random.Generator, n: int, vocab_size: int) -> list[int]:
-    lo = max(SPECIAL_IDS) + 1
+def _random_ids(rng: np.random.Generator, n: int, vocab_size: int, special_ids=SPECIAL_IDS) -> list[int]:
+    """n ids drawn uniformly above the highest of `special_ids`."""
+    lo = max(special_ids) + 1
     if vocab_size <= lo:
-        raise ValueError(f"vocab_size={vocab_size} leaves no ids above the special ids {SPECIAL_IDS}")
+        raise ValueError(f"vocab_size={vocab_size} leaves no ids above the special ids {tuple(special_ids)}")
     return rng.integers(lo, vocab_size, size=int(n)).tolist()
 
 
 def random_workload(num_prompts: int, input_len, output_len, vocab_size: int, seed: int = 0,
-                    n: int = 1, beam_width: int = 0) -> Workload:
-    """Random token-id prompts; lengths drawn (seeded) from the two distributions."""
+                    n: int = 1, beam_width: int = 0, special_ids: tuple[int, ...] = SPECIAL_IDS) -> Workload:
+    """Random token-id prompts; lengths drawn (seeded) from the two distributions. Prompts hold
+    no id at or below max(special_ids) (a real tokenizer's specials, e.g. SmolLM2's 0..16)."""
     rng = np.random.default_rng(seed)
     pd, od = LengthDist.parse(input_len), LengthDist.parse(output_len)
     p_lens, o_lens = pd.sample(num_prompts, rng), od.sample(num_prompts, rng)
-    reqs = [RequestSpec(str(i), tuple(_random_ids(rng, p, vocab_size)), int(o), n, beam_width)
+    reqs = [RequestSpec(str(i), tuple(_random_ids(rng, p, vocab_size, special_ids)), int(o), n, beam_width)
             for i, (p, o) in enumerate(zip(p_lens, o_lens))]
-    return Workload(reqs, {"dataset_name": "random", "input_len": str(pd), "output_len": str(od), "seed": seed})
+    description = {"dataset_name": "random", "input_len": str(pd), "output_len": str(od), "seed": seed}
+    if tuple(special_ids) != SPECIAL_IDS:
+        description["special_ids"] = f"0..{max(special_ids)}"
+    return Workload(reqs, description)
 
 
 def lengths_workload(prompt_lens: Sequence[int], output_lens: Sequence[int], vocab_size: int, seed: int = 0,
