@@ -13,6 +13,7 @@ import pytest
 
 from jaxllm import CacheConfig, EngineConfig, SamplingParams, SchedulerConfig
 from jaxllm.sim import (
+    FEATURES,
     PARTS,
     HardwareProfile,
     LinearCostModel,
@@ -211,22 +212,29 @@ def test_attention_tile_features_by_hand_and_from_the_record():
     # 40-token chunk after 100 cached tokens: its two query tiles need 132 and 140 keys, i.e. 144
     # (whole blocks), more than 4 chunks of 32, so chunks of 128: 256 keys read each.
     q, c = [1, 1, 3, 40], [15, 16, 0, 100]
-    assert attention_tiles(q, c, 16) == (1 * 8 * 64, 2 * 256)  # one token tile of 5, its longest: 1 chunk
+    # One token tile of 5, its longest: 1 chunk; two query tiles of 2 chunks each.
+    assert attention_tiles(q, c, 16) == (1 * 8 * 64, 2 * 256, 1 + 2 * 2, 2)
     # Nine more decodes needing 9 blocks: tiles [1,1,1,1,2,9,9,9] and [9 x 6], 3 chunks of 4 blocks each.
-    assert attention_tiles(q + [1] * 9, c + [130] * 9, 16) == (6 * 8 * 64, 2 * 256)
+    assert attention_tiles(q + [1] * 9, c + [130] * 9, 16) == (6 * 8 * 64, 2 * 256, 6 + 4, 2)
     # A 20-token first chunk: one tile needing 32 keys, one chunk of 32.
-    assert attention_tiles([20], [0], 16) == (0, 32)
-    assert attention_tiles([], [], 16) == (0, 0)
+    assert attention_tiles([20], [0], 16) == (0, 32, 1, 1)
+    assert attention_tiles([], [], 16) == (0, 0, 0, 0)
 
     model = LinearCostModel({"device": {"decode_rows": 1e-4, "token_tile_kv_bytes": 1e-9,
-                                        "query_tile_kv_bytes": 2e-9}})
+                                        "query_tile_kv_bytes": 2e-9, "attention_chunks": 3e-6,
+                                        "query_tiles": 5e-6, "bucket_switch": 2e-3}})
     sim = _sim(model)
     run = run_workload(sim, _workload(num=12, spread=1e-3))
     assert sim.get_stats()["num_preemptions"] > 0  # recomputed rows restart their context
-    for s in run.steps:
-        assert len(s.row_num_computed_tokens) == len(s.scheduled)
-        x = step_features(StepShape.from_stats(s, 4, block_size=sim.config.cache.block_size), sim.costs,
-                          sim.resolved.bytes_per_block)
+    assert all(len(s.row_num_computed_tokens) == len(s.scheduled) for s in run.steps)
+    # step_table reads each record's bucket switch from the record before, as the simulator saw it.
+    X, _ = step_table(run.steps, sim.costs, sim.resolved.bytes_per_block, 4,
+                      block_size=sim.config.cache.block_size)
+    switches = X[:, FEATURES.index("bucket_switch")]
+    buckets = [s.num_padded_tokens for s in run.steps]
+    assert list(switches) == [1.0] + [float(a != b) for a, b in zip(buckets[1:], buckets[:-1])]
+    assert 0 < switches.sum() < len(buckets)
+    for s, x in zip(run.steps, X):
         assert s.device_time == pytest.approx(model.predict(x).device, rel=1e-9) and s.device_time > 0
 
 

@@ -22,6 +22,15 @@ features in physical units by `step_features`:
                      read the context up to their last position once, in chunks of 32, 128 or
                      512 tokens by its length, the last one whole (a chunk after a cached prefix
                      attends to all of it: kv_bytes counts that prefix once per row)
+    attention_chunks     online-softmax chunk iterations of both kinds of tile (the count behind
+                     the two K/V byte features): each is a while-loop iteration with gathers,
+                     two small matmuls and a few elementwise ops, whose fixed cost dominates at
+                     small chunks (a 20-token prompt chunk next to decodes)
+    query_tiles      query tiles run (each selects a chunk width and writes its rows back)
+    bucket_switch    1 when the step runs another token bucket's executable than the step before
+                     (or is the first): measured here, such a step takes ~1 ms more, most visible
+                     on a small prompt chunk between decodes (an executable that did not just run
+                     starts with cold caches)
 
 A cost model maps those features to a StepTime: host work before the device (scheduling,
 building inputs), the forward on the device, the swap copies, host work after it (updating
@@ -43,7 +52,7 @@ from jaxllm.runner.batch import padded_shape
 from jaxllm.sim.model_costs import ModelCosts
 
 FEATURES = ("step", "matmul_flops", "lm_head_flops", "kv_bytes", "attention_flops", "swap_bytes", "rows", "tokens",
-            "decode_rows", "token_tile_kv_bytes", "query_tile_kv_bytes")
+            "decode_rows", "token_tile_kv_bytes", "query_tile_kv_bytes", "attention_chunks", "query_tiles", "bucket_switch")
 _F = {name: i for i, name in enumerate(FEATURES)}
 
 # The tiling of jaxllm/attention/reference.py (its _SHARED_MIN_Q_LEN, _TOKEN_TILE,
@@ -52,11 +61,20 @@ SHARED_MIN_Q_LEN, TOKEN_TILE, TOKEN_CHUNK, Q_TILE = 8, 8, 64, 32
 QUERY_CHUNK_TOKENS, CHUNKS_PER_WIDTH = (32, 128, 512), 4  # its _SEQ_CHUNK_TOKENS, _CHUNKS_PER_WIDTH
 
 
-def attention_tiles(q_lens, num_computed, block_size: int) -> tuple[int, int]:
-    """(token-tile KV tokens, query-tile KV tokens) the reference attention reads for rows with
-    q_lens[i] new tokens after num_computed[i] cached ones (see the module docstring)."""
+class AttentionReads(NamedTuple):
+    """What the reference attention's tiles do for one step (see the module docstring)."""
+
+    token_tile_kv: int  # K/V tokens the per-token tiles gather
+    query_tile_kv: int  # K/V tokens the query tiles read
+    chunks: int  # online-softmax chunk iterations, both kinds of tile
+    query_tiles: int  # query tiles run
+
+
+def attention_tiles(q_lens, num_computed, block_size: int) -> AttentionReads:
+    """What the reference attention reads and loops over for rows with q_lens[i] new tokens after
+    num_computed[i] cached ones (see the module docstring)."""
     needs = []  # blocks each per-token query reads (its context rounded up to blocks)
-    query_kv = 0
+    query_kv = query_chunks = query_tiles = 0
     for q, c in zip(q_lens, num_computed):
         if q >= SHARED_MIN_Q_LEN:
             for t in range(-(-q // Q_TILE)):
@@ -68,6 +86,8 @@ def attention_tiles(q_lens, num_computed, block_size: int) -> tuple[int, int]:
                              QUERY_CHUNK_TOKENS[-1])
                 chunk = max(1, width // block_size) * block_size
                 query_kv += -(-need // chunk) * chunk
+                query_chunks += -(-need // chunk)
+                query_tiles += 1
         elif q == 1:
             needs.append(-(-(c + 1) // block_size))
         else:
@@ -76,14 +96,17 @@ def attention_tiles(q_lens, num_computed, block_size: int) -> tuple[int, int]:
     chunk_blocks = max(1, TOKEN_CHUNK // block_size)
     n = len(needs)
     # A tile of TOKEN_TILE sorted tokens loops over as many chunks as its last (longest) needs.
-    chunks = sum(-(-needs[min(i + TOKEN_TILE, n) - 1] // chunk_blocks) for i in range(0, n, TOKEN_TILE))
-    return chunks * TOKEN_TILE * chunk_blocks * block_size, query_kv
+    token_chunks = sum(-(-needs[min(i + TOKEN_TILE, n) - 1] // chunk_blocks) for i in range(0, n, TOKEN_TILE))
+    return AttentionReads(token_chunks * TOKEN_TILE * chunk_blocks * block_size, query_kv,
+                          token_chunks + query_chunks, query_tiles)
+
 
 # Which features each part of a step may depend on (a coefficient outside its part is fixed at 0).
 PARTS = {
     "host_before": ("step", "rows", "tokens"),
     "device": ("step", "matmul_flops", "lm_head_flops", "kv_bytes", "attention_flops", "swap_bytes",
-               "decode_rows", "token_tile_kv_bytes", "query_tile_kv_bytes"),
+               "decode_rows", "token_tile_kv_bytes", "query_tile_kv_bytes", "attention_chunks", "query_tiles",
+               "bucket_switch"),
     "host_after": ("step", "rows"),
     "between": ("step",),
 }
@@ -121,11 +144,15 @@ class StepShape:
     swap_blocks: int = 0  # blocks copied out + in
     token_tile_kv_tokens: int = 0  # attention_tiles: the per-token tiles' KV reads (tokens)
     query_tile_kv_tokens: int = 0  # attention_tiles: the query tiles' KV reads (tokens)
+    attention_chunks: int = 0  # attention_tiles: chunk iterations of both kinds of tile
+    query_tiles: int = 0  # attention_tiles: query tiles run
+    bucket_switch: int = 1  # 1: the step before ran another bucket (or there was none)
 
     @classmethod
     def from_plan(cls, scheduled, token_buckets: tuple[int, ...], max_num_seqs: int, swap_blocks: int = 0,
-                  block_size: int = 16) -> "StepShape":
-        """From the scheduler's ScheduledRequest items (batch order), as the engine would run them."""
+                  block_size: int = 16, previous_padded_tokens: int | None = None) -> "StepShape":
+        """From the scheduler's ScheduledRequest items (batch order), as the engine would run them;
+        previous_padded_tokens: the bucket of the step before (None: this is the first)."""
         num_tokens = context = chunk_sq = decode = 0
         q_lens, computed = [], []
         for item in scheduled:
@@ -139,12 +166,15 @@ class StepShape:
             q_lens.append(n)
             computed.append(item.num_computed_tokens)
         t_pad, s_pad = padded_shape(num_tokens, token_buckets, max_num_seqs) if scheduled else (0, 0)
-        tok_kv, query_kv = attention_tiles(q_lens, computed, block_size)
-        return cls(num_tokens, t_pad, len(scheduled), s_pad, decode, context, chunk_sq, swap_blocks, tok_kv, query_kv)
+        reads = attention_tiles(q_lens, computed, block_size)
+        return cls(num_tokens, t_pad, len(scheduled), s_pad, decode, context, chunk_sq, swap_blocks, *reads,
+                   bucket_switch=int(t_pad != previous_padded_tokens))
 
     @classmethod
-    def from_stats(cls, stats, max_num_seqs: int, block_size: int = 16) -> "StepShape":
-        """From a StepStats record (or its dataclasses.asdict / DataFrame row dict). A record
+    def from_stats(cls, stats, max_num_seqs: int, block_size: int = 16,
+                   previous_padded_tokens: int | None = None) -> "StepShape":
+        """From a StepStats record (or its dataclasses.asdict / DataFrame row dict);
+        previous_padded_tokens as for from_plan (step_table passes the record before). A record
         without row_num_computed_tokens (older tables) spreads the context the way
         bench.roofline.ModelCost.step_cost_from_stats does: prefill rows attend to their own
         chunk, one-token rows share the rest evenly."""
@@ -160,7 +190,7 @@ class StepShape:
             ones = sum(n == 1 for n in q_lens)
             rest = max(int(get("num_context_tokens")) - sum(n for n in q_lens if n > 1) - ones, 0)
             computed = [rest // ones if n == 1 else 0 for n in q_lens] if ones else [0] * len(q_lens)
-        tok_kv, query_kv = attention_tiles(q_lens, computed, block_size)
+        reads = attention_tiles(q_lens, computed, block_size)
         return cls(
             num_tokens=int(get("num_batched_tokens")),
             padded_tokens=t_pad,
@@ -170,8 +200,11 @@ class StepShape:
             context_tokens=int(get("num_context_tokens")),
             chunk_sq_tokens=chunk_sq,
             swap_blocks=int(get("num_blocks_swapped_out")) + int(get("num_blocks_swapped_in")),
-            token_tile_kv_tokens=tok_kv,
-            query_tile_kv_tokens=query_kv,
+            token_tile_kv_tokens=reads.token_tile_kv,
+            query_tile_kv_tokens=reads.query_tile_kv,
+            attention_chunks=reads.chunks,
+            query_tiles=reads.query_tiles,
+            bucket_switch=int(t_pad != previous_padded_tokens),
         )
 
 
@@ -189,6 +222,9 @@ def step_features(shape: StepShape, costs: ModelCosts, bytes_per_block: int) -> 
         float(shape.num_decode_rows),
         shape.token_tile_kv_tokens * float(costs.kv_bytes_per_token),
         shape.query_tile_kv_tokens * float(costs.kv_bytes_per_token),
+        float(shape.attention_chunks),
+        float(shape.query_tiles),
+        float(shape.bucket_switch),
     ])
 
 
@@ -210,8 +246,11 @@ def step_table(steps, costs: ModelCosts, bytes_per_block: int, max_num_seqs: int
     rows = _records(steps)
     if block_size is None:  # one device holds every layer and K/V head: a block's bytes say its size
         block_size = bytes_per_block // max(costs.kv_bytes_per_token, 1) if bytes_per_block else 16
-    X = np.stack([step_features(StepShape.from_stats(r, max_num_seqs, block_size), costs, bytes_per_block)
-                  for r in rows]) \
+    # The bucket of the record before, where it is the step before (tables may join several runs).
+    previous = [rows[i - 1]["num_padded_tokens"] if i and rows[i]["step"] == rows[i - 1]["step"] + 1 else None
+                for i in range(len(rows))]
+    X = np.stack([step_features(StepShape.from_stats(r, max_num_seqs, block_size, prev), costs, bytes_per_block)
+                  for r, prev in zip(rows, previous)]) \
         if rows else np.zeros((0, len(FEATURES)))
     col = lambda k: np.array([float(r[k]) for r in rows])  # noqa: E731
     start, time, end, device = col("start_time"), col("time"), col("end_time"), col("device_time")

@@ -105,6 +105,7 @@ class SimulatedEngine(Engine):
         self._fillers: dict[str, int] = {}  # request_id -> its stand-in token
         self._filler_ids = itertools.count(3)
         self._pending: StepTime | None = None  # this step's host_after / between, charged later
+        self._previous_bucket: int | None = None  # the token bucket the last step ran in
 
     # ------------------------------------------------------------------ requests
 
@@ -156,7 +157,9 @@ class SimulatedEngine(Engine):
 
     def _execute(self, plan, timing: _DeviceTiming) -> dict[str, int]:
         shape = StepShape.from_plan(plan.scheduled, self.resolved.token_buckets, self.config.scheduler.max_num_seqs,
-                                    block_size=self.config.cache.block_size)
+                                    block_size=self.config.cache.block_size,
+                                    previous_padded_tokens=self._previous_bucket)
+        self._previous_bucket = shape.padded_tokens
         t = self.cost_model.predict(step_features(shape, self.costs, self.resolved.bytes_per_block))
         self.clock.advance(t.host_before)
         with timing:
