@@ -6,7 +6,9 @@ measured on this CPU against jaxllm.sim's prediction.
 
 1. Record: one real Engine (a random-init Llama, fp32, warmed up so nothing compiles in a run)
    runs every workload below through jaxllm.bench's TimedDriver (Poisson arrivals on the wall clock,
-   ignore_eos), with a step observer.
+   ignore_eos), with a step observer, --repeats times (round-robin, the same requests and
+   arrivals each time): "measured" is the median over the repeats, and their largest distance
+   from it ("repeats' spread") is how far this machine's noise alone moves a number.
 2. Fit: a LinearCostModel to the step tables of the FIT workloads only (jaxllm.sim.fit, optax).
 3. Predict: a SimulatedEngine with that cost model runs the same requests of the EVAL workloads
    (other rates, other length distributions) and we compare. Also each run is replayed
@@ -85,10 +87,14 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny model, a quarter of the requests (smoke run)")
     ap.add_argument("--no-roofline", action="store_true", help="skip the roofline micro-benchmark column")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="timed runs of each workload (round-robin); predictions are compared with their median")
     ap.add_argument("--model-cache-dir", default=os.path.expanduser("~/.cache/jaxllm/bench_models"))
     ap.add_argument("--out", default=os.path.join(HERE, "results", "sim_accuracy.json"))
     ap.add_argument("--cost-model-out", default=os.path.join(HERE, "results", "sim_cost_model_cpu.json"))
     args = ap.parse_args(argv)
+    if args.repeats < 1:
+        ap.error(f"--repeats must be >= 1, got {args.repeats}")
 
     model_kwargs = QUICK_MODEL if args.quick else MODEL
     scale = 0.25 if args.quick else 1.0
@@ -107,25 +113,30 @@ def main(argv=None) -> dict:
     TimedDriver(engine).run(*workload_requests(WORKLOADS[0], model_kwargs["vocab_size"], seed=999, scale=scale))
 
     compiled = engine.get_stats()["num_compilations"]
-    runs = {}
+    runs = {spec[0]: (spec, None, []) for spec in WORKLOADS}  # name -> (spec, requests, [run per repeat])
     capacity = None
-    for i, spec in enumerate(WORKLOADS):
-        reqs = workload_requests(spec, model_kwargs["vocab_size"], seed=100 * i, scale=scale, capacity_tok_s=capacity)
-        engine.reset_prefix_cache()
-        t = time.perf_counter()
-        run = TimedDriver(engine).run(*reqs)
-        if engine.get_stats()["num_compilations"] != compiled:
-            raise RuntimeError(f"{spec[0]}: the engine compiled during a timed run (a bucket the warm-up missed)")
-        runs[spec[0]] = (spec, reqs, run)
-        if capacity is None:  # the first run is offline: this machine's capacity right now
-            capacity = run.summary()["output_throughput"]
-        print(f"measured {spec[0]:18s} {len(reqs[1]):3d} requests, {len(run.steps):4d} steps, "
-              f"{time.perf_counter() - t:5.1f} s")
+    # Every workload runs `repeats` times, round-robin, with the same requests and arrivals: the
+    # prediction is compared with the median, and the spread between repeats is the noise floor.
+    for rep in range(args.repeats):
+        for i, spec in enumerate(WORKLOADS):
+            name = spec[0]
+            reqs = runs[name][1] or workload_requests(spec, model_kwargs["vocab_size"], seed=100 * i, scale=scale,
+                                                      capacity_tok_s=capacity)
+            engine.reset_prefix_cache()
+            t = time.perf_counter()
+            run = TimedDriver(engine).run(*reqs)
+            if engine.get_stats()["num_compilations"] != compiled:
+                raise RuntimeError(f"{name}: the engine compiled during a timed run (a bucket the warm-up missed)")
+            runs[name] = (spec, reqs, runs[name][2] + [run])
+            if capacity is None:  # the first run is offline: this machine's capacity right now
+                capacity = run.summary()["output_throughput"]
+            print(f"measured {name:18s} (repeat {rep + 1}/{args.repeats}) {len(reqs[1]):3d} requests, "
+                  f"{len(run.steps):4d} steps, {time.perf_counter() - t:5.1f} s, load {os.getloadavg()[0]:.1f}")
 
     model_config = model_config_from(model_dir)
     costs = ModelCosts.from_config(model_config, config.dtype)
     resolved = engine.resolved
-    fit_steps = [s for spec, _, run in runs.values() if spec[1] == "fit" for s in run.steps]
+    fit_steps = [s for spec, _, reps in runs.values() if spec[1] == "fit" for run in reps for s in run.steps]
     t = time.perf_counter()
     fitted = fit_cost_model(fit_steps, costs, resolved.bytes_per_block, max_num_seqs,
                             meta={"machine": os.uname().nodename, "model": model_kwargs,
@@ -141,15 +152,19 @@ def main(argv=None) -> dict:
         roofline = RooflineCostModel(profile, costs)
 
     rows = []
-    for name, (spec, reqs, run) in runs.items():
-        measured = run.summary()
-        replayed = replay(run.requests, run.steps, config, model=model_config)
-        row = {"workload": name, "role": spec[1], "num_requests": len(reqs[1]), "replay_matches": replayed.matches,
+    for name, (spec, reqs, reps) in runs.items():
+        summaries = [run.summary() for run in reps]
+        measured = {k: float(np.median([m[k] for m in summaries])) for k in KEYS}
+        # The machine's own noise: how far the repeats of one workload fall from their median.
+        spread = {k: max(abs(m[k] - measured[k]) for m in summaries) / measured[k] for k in KEYS}
+        row = {"workload": name, "role": spec[1], "num_requests": len(reqs[1]),
+               "replay_matches": all(replay(run.requests, run.steps, config, model=model_config).matches
+                                     for run in reps),
                "rate": len(reqs[1]) / max(reqs[1]) if spec[5] != "offline" else math.inf,
-               "measured": measured}
-        # How fast this machine ran this run's steps, against the fitted model: the shared machine's
-        # load drifts, and a run that saw more of it has slower steps than the fit's average.
-        X, targets = step_table(run.steps, costs, resolved.bytes_per_block, max_num_seqs)
+               "measured": measured, "measured_repeats": summaries, "measured_spread": spread}
+        # How fast this machine ran this workload's steps, against the fitted model: the shared
+        # machine's load drifts, and a run that saw more of it has slower steps than the fit's average.
+        X, targets = step_table([s for run in reps for s in run.steps], costs, resolved.bytes_per_block, max_num_seqs)
         pred = fitted.predict_table(X)
         ok = targets["device"][1]
         parts = ("host_before", "device", "host_after")
@@ -171,7 +186,7 @@ def main(argv=None) -> dict:
     print("\nrelative error of the prediction (predicted - measured) / measured; fit = used for fitting")
     print(f"{'workload':18s} {'role':4s}  {'tok/s meas':>10s} {'err':>7s}  {'TTFT mean':>9s} {'err':>7s}  "
           f"{'TTFT p90':>9s} {'err':>7s}  replay  steps meas/pred | drift-corrected TTFT mean, p90 err | "
-          f"roofline tok/s err")
+          f"roofline tok/s err | repeats' spread")
     for r in rows:
         m, e = r["measured"], r["fitted_error"]
         roof = f"{r['roofline_error']['output_throughput']:+18.0%}" if "roofline_error" in r else ""
@@ -179,7 +194,8 @@ def main(argv=None) -> dict:
               f"{m['mean_ttft_ms']:7.1f}ms {e['mean_ttft_ms']:+7.1%}  {m['p90_ttft_ms']:7.1f}ms "
               f"{e['p90_ttft_ms']:+7.1%}  {'same' if r['replay_matches'] else 'DIFFERS'}  "
               f"{r['step_time_measured_over_predicted']:15.2f} | {r['drift_corrected_error']['mean_ttft_ms']:+14.1%} "
-              f"{r['drift_corrected_error']['p90_ttft_ms']:+7.1%}      | {roof}")
+              f"{r['drift_corrected_error']['p90_ttft_ms']:+7.1%}      | {roof} | "
+              f"{max(r['measured_spread'].values()):5.1%}")
     held_out = [r for r in rows if r["role"] == "eval"]
     worst = max(abs(v) for r in held_out for v in r["fitted_error"].values())
     print(f"worst held-out error: {worst:.1%}")
