@@ -10,6 +10,7 @@ import pytest
 
 from attention_cases import make_case, outputs_across_company_and_chunking
 from jaxllm import LLM, SamplingParams
+from jaxllm.config import EngineConfig, ParallelConfig
 from jaxllm.attention import invariant
 from jaxllm.attention.reference import dense_reference
 from jaxllm.core.policies import POLICIES
@@ -144,7 +145,7 @@ def test_invariant_attention_row_independent_of_company_and_chunking():
 
 
 def test_bad_batch_invariant_config(model_dir):
-    with pytest.raises(ValueError, match="attention_backend='reference'"):
-        LLM(model_dir, batch_invariant=True, attention_backend="pallas")
+    with pytest.raises(ValueError, match="pipeline_parallel_size=1, got 2"):
+        EngineConfig(model=model_dir, batch_invariant=True, parallel=ParallelConfig(pipeline_parallel_size=2))
     with pytest.raises(ValueError, match="batch_invariant must be a bool"):
         LLM(model_dir, batch_invariant="yes")
