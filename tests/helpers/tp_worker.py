@@ -7,7 +7,7 @@ XLA_FLAGS are set before jax is imported, and writes its findings as JSON.
     python tests/helpers/tp_worker.py engine MODEL_DIR OUT.json
     python tests/helpers/tp_worker.py orbax MODEL_DIR CKPT_DIR OUT.json
     python tests/helpers/tp_worker.py pallas OUT.json
-    python tests/helpers/tp_worker.py invariant MODEL_DIR OUT.json
+    python tests/helpers/tp_worker.py invariant MODEL_DIR OUT.json [BACKEND [BATCH_INVARIANT]]
     JAXLLM_COORDINATOR=127.0.0.1:PORT JAXLLM_NUM_PROCESSES=2 JAXLLM_PROCESS_ID=i \\
         python tests/helpers/tp_worker.py multihost MODEL_DIR OUT.json   (2 devices per process)
 """
@@ -206,11 +206,11 @@ def pallas(out_path):
         json.dump(result, f)
 
 
-def invariant(model_dir, out_path):
+def invariant(model_dir, out_path, backend="reference", batch_invariant="1"):
     """batch_invariant=True under tp=2: one request's tokens and top-5 logprobs alone,
     next to other requests (greedy and sampled), prefilled in 16-token chunks next to a decode,
-    and its prompt's first two blocks from the prefix cache; each record compared bitwise with
-    the same tp's alone run."""
+    and its prompt's first two blocks from the prefix cache (the test compares them bitwise).
+    backend: attention_backend; batch_invariant "0" runs the default mode (for comparison)."""
     from jaxllm import LLM, SamplingParams
     from tests.helpers.tiny_models import random_prompt
 
@@ -233,7 +233,7 @@ def invariant(model_dir, out_path):
         return LLM(model_dir, tensor_parallel_size=2, skip_tokenizer_init=True, block_size=8,
                    num_kv_blocks=40, max_num_seqs=4, max_num_batched_tokens=budget,
                    token_buckets=(16, 64), enable_prefix_caching=prefix_caching,
-                   batch_invariant=os.environ.get("JAXLLM_TEST_INVARIANT", "1") == "1")
+                   attention_backend=backend, batch_invariant=batch_invariant == "1")
 
     wide = engine(64)
     runs = {"alone": record(wide), "batched": record(wide, company, company_params)}
