@@ -181,10 +181,12 @@ class EngineConfig:
             # Both attention backends have an invariant variant (attention/invariant.py, the Pallas
             # kernels' aligned tiles). Tensor parallelism keeps it: every collective but the
             # embedding's sits inside a row-tiled loop, on fixed [ROW_TILE, ...] tiles, and the
-            # embedding's all-reduce adds zeros to one device's rows (exact). The pipeline's
-            # stages and microbatches are not verified.
+            # embedding's all-reduce adds zeros to one device's rows (exact). The pipeline runner
+            # (runner/pipeline_runner.py) sets neither the invariant attention nor the row tiles
+            # (config.batch_invariant): it would run the default mode.
             _require(self.parallel.pipeline_parallel_size == 1,
-                     f"batch_invariant=True needs pipeline_parallel_size=1, got {self.parallel.pipeline_parallel_size}")
+                     f"batch_invariant=True needs pipeline_parallel_size=1 (the pipeline runner has no "
+                     f"batch-invariant step yet), got {self.parallel.pipeline_parallel_size}")
         _require(
             self.attention_backend in ATTENTION_BACKENDS,
             f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}",
