@@ -40,16 +40,17 @@ def test_pallas_backend_matches_reference_greedy(model_dir):
     assert pallas == ref
 
 
+@pytest.mark.parametrize("batch_invariant", [False, True])
 @pytest.mark.parametrize("platform, marker", [("tpu", "tpu_custom_call"), ("cuda", "mosaic_gpu")])
-def test_engine_step_exports_to_mosaic(model_dir, platform, marker):
+def test_engine_step_exports_to_mosaic(model_dir, platform, marker, batch_invariant):
     llm = LLM(model_dir, dtype="bfloat16", attention_backend="pallas", block_size=8,
-              num_kv_blocks=16, max_num_seqs=4, max_num_batched_tokens=16)
+              num_kv_blocks=16, max_num_seqs=4, max_num_batched_tokens=16, batch_invariant=batch_invariant)
     engine = llm.engine
     engine.add_request("a", {"prompt_token_ids": random_prompt(11, 512, seed=1)},
                        SamplingParams(temperature=0.0, max_tokens=2))
     plan = engine.scheduler.schedule()
     inputs = engine.build_step_inputs(plan.scheduled)
-    step = functools.partial(paged_step, config=engine.runner.config, attention_fn=attention_impl("pallas"),
+    step = functools.partial(paged_step, config=engine.runner.config, attention_fn=attention_impl("pallas", batch_invariant),
                              sampler=inputs.sampler, prompt_logprobs=inputs.prompt_logprobs)
     args = (engine.runner.params, engine.runner.kv_caches, *engine.runner.device_args(inputs))
     if platform == "tpu":
