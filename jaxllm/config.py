@@ -168,22 +168,25 @@ class EngineConfig:
     compile_cache_dir: str | None = DEFAULT_COMPILE_CACHE_DIR
     # A request's logits bitwise identical alone or in any batch, in one chunk or several, after a
     # preemption, from the prefix cache: every matmul over fixed row tiles and the attention of
-    # jaxllm/attention/invariant.py (a jit static; costs speed, see the README). Verified on the
-    # reference attention, one device.
+    # jaxllm/attention/invariant.py, or with attention_backend="pallas" the kernels' aligned query
+    # tiles (a jit static; costs speed, see the README). Verified on one device (the Pallas
+    # kernels in interpret mode on CPU) and with tensor_parallel_size=2 (reference attention);
+    # refused with pipeline_parallel_size > 1.
     batch_invariant: bool = False
 
     def __post_init__(self):
         _require(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         _require(isinstance(self.batch_invariant, bool), f"batch_invariant must be a bool, got {self.batch_invariant!r}")
         if self.batch_invariant:
-            # The Pallas kernels tile queries by the flattened batch (their tile height shrinks
-            # with small T), and sharded matmuls add an all-reduce: neither is verified invariant.
-            _require(self.attention_backend == "reference",
-                     f"batch_invariant=True needs attention_backend='reference', got {self.attention_backend!r}")
-            _require(self.parallel.tensor_parallel_size == 1,
-                     f"batch_invariant=True needs tensor_parallel_size=1, got {self.parallel.tensor_parallel_size}")
+            # Both attention backends have an invariant variant (attention/invariant.py, the Pallas
+            # kernels' aligned tiles). Tensor parallelism keeps it: every collective but the
+            # embedding's sits inside a row-tiled loop, on fixed [ROW_TILE, ...] tiles, and the
+            # embedding's all-reduce adds zeros to one device's rows (exact). The pipeline runner
+            # (runner/pipeline_runner.py) sets neither the invariant attention nor the row tiles
+            # (config.batch_invariant): it would run the default mode.
             _require(self.parallel.pipeline_parallel_size == 1,
-                     f"batch_invariant=True needs pipeline_parallel_size=1, got {self.parallel.pipeline_parallel_size}")
+                     f"batch_invariant=True needs pipeline_parallel_size=1 (the pipeline runner has no "
+                     f"batch-invariant step yet), got {self.parallel.pipeline_parallel_size}")
         _require(
             self.attention_backend in ATTENTION_BACKENDS,
             f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}",

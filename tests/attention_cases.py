@@ -62,3 +62,39 @@ def make_case(seqs, *, block_size=8, num_kv_heads=2, group=2, head_dim=16, pad_t
     cast = lambda x: x.astype(dtype)
     return Case(cast(q), cast(k_cache), cast(v_cache), kv_lens, block_tables, cu_q_lens,
                 float(head_dim) ** -0.5)
+
+
+
+def outputs_across_company_and_chunking(fn, *, kv_len=77, block_size=8, seed=3, pad_to=None, case_kw=None,
+                                        **kw):
+    """The last query of one sequence (kv_len keys), decoded alone, with company, or as the end
+    of a prefill chunk of 9 or 30 tokens next to other sequences: fn's output row for it in
+    each batch (same keys, same query), as a list of [nH, D] arrays. A batch-invariant fn gives
+    bitwise-equal rows. fn has the ragged paged attention signature; kw go to it, case_kw (head
+    counts, head_dim) to make_case.
+
+    pad_to=(T, S, num_blocks, max_blocks): the batches with company all get these shapes (one
+    compile for slow interpreted kernels: only the first, alone, has a shape of its own)."""
+    import jax.numpy as jnp
+
+    case_kw = dict(case_kw or {}, block_size=block_size, seed=seed)
+    base = make_case([(1, kv_len)], pad_tokens=0, pad_seqs=0, **case_kw)
+    nb = -(-kv_len // block_size)
+    outs = []
+    for q_len, others in [(1, []), (1, [(1, 5), (12, 40)]), (9, [(3, 3)]), (30, [(1, 200), (16, 16)])]:
+        seqs = others + [(q_len, kv_len)]
+        shape_kw = {}
+        if pad_to is not None and others:
+            T, S, num_blocks, max_blocks = pad_to
+            used = sum(-(-n // block_size) for _, n in seqs)
+            shape_kw = dict(pad_tokens=T - sum(q for q, _ in seqs), pad_seqs=S - len(seqs),
+                            extra_blocks=num_blocks - 1 - used, max_blocks=max_blocks)
+        case = make_case(seqs, **case_kw, **shape_kw)
+        s = len(others)
+        case.k_cache[case.block_tables[s, :nb]] = base.k_cache[base.block_tables[0, :nb]]
+        case.v_cache[case.block_tables[s, :nb]] = base.v_cache[base.block_tables[0, :nb]]
+        last = int(case.cu_q_lens[s + 1]) - 1
+        case.q[last] = base.q[0]
+        out = fn(*map(jnp.asarray, case.args()), sm_scale=base.sm_scale, **kw)
+        outs.append(np.asarray(out)[last])
+    return outs

@@ -8,8 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from attention_cases import make_case
+from attention_cases import make_case, outputs_across_company_and_chunking
 from jaxllm import LLM, SamplingParams
+from jaxllm.config import EngineConfig, ParallelConfig
 from jaxllm.attention import invariant
 from jaxllm.attention.reference import dense_reference
 from jaxllm.core.policies import POLICIES
@@ -138,25 +139,13 @@ def test_invariant_attention_matches_dense_reference():
 def test_invariant_attention_row_independent_of_company_and_chunking():
     """The same sequence's last token, decoded alone, with company, or as the end of a prefill
     chunk of 1, 9 or 30 tokens: bitwise the same output."""
-    base = make_case([(1, 77)], block_size=8, pad_tokens=0, pad_seqs=0, seed=3)
-    outs = []
-    for q_len, others in [(1, []), (1, [(1, 5), (12, 40)]), (9, [(3, 3)]), (30, [(1, 200), (16, 16)])]:
-        case = make_case(others + [(q_len, 77)], block_size=8, seed=3)
-        # The target sequence's keys and last query are those of `base`.
-        s = len(others)
-        nb = -(-77 // 8)
-        case.k_cache[case.block_tables[s, :nb]] = base.k_cache[base.block_tables[0, :nb]]
-        case.v_cache[case.block_tables[s, :nb]] = base.v_cache[base.block_tables[0, :nb]]
-        last = int(case.cu_q_lens[s + 1]) - 1
-        case.q[last] = base.q[0]
-        out = invariant.ragged_paged_attention(*map(jnp.asarray, case.args()), sm_scale=base.sm_scale)
-        outs.append(np.asarray(out)[last])
+    outs = outputs_across_company_and_chunking(invariant.ragged_paged_attention)
     for o in outs[1:]:
         np.testing.assert_array_equal(o, outs[0])
 
 
 def test_bad_batch_invariant_config(model_dir):
-    with pytest.raises(ValueError, match="attention_backend='reference'"):
-        LLM(model_dir, batch_invariant=True, attention_backend="pallas")
+    with pytest.raises(ValueError, match="pipeline_parallel_size=1 .*got 2"):
+        EngineConfig(model=model_dir, batch_invariant=True, parallel=ParallelConfig(pipeline_parallel_size=2))
     with pytest.raises(ValueError, match="batch_invariant must be a bool"):
         LLM(model_dir, batch_invariant="yes")

@@ -57,6 +57,18 @@ def test_gpu_kernel_lowers(extra, shape):
 
 
 @pytest.mark.parametrize("platform,marker", [("tpu", "tpu_custom_call"), ("cuda", "mosaic_gpu")])
+def test_batch_invariant_kernels_lower(platform, marker):
+    # Aligned tiles: more grid programs than tokens / tile, gaps in the q row ranges.
+    kernel = tpu_kernel if platform == "tpu" else gpu_kernel
+    for extra in ({}, dict(sliding_window=64, soft_cap=30.0)):
+        txt = _export(functools.partial(kernel.ragged_paged_attention, batch_invariant=True, **KW, **extra),
+                      platform, _specs())
+        assert marker in txt
+    txt = _export(functools.partial(adapter.batch_invariant_ragged_paged_attention, **KW), platform, _specs())
+    assert marker in txt
+
+
+@pytest.mark.parametrize("platform,marker", [("tpu", "tpu_custom_call"), ("cuda", "mosaic_gpu")])
 def test_adapter_picks_the_platform_kernel(platform, marker):
     txt = _export(functools.partial(adapter.ragged_paged_attention, **KW), platform, _specs())
     assert marker in txt

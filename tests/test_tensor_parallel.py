@@ -1,7 +1,8 @@
 """Tensor parallelism: greedy tokens and logits identical for tp 1/2/4, shardings follow the
 ParamSpecs, ~1/N parameter bytes per device, KV cache sharded over (replicated) KV heads, a
 2-process gloo run equals one process, orbax restores into other mesh shapes, the shard_map'd
-Pallas kernel equals the reference, clear errors.
+Pallas kernel equals the reference, batch_invariant=True stays bitwise invariant under tp=2,
+clear errors.
 
 Scenarios needing 8 fake CPU devices run in subprocesses (tests/helpers/tp_worker.py) started
 together by a module fixture: jax fixes the device count when its backend starts, which pytest
@@ -71,6 +72,7 @@ def jobs(model_dir, tmp_path_factory):
         "engine": _Job(["engine", model_dir], str(tmp / "engine.json")),
         "orbax": _Job(["orbax", model_dir, str(tmp / "ckpt")], str(tmp / "orbax.json")),
         "pallas": _Job(["pallas"], str(tmp / "pallas.json")),
+        "invariant": _Job(["invariant", model_dir], str(tmp / "invariant.json")),
     }
     for i in range(2):
         env = {"JAXLLM_COORDINATOR": f"127.0.0.1:{port}", "JAXLLM_NUM_PROCESSES": "2", "JAXLLM_PROCESS_ID": str(i)}
@@ -89,6 +91,16 @@ def test_greedy_tokens_and_logits_identical_for_tp_1_2_4(jobs):
         assert runs[tp]["max_logit_diff_vs_tp1"] < LOGIT_TOL, f"tp={tp}"
         for a, b in zip(runs[tp]["logprobs"], runs["1"]["logprobs"]):
             np.testing.assert_allclose(a, b, atol=LOGIT_TOL)
+
+
+def test_batch_invariant_under_tp_bitwise_alone_batched_chunked_cached(jobs):
+    # tp=2, batch_invariant=True: one request alone, with company, chunked, from the prefix cache
+    # (the default mode differs in the chunked run: ~1e-6 in a logprob).
+    runs = jobs["invariant"].result()
+    assert runs["prefix_cached"]["cached"] == 16 and runs["batched"]["cached"] == 0
+    for name in ("batched", "chunked", "prefix_cached"):
+        assert runs[name]["tokens"] == runs["alone"]["tokens"], name
+        assert runs[name]["logprobs"] == runs["alone"]["logprobs"], name
 
 
 def test_every_weight_sharding_matches_its_spec(jobs):

@@ -35,7 +35,9 @@ from jaxllm.sampling_params import MAX_LOGPROBS
 
 def attention_impl(backend: str, batch_invariant: bool = False):
     """The ragged paged attention function of a backend (same signature for all)."""
-    if batch_invariant:
+    if batch_invariant and backend == "pallas":
+        from jaxllm.attention.pallas import batch_invariant_ragged_paged_attention as ragged_paged_attention
+    elif batch_invariant:
         from jaxllm.attention.invariant import ragged_paged_attention
     elif backend == "reference":
         from jaxllm.attention.reference import ragged_paged_attention

@@ -77,6 +77,76 @@ def tile_seq_ranges(cu_q_lens, num_tiles, tile):
     return jnp.stack([first, end], axis=1).reshape(-1)
 
 
+def query_layout(T, kv_lens, cu_q_lens, tq, batch_invariant):
+    """Where the T query tokens go in the kernels' tiles of tq tokens, and which rows and tiles
+    belong to which sequence. kv_lens: [S]; cu_q_lens: [S + 1] int32.
+
+    Packed (batch_invariant=False): the flattened batch cut into tiles of tq consecutive tokens;
+    sequence s owns rows [cu_q_lens[s], cu_q_lens[s + 1]) and a tile may hold several sequences.
+
+    Aligned (batch_invariant=True): tile j of a sequence holds its absolute positions
+    [j * tq, (j + 1) * tq), so a token always sits in the same row of the same-shaped matmuls,
+    whatever the rest of the step (other sequences, how its own prompt was chunked). Rows of
+    positions not computed in this step are left out of the sequence's row range (masked: their
+    output is dropped). Every tile holds at least one token of the step and a sequence of q_len
+    tokens spans at most (q_len + 2 tq - 2) // tq tiles, so the grid has
+    min(T, (T + S * (2 tq - 2)) // tq) tiles (static), the unused ones with an empty range.
+
+    Returns (rows, num_tiles, q_bounds, tile_seqs):
+      rows: [T] int32, the row of each token in the [num_tiles * tq] layout (None when packed:
+        the identity); padding tokens get num_tiles * tq (out of range: dropped / read as 0).
+      q_bounds: [2 * S] int32, (first row, one past the last row) of each sequence, interleaved.
+      tile_seqs: [2 * num_tiles] int32, (first, one past the last) sequence of each tile.
+    """
+    S = kv_lens.shape[0]
+    starts, ends = cu_q_lens[:-1], cu_q_lens[1:]
+    if not batch_invariant:
+        num_tiles = cdiv(T, tq)
+        q_bounds = jnp.stack([starts, ends], axis=1).reshape(-1)
+        return None, num_tiles, q_bounds, tile_seq_ranges(cu_q_lens, num_tiles, tq)
+    num_tiles = max(1, min(T, (T + S * (2 * tq - 2)) // tq))
+    q_lens = ends - starts
+    first_pos = kv_lens - q_lens  # position of each sequence's first token of this step
+    j_lo = first_pos // tq
+    tiles = jnp.where(q_lens > 0, (kv_lens + tq - 1) // tq - j_lo, 0)
+    cu_tiles = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(tiles).astype(jnp.int32)])
+    # Row of a sequence's first token: its first tile's row plus the token's offset in the tile.
+    first_row = jnp.where(q_lens > 0, tq * (cu_tiles[:-1] - j_lo) + first_pos, 0)
+    q_bounds = jnp.stack([first_row, first_row + q_lens], axis=1).reshape(-1).astype(jnp.int32)
+    t = jnp.arange(T, dtype=jnp.int32)
+    seq = jnp.minimum(jnp.searchsorted(ends, t, side="right"), S - 1)
+    rows = jnp.where(t < cu_q_lens[S], first_row[seq] + t - starts[seq], num_tiles * tq)
+    i = jnp.arange(num_tiles, dtype=jnp.int32)
+    tile_seq = jnp.searchsorted(cu_tiles[1:], i, side="right").astype(jnp.int32)
+    live = i < cu_tiles[S]
+    tile_seqs = jnp.stack([jnp.where(live, tile_seq, S), jnp.where(live, tile_seq + 1, S)], axis=1)
+    return rows.astype(jnp.int32), num_tiles, q_bounds, tile_seqs.reshape(-1).astype(jnp.int32)
+
+
+def to_tiles(q, rows, num_tiles, tq, nKV):
+    """q [T, nH, D] -> [nKV, num_tiles * tq * group, D] (row = token row * group + q head within
+    its KV group), tokens placed at `rows` (query_layout; None: in order, zero-padded)."""
+    T, nH, D = q.shape
+    group = nH // nKV
+    qt = q.reshape(T, nKV, group, D)
+    Tp = num_tiles * tq
+    if rows is None:
+        qt = jnp.pad(qt, ((0, Tp - T), (0, 0), (0, 0), (0, 0))) if Tp != T else qt
+    else:
+        qt = jnp.zeros((Tp, nKV, group, D), q.dtype).at[rows].set(qt, mode="drop")
+    return qt.transpose(1, 0, 2, 3).reshape(nKV, Tp * group, D)
+
+
+def from_tiles(out, rows, T, nH):
+    """Inverse of to_tiles: [nKV, Tp * group, D] -> [T, nH, D] (padding tokens 0)."""
+    nKV, _, D = out.shape
+    group = nH // nKV
+    out = out.reshape(nKV, -1, group, D).transpose(1, 0, 2, 3).reshape(-1, nH, D)
+    if rows is None:
+        return out[:T]
+    return jnp.take(out, rows, axis=0, mode="fill", fill_value=0)
+
+
 def cdiv(a, b):
     return (a + b - 1) // b
 

@@ -36,8 +36,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from .common import (MASK_VALUE, cdiv, double_buffered_seq_loop, kv_step_range, round_up,
-                     tile_seq_ranges, validate_inputs)
+from .common import (MASK_VALUE, double_buffered_seq_loop, from_tiles, kv_step_range,
+                     query_layout, to_tiles, validate_inputs)
 
 _ROWS = 64  # WGMMA M granularity: rows (tokens * group) per CTA
 _TARGET_STEP_TOKENS = 128
@@ -53,7 +53,7 @@ def default_block_sizes(T, group, block_size):
     return tq, nb
 
 
-def _kernel(kv_lens_ref, block_tables_ref, cu_q_lens_ref, tile_seqs_ref, q_ref, k_ref, v_ref,
+def _kernel(kv_lens_ref, block_tables_ref, q_bounds_ref, tile_seqs_ref, q_ref, k_ref, v_ref,
             o_ref, q_smem, k_smem, v_smem, q_bar, k_bars, v_bars, *, sm_scale, sliding_window,
             soft_cap, group, max_blocks, nb, bs, use_layouts):
     """Refs: scalars/q/k/v/o in GMEM; q_smem [R, D]; k_smem, v_smem [2, C, D]; barriers."""
@@ -81,7 +81,7 @@ def _kernel(kv_lens_ref, block_tables_ref, cu_q_lens_ref, tile_seqs_ref, q_ref, 
 
     def seq_steps(s):
         """(first step, end step) of KV steps sequence s needs for this tile's tokens."""
-        return kv_step_range(cu_q_lens_ref[s], cu_q_lens_ref[s + 1], kv_lens_ref[s], tile_start,
+        return kv_step_range(q_bounds_ref[2 * s], q_bounds_ref[2 * s + 1], kv_lens_ref[s], tile_start,
                              tile_end, C, sliding_window)
 
     def start_fetch(s, step, slot):
@@ -105,8 +105,8 @@ def _kernel(kv_lens_ref, block_tables_ref, cu_q_lens_ref, tile_seqs_ref, q_ref, 
 
     def compute(s, step, slot, carry):
         acc, m_i, l_i = carry
-        q_start = cu_q_lens_ref[s]
-        q_end = cu_q_lens_ref[s + 1]
+        q_start = q_bounds_ref[2 * s]
+        q_end = q_bounds_ref[2 * s + 1]
         kv_len = kv_lens_ref[s]
         ctx = kv_len - (q_end - q_start) - q_start
         kv_start = step * C
@@ -183,16 +183,19 @@ def _kernel(kv_lens_ref, block_tables_ref, cu_q_lens_ref, tile_seqs_ref, q_ref, 
 
 @functools.partial(jax.jit, static_argnames=(
     "sm_scale", "sliding_window", "soft_cap", "interpret", "num_queries_per_block",
-    "num_kv_blocks_per_step"))
+    "num_kv_blocks_per_step", "batch_invariant"))
 def ragged_paged_attention(q, k_cache, v_cache, kv_lens, block_tables, cu_q_lens, *, sm_scale,
                            sliding_window=None, soft_cap=None, interpret=False,
-                           num_queries_per_block=None, num_kv_blocks_per_step=None):
+                           num_queries_per_block=None, num_kv_blocks_per_step=None,
+                           batch_invariant=False):
     """Mosaic GPU ragged paged attention; same contract as jaxllm.attention.reference.
 
     Args:
       q: [T, nH, D] bf16/f16; k_cache, v_cache: [num_blocks, block_size, nKV, D] same dtype;
       kv_lens: [S] int32; block_tables: [S, max_blocks] int32; cu_q_lens: [S+1] int32.
       interpret: run under the Mosaic GPU interpreter (CPU; correctness only, experimental).
+      batch_invariant: tiles aligned to absolute positions per sequence, as in the TPU kernel
+        (tpu.py docstring): a token's output is bitwise independent of its batch and chunking.
     Returns: [T, nH, D] in q.dtype; padding tokens are zero.
     """
     T, nH, D, _, bs, nKV, S, max_blocks = validate_inputs(
@@ -217,13 +220,10 @@ def ragged_paged_attention(q, k_cache, v_cache, kv_lens, block_tables, cu_q_lens
     C = nb * bs
     if C % 64:
         raise ValueError(f"num_kv_blocks_per_step={nb} * block_size={bs} must be a multiple of 64")
-    num_tiles = cdiv(T, tq)
+    # The default tile height does not depend on T, so batch_invariant only changes the layout.
+    rows, num_tiles, q_bounds, tile_seqs = query_layout(T, kv_lens, cu_q_lens, tq, batch_invariant)
     Tp = num_tiles * tq
-
-    qt = q.reshape(T, nKV, group, D)
-    if Tp != T:
-        qt = jnp.pad(qt, ((0, Tp - T), (0, 0), (0, 0), (0, 0)))
-    qt = qt.transpose(1, 0, 2, 3).reshape(nKV, Tp * group, D)
+    qt = to_tiles(q, rows, num_tiles, tq, nKV)
 
     swizzle = 128
     elems = swizzle // jnp.dtype(q.dtype).itemsize
@@ -246,7 +246,5 @@ def ragged_paged_attention(q, k_cache, v_cache, kv_lens, block_tables, cu_q_lens
         ],
         interpret=interpret,
         kernel_name="jaxllm_ragged_paged_attention_gpu",
-    )(kv_lens, block_tables.reshape(-1), cu_q_lens, tile_seq_ranges(cu_q_lens, num_tiles, tq),
-      qt, k_cache, v_cache)
-    out = out.reshape(nKV, Tp, group, D).transpose(1, 0, 2, 3).reshape(Tp, nH, D)
-    return out[:T]
+    )(kv_lens, block_tables.reshape(-1), q_bounds, tile_seqs, qt, k_cache, v_cache)
+    return from_tiles(out, rows, T, nH)

@@ -16,7 +16,15 @@ tile are masked out, so no per-row stores are needed. K/V rows past kv_len are z
 matmuls because 0 * NaN = NaN (stale / uninitialised VMEM or NaN-filled unused blocks).
 
 Scalar prefetch (SMEM): kv_lens [S], block_tables flattened [S * max_blocks] (1-D: a 2-D SMEM
-array pads its minor dim to 128 words), cu_q_lens [S+1], tile->sequence ranges [2 * num_tiles].
+array pads its minor dim to 128 words), each sequence's q row range [2 * S], tile->sequence
+ranges [2 * num_tiles].
+
+batch_invariant=True (EngineConfig.batch_invariant): tiles of a fixed height aligned to absolute
+positions per sequence (common.query_layout), so a token's output is bitwise the same whatever
+else is in the step and however its prompt was chunked. The KV steps already are a fixed grid
+(step k covers keys [k * C, (k + 1) * C)) folded in increasing order, and a step that is fully
+masked for a row leaves its m, l and acc exactly unchanged (alpha = exp(0) = 1, p = 0), so which
+steps a tile runs beyond a row's own does not change that row.
 """
 
 from __future__ import annotations
@@ -30,13 +38,15 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from .common import (MASK_VALUE, cdiv, double_buffered_seq_loop, kv_step_range, round_up,
-                     tile_seq_ranges, validate_inputs)
+from .common import (MASK_VALUE, cdiv, double_buffered_seq_loop, from_tiles, kv_step_range,
+                     query_layout, round_up, to_tiles, validate_inputs)
 
 # Default rows (tokens * group) per tile. Decode tiles mostly hold one token per sequence, so every
 # row beyond `group` is wasted VPU/MXU work for that sequence; 64 rows keeps decode below the VPU
 # limit on v5e while giving prefill enough rows to amortise each K/V page read.
 _TARGET_ROWS = 64
+# Rows per tile in batch-invariant mode (aligned tiles hold one sequence each).
+_INVARIANT_ROWS = 16
 # Default KV tokens per compute step (several blocks: fewer, larger DMAs and matmuls).
 _TARGET_STEP_TOKENS = 128
 
@@ -67,7 +77,7 @@ def _kernel(
     # scalar prefetch (SMEM)
     kv_lens_ref,  # [S]
     block_tables_ref,  # [S * max_blocks]
-    cu_q_lens_ref,  # [S + 1]
+    q_bounds_ref,  # [2 * S]: (first, one past the last) q row of each sequence
     tile_seqs_ref,  # [2 * num_tiles]
     # inputs
     q_ref,  # [nKV, R, D] VMEM block, R = Tq * group
@@ -100,7 +110,7 @@ def _kernel(
 
     def seq_steps(s):
         """(first step, end step) of KV steps sequence s needs for this tile's tokens."""
-        return kv_step_range(cu_q_lens_ref[s], cu_q_lens_ref[s + 1], kv_lens_ref[s], tile_start,
+        return kv_step_range(q_bounds_ref[2 * s], q_bounds_ref[2 * s + 1], kv_lens_ref[s], tile_start,
                              tile_end, C, sliding_window)
 
     def page_copies(s, step, slot):
@@ -131,8 +141,8 @@ def _kernel(
                 vc.wait()
 
     def compute(s, step, slot):
-        q_start = cu_q_lens_ref[s]
-        q_end = cu_q_lens_ref[s + 1]
+        q_start = q_bounds_ref[2 * s]
+        q_end = q_bounds_ref[2 * s + 1]
         kv_len = kv_lens_ref[s]
         ctx = kv_len - (q_end - q_start) - q_start
         kv_start = step * C
@@ -184,10 +194,15 @@ def _kernel(
         o_ref[h] = (acc_ref[h] * inv).astype(o_ref.dtype)
 
 
-def default_block_sizes(T, group, block_size, dtype):
+def default_block_sizes(T, group, block_size, dtype, batch_invariant=False):
     """(num_queries_per_block, num_kv_blocks_per_step) defaults."""
     # The q block's second-minor dim (Tq * group) must be a multiple of the sublane tiling.
     align = 16 // math.gcd(16, group)
+    if batch_invariant:
+        # Fixed by the model alone (never by T). Small: a decode tile has one live token, so
+        # the other rows are work thrown away.
+        tq = round_up(max(1, _INVARIANT_ROWS // group), align)
+        return tq, max(1, _TARGET_STEP_TOKENS // block_size)
     tq = max(align, round_up(max(1, _TARGET_ROWS // group), align))
     tq = min(tq, round_up(max(T, 1), align))
     nb = max(1, _TARGET_STEP_TOKENS // block_size)
@@ -196,11 +211,11 @@ def default_block_sizes(T, group, block_size, dtype):
 
 @functools.partial(jax.jit, static_argnames=(
     "sm_scale", "sliding_window", "soft_cap", "interpret", "num_queries_per_block",
-    "num_kv_blocks_per_step", "vmem_limit_bytes"))
+    "num_kv_blocks_per_step", "vmem_limit_bytes", "batch_invariant"))
 def ragged_paged_attention(q, k_cache, v_cache, kv_lens, block_tables, cu_q_lens, *, sm_scale,
                            sliding_window=None, soft_cap=None, interpret=False,
                            num_queries_per_block=None, num_kv_blocks_per_step=None,
-                           vmem_limit_bytes=None):
+                           vmem_limit_bytes=None, batch_invariant=False):
     """TPU ragged paged attention; same contract as jaxllm.attention.reference.
 
     Args:
@@ -210,6 +225,8 @@ def ragged_paged_attention(q, k_cache, v_cache, kv_lens, block_tables, cu_q_lens
       interpret: run the Pallas TPU interpreter (CPU, correctness only).
       num_queries_per_block: tokens per tile (Tq * group must be a multiple of 16).
       num_kv_blocks_per_step: KV blocks per DMA/compute step.
+      batch_invariant: tiles aligned to absolute positions (module docstring): a token's output
+        is bitwise independent of the rest of the step and of how its sequence was chunked.
     Returns: [T, nH, D] in q.dtype; padding tokens are zero.
     """
     T, nH, D, _, bs, nKV, S, max_blocks = validate_inputs(
@@ -221,7 +238,7 @@ def ragged_paged_attention(q, k_cache, v_cache, kv_lens, block_tables, cu_q_lens
     if jnp.dtype(k_cache.dtype).itemsize not in (2, 4):
         raise ValueError(f"KV cache dtype {k_cache.dtype} not supported (16- or 32-bit only)")
     group = nH // nKV
-    tq, nb = default_block_sizes(T, group, bs, q.dtype)
+    tq, nb = default_block_sizes(T, group, bs, q.dtype, batch_invariant)
     if num_queries_per_block is not None:
         tq = num_queries_per_block
     if num_kv_blocks_per_step is not None:
@@ -230,18 +247,13 @@ def ragged_paged_attention(q, k_cache, v_cache, kv_lens, block_tables, cu_q_lens
         raise ValueError(f"num_queries_per_block={tq} * group={group} must be a multiple of 8")
     if nb <= 0:
         raise ValueError(f"num_kv_blocks_per_step={nb} must be positive")
-    num_tiles = cdiv(T, tq)
+    rows, num_tiles, q_bounds, tile_seqs = query_layout(T, kv_lens, cu_q_lens, tq, batch_invariant)
     Tp = num_tiles * tq
     R = tq * group
 
     # [T, nH, D] -> [nKV, Tp * group, D]: one XLA transpose of q (small next to the KV stream).
-    qt = q.reshape(T, nKV, group, D)
-    if Tp != T:
-        qt = jnp.pad(qt, ((0, Tp - T), (0, 0), (0, 0), (0, 0)))
-    qt = qt.transpose(1, 0, 2, 3).reshape(nKV, Tp * group, D)
-
-    prefetch = (kv_lens, block_tables.reshape(-1), cu_q_lens,
-                tile_seq_ranges(cu_q_lens, num_tiles, tq))
+    qt = to_tiles(q, rows, num_tiles, tq, nKV)
+    prefetch = (kv_lens, block_tables.reshape(-1), q_bounds, tile_seqs)
     q_spec = pl.BlockSpec((nKV, R, D), lambda i, *_: (0, i, 0))
     kernel = functools.partial(_kernel, sm_scale=float(sm_scale), sliding_window=sliding_window,
                                soft_cap=soft_cap, group=group, max_blocks=max_blocks)
@@ -268,5 +280,4 @@ def ragged_paged_attention(q, k_cache, v_cache, kv_lens, block_tables, cu_q_lens
         interpret=interpret,
         name="jaxllm_ragged_paged_attention_tpu",
     )(*prefetch, qt, k_cache, v_cache)
-    out = out.reshape(nKV, Tp, group, D).transpose(1, 0, 2, 3).reshape(Tp, nH, D)
-    return out[:T]
+    return from_tiles(out, rows, T, nH)

@@ -7,6 +7,7 @@ XLA_FLAGS are set before jax is imported, and writes its findings as JSON.
     python tests/helpers/tp_worker.py engine MODEL_DIR OUT.json
     python tests/helpers/tp_worker.py orbax MODEL_DIR CKPT_DIR OUT.json
     python tests/helpers/tp_worker.py pallas OUT.json
+    python tests/helpers/tp_worker.py invariant MODEL_DIR OUT.json [BACKEND [BATCH_INVARIANT]]
     JAXLLM_COORDINATOR=127.0.0.1:PORT JAXLLM_NUM_PROCESSES=2 JAXLLM_PROCESS_ID=i \\
         python tests/helpers/tp_worker.py multihost MODEL_DIR OUT.json   (2 devices per process)
 """
@@ -205,5 +206,44 @@ def pallas(out_path):
         json.dump(result, f)
 
 
+def invariant(model_dir, out_path, backend="reference", batch_invariant="1"):
+    """batch_invariant=True under tp=2: one request's tokens and top-5 logprobs alone,
+    next to other requests (greedy and sampled), prefilled in 16-token chunks next to a decode,
+    and its prompt's first two blocks from the prefix cache (the test compares them bitwise).
+    backend: attention_backend; batch_invariant "0" runs the default mode (for comparison)."""
+    from jaxllm import LLM, SamplingParams
+    from tests.helpers.tiny_models import random_prompt
+
+    target = {"prompt_token_ids": random_prompt(45, VOCAB, seed=100)}
+    params = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True, logprobs=5)
+    company = [{"prompt_token_ids": random_prompt(n, VOCAB, seed=n)} for n in (7, 30)]
+    company_params = [SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True),
+                      SamplingParams(temperature=0.9, seed=3, max_tokens=6, ignore_eos=True)]
+
+    def record(llm, others=(), others_params=(), before=None):
+        if before is not None:
+            llm.generate([before], SamplingParams(temperature=0.0, max_tokens=1), use_tqdm=False)
+        out = llm.generate(list(others) + [target], list(others_params) + [params], use_tqdm=False)[-1]
+        comp = out.outputs[0]
+        return {"tokens": comp.token_ids, "cached": out.num_cached_tokens,
+                "logprobs": [sorted((t, e.logprob) for t, e in lp.items()) for lp in comp.logprobs]}
+
+    def engine(budget, prefix_caching=False):
+        # Buckets 16 and 64: the alone decode runs in a 16-token step, the company in 64.
+        return LLM(model_dir, tensor_parallel_size=2, skip_tokenizer_init=True, block_size=8,
+                   num_kv_blocks=40, max_num_seqs=4, max_num_batched_tokens=budget,
+                   token_buckets=(16, 64), enable_prefix_caching=prefix_caching,
+                   attention_backend=backend, batch_invariant=batch_invariant == "1")
+
+    wide = engine(64)
+    runs = {"alone": record(wide), "batched": record(wide, company, company_params)}
+    runs["chunked"] = record(engine(16), company[:1], company_params[:1])
+    runs["prefix_cached"] = record(engine(64, prefix_caching=True),
+                                   before={"prompt_token_ids": target["prompt_token_ids"][:20]})
+    with open(out_path, "w") as f:
+        json.dump(runs, f)
+
+
 if __name__ == "__main__":
-    {"engine": engine, "orbax": orbax, "multihost": multihost, "pallas": pallas}[MODE](*sys.argv[2:])
+    {"engine": engine, "orbax": orbax, "multihost": multihost, "pallas": pallas,
+     "invariant": invariant}[MODE](*sys.argv[2:])
