@@ -1,7 +1,7 @@
 """Pipeline parallelism: greedy tokens and logprobs identical to P=1 for P = 2 and 4, P=2xT=2 and
 P=2xT=4 and an uneven partition (padded stage), on a mixed, chunked batch with preemption and
-prefix-cache hits; per-device bytes ~1/(P*T) within the documented vocabulary-table imbalance;
-up to P micro-batches in flight, disjoint; two processes (gloo) equal one; clear errors before
+prefix-cache hits, and with swap preemption (P=2xT=2, per-stage host pools); per-device bytes
+~1/(P*T) within the documented vocabulary-table imbalance; up to P micro-batches in flight, disjoint; two processes (gloo) equal one; clear errors before
 anything is loaded.
 
 Engine scenarios need 8 fake CPU devices, so they run in subprocesses (tests/helpers/pp_worker.py)
@@ -69,7 +69,8 @@ def jobs(model_dir, tmp_path_factory):
     started = {
         "a": _Job(["engine", model_dir, "1x1,2x1,4x1"], str(tmp / "a.json")),
         # 2x4 with an uneven partition: T=4 replicates KV heads and stage 0 has padding slots.
-        "b": _Job(["engine", model_dir, "2x2,2x4:1+3"], str(tmp / "b.json")),
+        # 2x2/swap: swap preemption, a per-stage host pool (tp-sharded like the KV cache).
+        "b": _Job(["engine", model_dir, "2x2,2x4:1+3,2x2/swap"], str(tmp / "b.json")),
     }
     for i in range(2):
         env = {"JAXLLM_COORDINATOR": f"127.0.0.1:{port}", "JAXLLM_NUM_PROCESSES": "2", "JAXLLM_PROCESS_ID": str(i)}
@@ -101,6 +102,27 @@ def test_tokens_and_logprobs_identical_to_one_stage(jobs):
         _assert_same_logprobs(run["logprobs"], ref["logprobs"])
         assert run["num_preemptions"] > 0 and run["prefix_cache_hits"] > 0, name
         assert run["num_compilations"] == 1, name  # one token bucket, one sampler: bubbles compile nothing
+
+
+def test_swap_preemption_matches_one_stage(jobs):
+    runs = _runs(jobs)
+    ref, run = runs["1x1"], runs["2x2/swap"]  # ref recomputes its preempted requests
+    assert run["tokens"] == ref["tokens"]
+    _assert_same_logprobs(run["logprobs"], ref["logprobs"])
+    # Every preemption swapped (none fell back), each came back, and the pools drained.
+    assert run["num_swap_outs"] == run["num_preemptions"] == ref["num_preemptions"] > 0
+    assert run["num_swap_ins"] == run["num_swap_outs"] and run["num_swap_fallbacks"] == 0
+    assert run["num_blocks_swapped_in"] == run["num_blocks_swapped_out"] > 0
+    assert run["cpu_blocks_used"] == 0 and run["kv_blocks_used"] == 0
+    # One plan copies every stage's blocks: exact per stage; each device's host shard is its
+    # stage's [1, blocks, 8, nKV / T, D] in pinned host memory.
+    assert run["swap_round_trip_exact"]
+    assert run["host_pool_memory_kind"] == "pinned_host" and run["host_pool_spec"] == "P('pp', None, None, 'tp', None)"
+    assert run["host_pool_shard_shape"] == [1, run["host_pool_shape"][1], 8, run["host_pool_shape"][3] // 2,
+                                            run["host_pool_shape"][4]]
+    # One copy executable per direction (all copies fit bucket 1 here); the tick is the one the
+    # "2x2" run compiled earlier in the same worker.
+    assert run["num_compilations"] == 2
 
 
 def test_micro_batches_in_flight(jobs):

@@ -1,7 +1,7 @@
 """Pipeline-parallel scenarios run in a fresh process with 8 fake CPU devices (see
 test_pipeline_parallel.py; same reasons as tp_worker.py). Each writes its findings as JSON.
 
-    python tests/helpers/pp_worker.py engine MODEL_DIR OUT.json "1x1,2x1,2x4:1+3"   (PxT[:partition])
+    python tests/helpers/pp_worker.py engine MODEL_DIR OUT.json "1x1,2x1,2x4:1+3,2x2/swap"   (PxT[:partition][/swap])
     JAXLLM_COORDINATOR=127.0.0.1:PORT JAXLLM_NUM_PROCESSES=2 JAXLLM_PROCESS_ID=i \\
         python tests/helpers/pp_worker.py multihost MODEL_DIR OUT.json           (2 devices per process)
 """
@@ -63,16 +63,21 @@ def _device_bytes(tree, device) -> int:
     return sum(s.data.nbytes for x in jax.tree.leaves(tree) for s in x.addressable_shards if s.device == device)
 
 
-def _run(model_dir, pp, tp, partition=None):
+def _run(model_dir, pp, tp, partition=None, mode="recompute"):
     import jax
     import numpy as np
 
-    llm = _llm(model_dir, pp, tp, partition)
+    # Swap mode: a host pool of up to max_num_seqs requests' blocks (config.resolve caps it).
+    swap = dict(preemption_mode="swap", swap_space=0.01) if mode == "swap" else {}
+    llm = _llm(model_dir, pp, tp, partition, **swap)
     tokens, logprobs = _generate(llm)
     eng = llm.engine
     stats = eng.get_stats()
     run = {"tokens": tokens, "logprobs": logprobs, "num_preemptions": stats["num_preemptions"],
-           "prefix_cache_hits": stats["prefix_cache_hits"], "num_compilations": stats["num_compilations"]}
+           "prefix_cache_hits": stats["prefix_cache_hits"], "num_compilations": stats["num_compilations"],
+           **{k: stats[k] for k in ("num_cpu_blocks", "cpu_blocks_used", "kv_blocks_used", "num_swap_outs",
+                                    "num_swap_ins", "num_blocks_swapped_out", "num_blocks_swapped_in",
+                                    "num_swap_fallbacks")}}
     if pp > 1:
         runner = eng.runner
         total_params = sum(np.asarray(x).nbytes for x in jax.tree.leaves(eng.model.params))
@@ -85,6 +90,8 @@ def _run(model_dir, pp, tp, partition=None):
         run["counts"] = list(runner.plan.counts)
         run["k_cache_spec"] = str(runner.kv_caches[0][0].sharding.spec)
         run["queue"] = eng.batch_queue.stats()
+        if mode == "swap":
+            run.update(_swap_round_trip(runner))
         # A padding slot's KV is never the model's: slot 1 on the stage of 1 layer stays zero.
         run["stage_kv_nonzero"] = [[bool(np.abs(np.asarray(s.data)).sum() > 0)
                                     for s in sorted(k.addressable_shards, key=lambda s: s.device.id)
@@ -93,13 +100,36 @@ def _run(model_dir, pp, tp, partition=None):
     return run
 
 
+def _swap_round_trip(runner) -> dict:
+    """Random K/V (distinct per stage, slot and head) through the pipeline runner's swap copies:
+    device blocks 1..3 out to host blocks 5..7, back into device blocks 4..6. Exact on every
+    stage, and each device's host shard is its own stage's slots and heads only."""
+    import jax
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    shape = runner.kv_caches[0][0].shape
+    before = [tuple(rng.standard_normal(shape).astype(np.float32) for _ in range(2)) for _ in runner.kv_caches]
+    runner.kv_caches = [tuple(jax.device_put(a, runner._kv_sharding) for a in layer) for layer in before]
+    runner.swap([(1, 5), (2, 6), (3, 7)], [])
+    runner.swap([], [(5, 4), (6, 5), (7, 6)])
+    exact = all(np.array_equal(np.asarray(got)[:, 4:7], want[:, 1:4]) and np.array_equal(np.asarray(h)[:, 5:8], want[:, 1:4])
+                for layer, host, ref in zip(runner.kv_caches, runner.host_caches, before)
+                for got, h, want in zip(layer, host, ref))
+    pool = runner.host_caches[0][0]
+    return {"swap_round_trip_exact": exact, "host_pool_memory_kind": pool.sharding.memory_kind,
+            "host_pool_shape": list(pool.shape), "host_pool_shard_shape": list(pool.addressable_shards[0].data.shape),
+            "host_pool_spec": str(pool.sharding.spec)}
+
+
 def engine(model_dir, out_path, configs):
     result = {}
     for c in configs.split(","):
-        shape, _, part = c.partition(":")
+        spec, _, mode = c.partition("/")  # "2x1/swap": swap preemption
+        shape, _, part = spec.partition(":")
         pp, tp = (int(x) for x in shape.split("x"))
         partition = tuple(int(x) for x in part.split("+")) if part else None
-        result[c] = _run(model_dir, pp, tp, partition)
+        result[c] = _run(model_dir, pp, tp, partition, mode or "recompute")
     with open(out_path, "w") as f:
         json.dump(result, f)
 
