@@ -2,6 +2,7 @@
 
     outputs = runner.run_tick(window)   # window[s]: StepInputs stage s runs (None: a bubble);
                                         # returns window[P-1]'s StepOutputs (None for a bubble)
+    pending = runner.dispatch_tick(window); ...; outputs = runner.fetch_outputs(pending)  # async
     outputs = runner.execute(step)      # ModelRunner's contract: one batch through all P stages
 
 The engine's batch queue (jaxllm/core/batch_queue.py) owns which micro-batch is at which stage;
@@ -129,6 +130,17 @@ class PipelineRunner(ModelRunner):
 
     def run_tick(self, window: list[StepInputs | None]) -> StepOutputs | None:
         """Run stage s on window[s] for every s; returns the outputs of window[-1] (numpy)."""
+        return self.fetch_outputs(self.dispatch_tick(window))
+
+    @staticmethod
+    def fetch_outputs(outputs) -> StepOutputs | None:
+        """A dispatched tick's outputs as numpy (waits for the tick); None stays None."""
+        return None if outputs is None else jax.tree.map(np.asarray, outputs)
+
+    def dispatch_tick(self, window: list[StepInputs | None]):
+        """run_tick without waiting: the outputs of window[-1] as device arrays (None for a
+        bubble), read later by fetch_outputs. Only input preparation runs on the host here; the
+        tick itself runs asynchronously (jax dispatch)."""
         if len(window) != self.plan.num_stages:
             raise ValueError(f"a tick needs {self.plan.num_stages} stage inputs, got {len(window)}")
         real = [w for w in window if w is not None]
@@ -175,7 +187,7 @@ class PipelineRunner(ModelRunner):
         finally:
             runner_mod._NUM_STEP_COMPILES[0] += self._count_built(compiles, hits)
         self.step_variants_used.add((t, sampler, prompt_lp))
-        return None if last is None else jax.tree.map(np.asarray, out)
+        return None if last is None else out
 
     def execute(self, step: StepInputs) -> StepOutputs:
         """One batch through all P stages (P ticks, nothing else in flight): the synchronous

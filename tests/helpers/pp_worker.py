@@ -1,7 +1,7 @@
 """Pipeline-parallel scenarios run in a fresh process with 8 fake CPU devices (see
 test_pipeline_parallel.py; same reasons as tp_worker.py). Each writes its findings as JSON.
 
-    python tests/helpers/pp_worker.py engine MODEL_DIR OUT.json "1x1,2x1,2x4:1+3,2x2/swap"   (PxT[:partition][/swap])
+    python tests/helpers/pp_worker.py engine MODEL_DIR OUT.json "1x1,2x1,2x4:1+3,2x2/swap"   (PxT[:partition][/swap|/overlap])
     JAXLLM_COORDINATOR=127.0.0.1:PORT JAXLLM_NUM_PROCESSES=2 JAXLLM_PROCESS_ID=i \\
         python tests/helpers/pp_worker.py multihost MODEL_DIR OUT.json           (2 devices per process)
 """
@@ -68,8 +68,10 @@ def _run(model_dir, pp, tp, partition=None, mode="recompute"):
     import numpy as np
 
     # Swap mode: a host pool of up to max_num_seqs requests' blocks (config.resolve caps it).
-    swap = dict(preemption_mode="swap", swap_space=0.01) if mode == "swap" else {}
-    llm = _llm(model_dir, pp, tp, partition, **swap)
+    # Overlap mode: the host reads each tick's tokens after dispatching the next tick.
+    extra = {"swap": dict(preemption_mode="swap", swap_space=0.01),
+             "overlap": dict(pipeline_overlap_host=True), "recompute": {}}[mode]
+    llm = _llm(model_dir, pp, tp, partition, **extra)
     tokens, logprobs = _generate(llm)
     eng = llm.engine
     stats = eng.get_stats()
@@ -125,7 +127,7 @@ def _swap_round_trip(runner) -> dict:
 def engine(model_dir, out_path, configs):
     result = {}
     for c in configs.split(","):
-        spec, _, mode = c.partition("/")  # "2x1/swap": swap preemption
+        spec, _, mode = c.partition("/")  # "2x1/swap": swap preemption; "/overlap": host overlap
         shape, _, part = spec.partition(":")
         pp, tp = (int(x) for x in shape.split("x"))
         partition = tuple(int(x) for x in part.split("+")) if part else None
