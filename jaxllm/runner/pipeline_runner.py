@@ -86,6 +86,12 @@ class PipelineRunner(ModelRunner):
         self.step_variants_used: set[tuple[int, str, bool]] = set()
         self.gather_variants_used: set[tuple[int, int]] = set()  # none: no hidden-state capture here
         self._attention_fn = attention_impl(resolved.engine.attention_backend)
+        if resolved.engine.attention_backend == "pallas":
+            # A kernel is opaque to GSPMD: inside the tick (manual over "pp") it runs per device
+            # over its own KV heads under a nested shard_map over "tp", as in tensor parallelism.
+            from jaxllm.parallel.attention import shard_map_attention
+
+            self._attention_fn = shard_map_attention(self._attention_fn, mesh, axis_names={TP_AXIS})
         self.params = pipeline.place_stage_params(model.params, model.config, mesh, plan)
         self._kv_sharding = pipeline.kv_sharding(mesh)
         self.kv_caches = self._allocate_kv_cache(self._kv_sharding)

@@ -1,7 +1,7 @@
 """Pipeline-parallel scenarios run in a fresh process with 8 fake CPU devices (see
 test_pipeline_parallel.py; same reasons as tp_worker.py). Each writes its findings as JSON.
 
-    python tests/helpers/pp_worker.py engine MODEL_DIR OUT.json "1x1,2x1,2x4:1+3,2x2/swap"   (PxT[:partition][/swap|/overlap])
+    python tests/helpers/pp_worker.py engine MODEL_DIR OUT.json "1x1,2x1,2x4:1+3,2x2/swap"   (PxT[:partition][/swap|/overlap|/pallas])
     JAXLLM_COORDINATOR=127.0.0.1:PORT JAXLLM_NUM_PROCESSES=2 JAXLLM_PROCESS_ID=i \\
         python tests/helpers/pp_worker.py multihost MODEL_DIR OUT.json           (2 devices per process)
 """
@@ -70,7 +70,8 @@ def _run(model_dir, pp, tp, partition=None, mode="recompute"):
     # Swap mode: a host pool of up to max_num_seqs requests' blocks (config.resolve caps it).
     # Overlap mode: the host reads each tick's tokens after dispatching the next tick.
     extra = {"swap": dict(preemption_mode="swap", swap_space=0.01),
-             "overlap": dict(pipeline_overlap_host=True), "recompute": {}}[mode]
+             "overlap": dict(pipeline_overlap_host=True), "pallas": dict(attention_backend="pallas"),
+             "recompute": {}}[mode]
     llm = _llm(model_dir, pp, tp, partition, **extra)
     tokens, logprobs = _generate(llm)
     eng = llm.engine
