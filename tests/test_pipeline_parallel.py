@@ -1,8 +1,9 @@
 """Pipeline parallelism: greedy tokens and logprobs identical to P=1 for P = 2 and 4, P=2xT=2 and
 P=2xT=4 and an uneven partition (padded stage), on a mixed, chunked batch with preemption and
-prefix-cache hits, and with swap preemption (P=2xT=2, per-stage host pools); per-device bytes
-~1/(P*T) within the documented vocabulary-table imbalance; up to P micro-batches in flight, disjoint; two processes (gloo) equal one; clear errors before
-anything is loaded.
+prefix-cache hits; also with swap preemption (per-stage host pools), host/device overlap and the
+Pallas backend; per-device bytes ~1/(P*T) within the documented vocabulary-table imbalance; up
+to P micro-batches in flight, disjoint; two processes (gloo, swap preemption) equal one; clear
+errors before anything is loaded.
 
 Engine scenarios need 8 fake CPU devices, so they run in subprocesses (tests/helpers/pp_worker.py)
 started together by a module fixture, as in test_tensor_parallel.py. Tolerance: top-5 logprobs
@@ -190,6 +191,8 @@ def test_two_processes_gloo_match_one_process(jobs):
         assert (h["process_index"], h["process_count"]) == (i, 2)
         assert h["stage_processes"] == [[0], [1]]  # stage s lives on process s
         assert h["tokens"] == ref["tokens"], f"process {i}"
+        # Swap preemption across processes: each holds only its own stage's two host-pool shards.
+        assert h["num_swap_outs"] > 0 and len(h["host_pool_local_shards"]) == 2
         _assert_same_logprobs(h["logprobs"], ref["logprobs"])
 
 

@@ -143,13 +143,17 @@ def multihost(model_dir, out_path):
     distributed.initialize()  # JAXLLM_* from the environment
     import jax
 
-    llm = _llm(model_dir, 2, 2)  # stage 0 on process 0's two devices, stage 1 on process 1's
+    # Stage 0 on process 0's two devices, stage 1 on process 1's; swap preemption, so each
+    # process builds only its own stage's host pool.
+    llm = _llm(model_dir, 2, 2, preemption_mode="swap", swap_space=0.01)
     tokens, logprobs = _generate(llm)
     mesh = llm.engine.runner.mesh
+    pool = llm.engine.runner.host_caches[0][0]
     with open(out_path, "w") as f:
         json.dump({"process_index": jax.process_index(), "process_count": jax.process_count(),
                    "stage_processes": [sorted({d.process_index for d in row}) for row in mesh.devices],
-                   "tokens": tokens, "logprobs": logprobs}, f)
+                   "tokens": tokens, "logprobs": logprobs, "num_swap_outs": llm.get_stats()["num_swap_outs"],
+                   "host_pool_local_shards": [[d.id for d in s.data.devices()] for s in pool.addressable_shards]}, f)
     distributed.shutdown()
 
 
