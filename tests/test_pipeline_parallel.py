@@ -65,6 +65,9 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def jobs(model_dir, tmp_path_factory):
+    # head_dim 64: the Mosaic GPU kernel's shapes (attention/pallas.py), for the export job.
+    model64 = make_tiny_model(tmp_path_factory.mktemp("pp64"), arch="llama", hidden_size=128,
+                              num_attention_heads=2, num_key_value_heads=1)
     tmp = tmp_path_factory.mktemp("pp_jobs")
     port = _free_port()
     started = {
@@ -74,6 +77,7 @@ def jobs(model_dir, tmp_path_factory):
         # 2x2/swap: swap preemption, a per-stage host pool (tp-sharded like the KV cache).
         # 2x2/pallas: the Pallas kernel (interpret mode on CPU) per device under a nested shard_map.
         "b": _Job(["engine", model_dir, "2x2,2x4:1+3,2x2/swap,2x2/pallas"], str(tmp / "b.json")),
+        "export": _Job(["export", model64], str(tmp / "export.json")),
     }
     for i in range(2):
         env = {"JAXLLM_COORDINATOR": f"127.0.0.1:{port}", "JAXLLM_NUM_PROCESSES": "2", "JAXLLM_PROCESS_ID": str(i)}
@@ -145,6 +149,8 @@ def test_pallas_backend_matches_one_stage_reference(jobs):
     assert run["tokens"] == ref["tokens"]
     _assert_same_logprobs(run["logprobs"], ref["logprobs"])  # observed 9.5e-7 off the reference's
     assert run["num_preemptions"] > 0 and run["num_compilations"] == 1
+    # On a GPU the tick lowers to the Mosaic GPU kernel, inside the nested shard_map.
+    assert jobs["export"].result()["mosaic_gpu"]
 
 
 def test_micro_batches_in_flight(jobs):

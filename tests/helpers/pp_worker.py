@@ -4,6 +4,7 @@ test_pipeline_parallel.py; same reasons as tp_worker.py). Each writes its findin
     python tests/helpers/pp_worker.py engine MODEL_DIR OUT.json "1x1,2x1,2x4:1+3,2x2/swap"   (PxT[:partition][/swap|/overlap|/pallas])
     JAXLLM_COORDINATOR=127.0.0.1:PORT JAXLLM_NUM_PROCESSES=2 JAXLLM_PROCESS_ID=i \\
         python tests/helpers/pp_worker.py multihost MODEL_DIR OUT.json           (2 devices per process)
+    python tests/helpers/pp_worker.py export MODEL_DIR OUT.json     (Pallas tick exported for cuda)
 """
 
 from __future__ import annotations
@@ -157,5 +158,36 @@ def multihost(model_dir, out_path):
     distributed.shutdown()
 
 
+def export(model_dir, out_path):
+    """The P=2 x T=2 tick with the Pallas backend (bf16, head_dim 64) exported for cuda: does its
+    module hold the Mosaic GPU kernel? (TPU export needs a TPU device kind in the tick's mesh,
+    which CPU devices cannot give.)"""
+    import functools
+
+    import jax
+    from jaxllm import SamplingParams
+    from tests.helpers.tiny_models import random_prompt
+
+    llm = _llm(model_dir, 2, 2, attention_backend="pallas", dtype="bfloat16")
+    eng, runner = llm.engine, llm.engine.runner
+    eng.add_request("a", {"prompt_token_ids": random_prompt(11, VOCAB, seed=1)}, SamplingParams(max_tokens=2))
+    step = eng.build_step_inputs(eng.scheduler.schedule().scheduled)
+    tick, captured = runner._jitted, {}
+
+    def capture(*args, **kwargs):  # the tick's exact arguments, without running it
+        captured.update(args=args, kwargs=kwargs)
+        raise StopIteration
+
+    runner._jitted = capture
+    try:
+        runner.dispatch_tick([step, None])
+    except StopIteration:
+        pass
+    exported = jax.export.export(jax.jit(functools.partial(tick, **captured["kwargs"])), platforms=["cuda"])
+    text = exported(*captured["args"]).mlir_module()
+    with open(out_path, "w") as f:
+        json.dump({"mosaic_gpu": "mosaic_gpu" in text}, f)
+
+
 if __name__ == "__main__":
-    {"engine": engine, "multihost": multihost}[MODE](*sys.argv[2:])
+    {"engine": engine, "multihost": multihost, "export": export}[MODE](*sys.argv[2:])
