@@ -4,6 +4,7 @@ and a cost model for real hardware.
     python experiments/inspect_pipeline.py                       # layout + HLO, ~125M Llama shape
     python experiments/inspect_pipeline.py --pp 2 4 --tp 1 2     # P x T grid (8 fake CPU devices)
     python experiments/inspect_pipeline.py --bubble              # + engine run, long-tailed workload
+    python experiments/inspect_pipeline.py --bubble --overlap --hidden 512   # + host/device overlap
     python experiments/inspect_pipeline.py --link-gbs 12.5 --tflops 400   # cost model's hardware
 
 1. Layout (nothing materialised): per-device parameter and KV bytes from the stage shardings
@@ -13,8 +14,11 @@ and a cost model for real hardware.
    slot, the vocab-parallel embedding/LM head, and the psum over "pp" that brings the sampled
    tokens to every device.
 3. --bubble: a tiny random model on P stages serves a long-tailed workload (experiments/
-   workloads.py); the batch queue counts idle stage-ticks and why (core/batch_queue.py), and the
-   run is compared with P=1 steps to estimate the pipeline's speedup.
+   workloads.py); the batch queue counts idle stage-ticks and why (core/batch_queue.py: fill,
+   drain, in_flight, seats, kv_blocks; printed as fractions of all stage-ticks), batches the
+   token budget capped are counted apart, and the run is compared with P=1 steps. --overlap runs
+   each P again with ParallelConfig.pipeline_overlap_host and prints wall, host and device-call
+   ms per tick of both (steady state: compiled first), and whether the tokens equal P=1's.
 4. Cost model (CPU fake devices have no meaningful timings): per tick, each stage computes
    ~2 * T * (its parameters) flops and sends T * H * bytes to the next stage; tensor parallelism
    over the same link would instead all-reduce T * H * bytes twice per layer.
@@ -23,6 +27,7 @@ and a cost model for real hardware.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 
@@ -111,50 +116,104 @@ def cost_model(config, pp: int, tp: int, *, tokens: int, dtype_bytes: int, tflop
             "lm_head_s": 2 * tokens * h * v / tp / (tflops * 1e12)}
 
 
-def bubble_run(pp: int, num_requests: int, seed: int = 0) -> dict:
+def bubble_run(pp: int, num_requests: int, seed: int = 0, **engine_kw) -> dict:
     """Serve a long-tailed workload on a tiny random model with P stages (P=1: the baseline)."""
+    import numpy as np
+
+    from workloads import LengthDist
+
+    rng = np.random.default_rng(seed)
+    prompt_lens = LengthDist.parse("lognormal:24:0.8:4:128").sample(num_requests, rng)
+    output_lens = LengthDist.parse("lognormal:12:1.0:2:96").sample(num_requests, rng)
+    return serve_run(pp, prompt_lens, output_lens, seed=seed, **engine_kw)
+
+
+def overlap_bench(pp: int, overlap: bool, hidden: int, num_requests: int = 40, seed: int = 0) -> dict:
+    """Host time hidden by overlap, on ticks of equal work: decode-bound requests (4-token prompts,
+    48 outputs) under an 8-token budget with enough requests outside the pipeline that, overlap
+    or not, nearly every tick runs a full 8-row batch; the wall per tick then differs only by
+    the host time the overlap hides."""
+    import numpy as np
+
+    lens = np.full(num_requests, 4), np.full(num_requests, 48)
+    return serve_run(pp, *lens, seed=seed, overlap=overlap, hidden=hidden, num_kv_blocks=4 * num_requests + 1,
+                     budget=8, buckets=(8,), seats=num_requests)
+
+
+def serve_run(pp: int, prompt_lens, output_lens, seed: int = 0, overlap: bool = False, hidden: int = 64,
+              num_kv_blocks: int = 129, budget: int = 64, buckets=(32, 64), seats: int = 16) -> dict:
+    """Serve greedy requests of these prompt / output lengths on a random 4-layer model.
+
+    Compiled before timing (warmup), so wall_s and the per-tick host / device times are steady
+    state: host_ms is each step's time outside device calls (scheduling, batch preparation,
+    outputs), device_ms the time in them (dispatch, swaps and waiting for the tokens). With
+    `overlap` the wait is for the previous tick, dispatched a step earlier."""
+    import time
+
     import jax
     import numpy as np
+    from jaxllm.runner.step_io import STEP_VARIANTS
 
     from jaxllm.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig
     from jaxllm.engine import Engine
     from jaxllm.model import Model
     from jaxllm.models import weights
     from jaxllm.sampling_params import SamplingParams
-    from workloads import LengthDist
 
-    config = _tiny_config()
+    config = _tiny_config(hidden)
     params = weights.init_params(config, jax.random.PRNGKey(seed))  # the pipeline places them per stage
     model = Model(config=config, params=params, dtype="float32")
     engine = Engine(EngineConfig(
-        model="random-tiny", skip_tokenizer_init=True, token_buckets=(32, 64),
-        cache=CacheConfig(block_size=16, num_kv_blocks=129),
-        scheduler=SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=64),
-        parallel=ParallelConfig(pipeline_parallel_size=pp)), model=model)
+        model="random-tiny", skip_tokenizer_init=True, token_buckets=buckets,
+        cache=CacheConfig(block_size=16, num_kv_blocks=num_kv_blocks),
+        scheduler=SchedulerConfig(max_num_seqs=seats, max_num_batched_tokens=budget),
+        parallel=ParallelConfig(pipeline_parallel_size=pp, pipeline_overlap_host=overlap)), model=model)
+    engine.warmup(STEP_VARIANTS[:1])  # greedy only: the workload's one variant
+    records = []
+    engine.add_step_observer(records.append)
     rng = np.random.default_rng(seed)
-    prompt_lens = LengthDist.parse("lognormal:24:0.8:4:128").sample(num_requests, rng)
-    output_lens = LengthDist.parse("lognormal:12:1.0:2:96").sample(num_requests, rng)
     for k, (n, m) in enumerate(zip(prompt_lens, output_lens)):
         engine.add_request(str(k), {"prompt_token_ids": rng.integers(3, config.vocab_size, int(n)).tolist()},
                            SamplingParams(temperature=0.0, max_tokens=int(m), ignore_eos=True))
-    steps = 0
+    steps, tokens = 0, {}
+    start = time.perf_counter()
     while engine.has_unfinished_requests():
-        engine.step()
+        for o in engine.step():
+            tokens[o.request_id] = list(o.outputs[0].token_ids)
         steps += 1
-    out = {"pp": pp, "steps": steps, "output_tokens": int(output_lens.sum()), "max_output": int(output_lens.max())}
+    wall = time.perf_counter() - start
+    batches = [r for r in records if r.num_scheduled_requests]
+    out = {"pp": pp, "overlap": overlap, "steps": steps, "wall_s": wall,
+           "host_ms": 1e3 * sum(r.host_time for r in records) / steps,
+           "device_ms": 1e3 * sum(r.device_time for r in records) / steps,
+           "output_tokens": int(output_lens.sum()), "max_output": int(output_lens.max()),
+           # Batches the token budget capped (the only way it shapes the bubble: fuller batches
+           # leave fewer requests for the next one); they are never empty.
+           "budget_full_batches": sum(r.num_batched_tokens >= budget for r in batches), "batches": len(batches),
+           "num_preemptions": engine.scheduler.num_preemptions, "tokens": tokens}
     if engine.batch_queue is not None:
         out.update(engine.batch_queue.stats())
     return out
 
 
-def _tiny_config():
+def _tiny_config(hidden: int = 64):
     from jaxllm.models.model_config import ModelConfig, RopeConfig
 
     return ModelConfig(
-        architecture="LlamaForCausalLM", vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=4,
-        num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-6, rope=RopeConfig(),
+        architecture="LlamaForCausalLM", vocab_size=512, hidden_size=hidden, intermediate_size=2 * hidden,
+        num_layers=4, num_heads=4, num_kv_heads=2, head_dim=hidden // 4, rms_norm_eps=1e-6, rope=RopeConfig(),
         max_position_embeddings=512, tie_word_embeddings=False, attention_bias=False, qk_norm=False,
         layer_sliding_windows=(None,) * 4)
+
+
+def _load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def _per_step(r: dict) -> str:
+    """Wall, host and device-call ms per engine step (= per tick under PP)."""
+    return (f"{1e3 * r['wall_s'] / r['steps']:.2f} ms wall = host {r['host_ms']:.2f} + device calls "
+            f"{r['device_ms']:.2f} ms")
 
 
 def main(argv=None):
@@ -166,6 +225,10 @@ def main(argv=None):
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--bubble", action="store_true", help="also run the engine on a long-tailed workload")
     ap.add_argument("--num-requests", type=int, default=24)
+    ap.add_argument("--overlap", action="store_true",
+                    help="with --bubble: also run with host/device overlap and compare host/wall time per tick")
+    ap.add_argument("--hidden", type=int, default=64, help="--bubble's model hidden size (4 layers)")
+    ap.add_argument("--num-kv-blocks", type=int, default=129, help="--bubble's KV blocks of 16 tokens")
     ap.add_argument("--tflops", type=float, default=400.0, help="cost model: dense TFLOP/s per device")
     ap.add_argument("--link-gbs", type=float, default=12.5, help="cost model: inter-stage link GB/s (100 GbE)")
     args = ap.parse_args(argv)
@@ -203,18 +266,39 @@ def main(argv=None):
           "batch); TP(all) = one step with tensor parallelism over all P*T devices across the same link.")
 
     if args.bubble:
-        print(f"\nlong-tailed run: {args.num_requests} requests, tiny 4-layer model")
-        base = bubble_run(1, args.num_requests)
-        print(f"  P=1: {base['steps']} steps")
+        from jaxllm.core.batch_queue import BUBBLE_REASONS
+
+        print(f"\nlong-tailed run: {args.num_requests} requests, random 4-layer model H={args.hidden}, "
+              f"{args.num_kv_blocks} KV blocks of 16, 64-token budget, 16 seats (load: {_load()})")
+        run = functools.partial(bubble_run, num_requests=args.num_requests, hidden=args.hidden,
+                                num_kv_blocks=args.num_kv_blocks)
+        base = run(1)
+        print(f"  P=1: {base['steps']} steps, {base['num_preemptions']} preemptions; wall {_per_step(base)}")
+        print(f"  {'P':>2} {'overlap':>7} {'ticks':>6} {'in flight':>9} {'bubble':>7} "
+              + " ".join(f"{k:>9}" for k in BUBBLE_REASONS) + f" {'budget-full':>11} {'tokens = P=1':>12}  per tick")
         for p in args.pp:
-            r = bubble_run(p, args.num_requests)
-            # Weight-bound decode: a tick streams 1/P of the weights whatever its batch, so it costs
-            # ~1/P of a P=1 step. But the running requests are split over up to P micro-batches,
-            # so the pipeline needs ~P ticks where P=1 needs one step: no gain beyond memory.
-            speedup = p * base["steps"] / r["num_ticks"]
-            print(f"  P={p}: {r['num_ticks']} ticks, max {r['max_in_flight']} batches in flight, bubble "
-                  f"{r['bubble_fraction']:.3f} of stage-ticks, idle by reason {r['idle_stage_ticks']}; "
-                  f"throughput vs P=1 if a tick costs 1/P of a step (weight-bound, no transfer): {speedup:.2f}x")
+            for overlap in (False, True) if args.overlap else (False,):
+                r = run(p, overlap=overlap)
+                total = r["num_ticks"] * p
+                idle = r["idle_stage_ticks"]
+                print(f"  {p:>2} {str(overlap):>7} {r['num_ticks']:>6} {r['max_in_flight']:>9} {r['bubble_fraction']:>7.3f} "
+                      + " ".join(f"{idle.get(k, 0) / total:>9.3f}" for k in BUBBLE_REASONS)
+                      + f" {r['budget_full_batches']:>5}/{r['batches']:<5} {str(r['tokens'] == base['tokens']):>12}  "
+                      + _per_step(r))
+        if args.overlap:
+            print(f"\n  host/device overlap on ticks of equal work (40 decode-bound requests, 8-token "
+                  f"batches; load: {_load()}):")
+            for p in args.pp:
+                sync, over = (overlap_bench(p, o, args.hidden) for o in (False, True))
+                hidden_ms = 1e3 * (sync["wall_s"] / sync["steps"] - over["wall_s"] / over["steps"])
+                print(f"    P={p} sync:    {sync['steps']} ticks, {_per_step(sync)}")
+                print(f"    P={p} overlap: {over['steps']} ticks, {_per_step(over)}; tokens equal: "
+                      f"{over['tokens'] == sync['tokens']}; wall per tick {hidden_ms:+.2f} ms less "
+                      f"(of {sync['host_ms']:.2f} ms host), whole run {sync['wall_s']:.2f} s -> {over['wall_s']:.2f} s")
+        print("  bubble columns: idle stage-ticks by reason / all stage-ticks (core/batch_queue.py); budget-full: "
+              "batches the token budget capped (it never empties one). Weight-bound decode: a tick costs ~1/P "
+              "of a P=1 step, and P=1 needs one step where the pipeline needs ~P ticks (each request's next "
+              "token waits for its previous one): no speedup beyond memory.")
 
 
 if __name__ == "__main__":

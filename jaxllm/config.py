@@ -127,6 +127,10 @@ class ParallelConfig:
     # Layers per stage, e.g. (3, 5) (vLLM's VLLM_PP_LAYER_PARTITION); None: an even split
     # (jaxllm/parallel/partition.py). Checked against the model before anything is loaded.
     pipeline_layer_partition: tuple[int, ...] | None = None
+    # Host/device overlap (jaxllm/pipeline_step.py): dispatch tick t before reading tick t-1's
+    # tokens, so the host's scheduling and batch preparation run while the devices compute. The
+    # batch whose tokens are unread stays in flight one tick longer (one more batch in flight).
+    pipeline_overlap_host: bool = False
 
     def __post_init__(self):
         _require(
@@ -147,6 +151,12 @@ class ParallelConfig:
                 f"(one per stage, pipeline_parallel_size={self.pipeline_parallel_size})",
             )
             object.__setattr__(self, "pipeline_layer_partition", tuple(part))
+        _require(
+            isinstance(self.pipeline_overlap_host, bool)
+            and (not self.pipeline_overlap_host or self.pipeline_parallel_size > 1),
+            f"pipeline_overlap_host={self.pipeline_overlap_host!r} must be a bool, True only with "
+            f"pipeline_parallel_size > 1 (got {self.pipeline_parallel_size})",
+        )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -87,9 +87,6 @@ class Engine:
         self.resolved: ResolvedEngineConfig = config.resolve(self.model.config, memory=device_memory(devices))
         logger.info("KV cache: %.2f GiB per device (%s)", self.resolved.kv_cache_bytes / (1 << 30),
                     self.resolved.kv_cache_sizing)
-        if self.resolved.num_cpu_blocks and config.parallel.pipeline_parallel_size > 1:
-            warnings.warn("pipeline parallelism has no swap pool yet: preemption recomputes instead of swapping")
-            self.resolved = dataclasses.replace(self.resolved, num_cpu_blocks=0)
         if self.resolved.num_cpu_blocks and not host_memory_available(
                 self.mesh.devices.flat if self.mesh is not None else jax_devices()):
             warnings.warn(f"this backend has no '{SWAP_MEMORY_KIND}' memory for the swap pool: "

@@ -1,8 +1,9 @@
 """Pipeline parallelism: greedy tokens and logprobs identical to P=1 for P = 2 and 4, P=2xT=2 and
 P=2xT=4 and an uneven partition (padded stage), on a mixed, chunked batch with preemption and
-prefix-cache hits; per-device bytes ~1/(P*T) within the documented vocabulary-table imbalance;
-up to P micro-batches in flight, disjoint; two processes (gloo) equal one; clear errors before
-anything is loaded.
+prefix-cache hits; also with swap preemption (per-stage host pools), host/device overlap and the
+Pallas backend; per-device bytes ~1/(P*T) within the documented vocabulary-table imbalance; up
+to P micro-batches in flight, disjoint; two processes (gloo, swap preemption) equal one; clear
+errors before anything is loaded.
 
 Engine scenarios need 8 fake CPU devices, so they run in subprocesses (tests/helpers/pp_worker.py)
 started together by a module fixture, as in test_tensor_parallel.py. Tolerance: top-5 logprobs
@@ -64,12 +65,19 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def jobs(model_dir, tmp_path_factory):
+    # head_dim 64: the Mosaic GPU kernel's shapes (attention/pallas.py), for the export job.
+    model64 = make_tiny_model(tmp_path_factory.mktemp("pp64"), arch="llama", hidden_size=128,
+                              num_attention_heads=2, num_key_value_heads=1)
     tmp = tmp_path_factory.mktemp("pp_jobs")
     port = _free_port()
     started = {
-        "a": _Job(["engine", model_dir, "1x1,2x1,4x1"], str(tmp / "a.json")),
+        # 4x1/overlap: host/device overlap (each tick's tokens read after the next tick is sent).
+        "a": _Job(["engine", model_dir, "1x1,2x1,4x1,4x1/overlap"], str(tmp / "a.json")),
         # 2x4 with an uneven partition: T=4 replicates KV heads and stage 0 has padding slots.
-        "b": _Job(["engine", model_dir, "2x2,2x4:1+3"], str(tmp / "b.json")),
+        # 2x2/swap: swap preemption, a per-stage host pool (tp-sharded like the KV cache).
+        # 2x2/pallas: the Pallas kernel (interpret mode on CPU) per device under a nested shard_map.
+        "b": _Job(["engine", model_dir, "2x2,2x4:1+3,2x2/swap,2x2/pallas"], str(tmp / "b.json")),
+        "export": _Job(["export", model64], str(tmp / "export.json")),
     }
     for i in range(2):
         env = {"JAXLLM_COORDINATOR": f"127.0.0.1:{port}", "JAXLLM_NUM_PROCESSES": "2", "JAXLLM_PROCESS_ID": str(i)}
@@ -103,12 +111,54 @@ def test_tokens_and_logprobs_identical_to_one_stage(jobs):
         assert run["num_compilations"] == 1, name  # one token bucket, one sampler: bubbles compile nothing
 
 
+def test_swap_preemption_matches_one_stage(jobs):
+    runs = _runs(jobs)
+    ref, run = runs["1x1"], runs["2x2/swap"]  # ref recomputes its preempted requests
+    assert run["tokens"] == ref["tokens"]
+    _assert_same_logprobs(run["logprobs"], ref["logprobs"])
+    # Every preemption swapped (none fell back), each came back, and the pools drained.
+    assert run["num_swap_outs"] == run["num_preemptions"] == ref["num_preemptions"] > 0
+    assert run["num_swap_ins"] == run["num_swap_outs"] and run["num_swap_fallbacks"] == 0
+    assert run["num_blocks_swapped_in"] == run["num_blocks_swapped_out"] > 0
+    assert run["cpu_blocks_used"] == 0 and run["kv_blocks_used"] == 0
+    # One plan copies every stage's blocks: exact per stage; each device's host shard is its
+    # stage's [1, blocks, 8, nKV / T, D] in pinned host memory.
+    assert run["swap_round_trip_exact"]
+    assert run["host_pool_memory_kind"] == "pinned_host" and run["host_pool_spec"] == "P('pp', None, None, 'tp', None)"
+    assert run["host_pool_shard_shape"] == [1, run["host_pool_shape"][1], 8, run["host_pool_shape"][3] // 2,
+                                            run["host_pool_shape"][4]]
+    # One copy executable per direction (all copies fit bucket 1 here); the tick is the one the
+    # "2x2" run compiled earlier in the same worker.
+    assert run["num_compilations"] == 2
+
+
+def test_host_overlap_keeps_tokens(jobs):
+    runs = _runs(jobs)
+    ref, run, sync = runs["1x1"], runs["4x1/overlap"], runs["4x1"]
+    assert run["tokens"] == ref["tokens"]
+    _assert_same_logprobs(run["logprobs"], ref["logprobs"])
+    assert run["num_preemptions"] > 0 and run["num_compilations"] == 0  # 4x1's tick, reused
+    # The batch being read is still in flight: each request waits one tick more per token, so the
+    # same work takes more ticks than without overlap.
+    assert run["queue"]["num_ticks"] > sync["queue"]["num_ticks"]
+
+
+def test_pallas_backend_matches_one_stage_reference(jobs):
+    runs = _runs(jobs)
+    ref, run = runs["1x1"], runs["2x2/pallas"]
+    assert run["tokens"] == ref["tokens"]
+    _assert_same_logprobs(run["logprobs"], ref["logprobs"])  # observed 9.5e-7 off the reference's
+    assert run["num_preemptions"] > 0 and run["num_compilations"] == 1
+    # On a GPU the tick lowers to the Mosaic GPU kernel, inside the nested shard_map.
+    assert jobs["export"].result()["mosaic_gpu"]
+
+
 def test_micro_batches_in_flight(jobs):
     runs = _runs(jobs)
     for name, p in (("2x1", 2), ("4x1", 4), ("2x2", 2)):
         q = runs[name]["queue"]
         # Several batches in flight at once (the P=2 pipeline full). This small cache cannot
-        # hold 4 batches' requests at once: P=4 stalls on blocks ("blocked" bubbles).
+        # hold 4 batches' requests at once: P=4 stalls on blocks ("kv_blocks" bubbles).
         assert q["max_in_flight"] == 2, name
         assert q["busy_stage_ticks"] + sum(q["idle_stage_ticks"].values()) == q["num_ticks"] * p
         assert 0 < q["bubble_fraction"] < 1
@@ -147,6 +197,8 @@ def test_two_processes_gloo_match_one_process(jobs):
         assert (h["process_index"], h["process_count"]) == (i, 2)
         assert h["stage_processes"] == [[0], [1]]  # stage s lives on process s
         assert h["tokens"] == ref["tokens"], f"process {i}"
+        # Swap preemption across processes: each holds only its own stage's two host-pool shards.
+        assert h["num_swap_outs"] > 0 and len(h["host_pool_local_shards"]) == 2
         _assert_same_logprobs(h["logprobs"], ref["logprobs"])
 
 
@@ -178,6 +230,11 @@ def test_parallel_config_checks():
     with pytest.raises(ValueError, match=r"pipeline_layer_partition=\(2,\) must be 2 positive ints"):
         ParallelConfig(pipeline_parallel_size=2, pipeline_layer_partition=(2,))
     assert ParallelConfig(pipeline_parallel_size=2, pipeline_layer_partition=[1, 3]).pipeline_layer_partition == (1, 3)
+    with pytest.raises(ValueError, match=r"pipeline_overlap_host=True must be a bool, True only with "
+                                         r"pipeline_parallel_size > 1 \(got 1\)"):
+        ParallelConfig(pipeline_overlap_host=True)
+    with pytest.raises(ValueError, match="pipeline_overlap_host=1 must be a bool"):
+        ParallelConfig(pipeline_parallel_size=2, pipeline_overlap_host=1)
 
 
 @pytest.fixture
@@ -206,12 +263,15 @@ def test_llm_refuses_bad_pipeline_before_loading(config_only_dir):
         LLM(config_only_dir, pipeline_parallel_size=2, tensor_parallel_size=n, skip_tokenizer_init=True)
 
 
-@pytest.mark.parametrize("policy", ["fcfs", "priority", "sjf", "static"])
-def test_scheduler_with_batch_queue_keeps_batches_disjoint(policy):
+@pytest.mark.parametrize("policy,overlap", [("fcfs", False), ("priority", False), ("sjf", False),
+                                             ("static", False), ("fcfs", True), ("sjf", True)])
+def test_scheduler_with_batch_queue_keeps_batches_disjoint(policy, overlap):
     """The host loop of the pipeline engine without a device: P=3 batches in flight over a small
-    cache (preemption), every policy. The scheduler asserts it never schedules an in-flight
-    request; BatchQueue.advance asserts in-flight batches are disjoint; every request finishes."""
-    from jaxllm.core.batch_queue import BatchQueue, InFlight
+    cache (preemption), every policy, and with host overlap (the completed batch stays pending
+    a tick). The scheduler asserts it never schedules an in-flight request; BatchQueue.advance
+    asserts in-flight batches (pending included) are disjoint; every request finishes; every
+    bubble has a reason."""
+    from jaxllm.core.batch_queue import BUBBLE_REASONS, BatchQueue, InFlight, bubble_reason
     from jaxllm.core.scheduler import SchedulerOutput
     from jaxllm.request import Request
     from jaxllm.sampling_params import SamplingParams
@@ -232,9 +292,12 @@ def test_scheduler_with_batch_queue_keeps_batches_disjoint(policy):
         in_flight = queue.request_ids()
         plan = s.schedule(in_flight=in_flight)
         assert not any(r.request_id in in_flight for r in plan.preempted)  # never a victim in flight
-        queue.advance(InFlight(plan, None) if plan.scheduled else None)
+        queue.advance(InFlight(plan, None) if plan.scheduled else None,
+                      None if plan.scheduled else bubble_reason(s, in_flight, 3))
         in_flight_seen = max(in_flight_seen, queue.max_in_flight)
         done = queue.complete()
+        if overlap:  # this tick's batch waits a tick; the previous one's tokens come back now
+            done, _ = queue.swap_pending(done, None)
         applied = done.plan if done else SchedulerOutput(scheduled=[], preempted=[], num_batched_tokens=0)
         sampled = {x.request_id: 7 for x in applied.scheduled if x.samples}
         finished |= {r.request_id for r in s.update(applied, sampled)}
@@ -244,6 +307,9 @@ def test_scheduler_with_batch_queue_keeps_batches_disjoint(policy):
     # and its requests are all in flight together, so it never fills the pipeline.
     assert in_flight_seen == 1 if policy == "static" else in_flight_seen >= 2
     assert s.num_preemptions > 0 or policy == "static"  # static: one batch at a time fits here
+    idle = queue.stats()["idle_stage_ticks"]
+    assert set(idle) <= set(BUBBLE_REASONS) and idle["fill"] == 3 and idle["drain"] > 0
+    assert idle.get("kv_blocks", 0) > 0 or policy == "static"  # the small cache stalls admissions
 
 
 def test_batch_queue_refuses_overlap_and_counts_bubbles():
@@ -260,5 +326,12 @@ def test_batch_queue_refuses_overlap_and_counts_bubbles():
     with pytest.raises(AssertionError, match=r"\['a'\] would be in two in-flight batches"):
         q.advance(InFlight(plan, "step"))
     assert q.advance(None, "in_flight") == [None, "step"]
-    assert q.complete().plan is plan and not q.in_flight
+    done = q.complete()
+    assert done.plan is plan and not q.in_flight
     assert q.stats()["idle_stage_ticks"] == {"fill": 1, "in_flight": 1}
+    # Host overlap: the completed batch is pending until read, and still excludes its requests.
+    assert q.swap_pending(done, "outputs") == (None, None)
+    assert q.request_ids() == {"a"}
+    with pytest.raises(AssertionError, match=r"\['a'\] would be in two in-flight batches"):
+        q.advance(InFlight(plan, "step"))
+    assert q.swap_pending(None, None) == (done, "outputs") and q.request_ids() == frozenset()

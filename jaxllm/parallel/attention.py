@@ -19,11 +19,12 @@ _HEADS = P(None, TP_AXIS, None)  # q / out [T, nH, D]
 _CACHE = P(None, None, TP_AXIS, None)  # [num_blocks, block_size, nKV, D]
 
 
-def shard_map_attention(attention_fn, mesh: Mesh):
+def shard_map_attention(attention_fn, mesh: Mesh, axis_names=None):
     """Wrap `ragged_paged_attention(q, k_cache, v_cache, kv_lens, block_tables, cu_q_lens, *,
     sm_scale, sliding_window=None, soft_cap=None) -> [T, nH, D]` to run per device on
     q [T, nH/tp, D] and caches [num_blocks, block_size, nKV/tp, D]; metadata is replicated.
-    The wrapper has the same signature as the wrapped function, on global shapes."""
+    The wrapper has the same signature as the wrapped function, on global shapes.
+    axis_names={"tp"}: inside the pipeline tick, already manual over "pp" (nested shard_map)."""
     import jax
 
     def wrapped(q, k_cache, v_cache, kv_lens, block_tables, cu_q_lens, *, sm_scale,
@@ -34,9 +35,11 @@ def shard_map_attention(attention_fn, mesh: Mesh):
         local = functools.partial(attention_fn, **kwargs)
         return jax.shard_map(
             local,
-            mesh=mesh,
+            # Nested: the context's mesh (its "pp" already manual) must be the one named.
+            mesh=mesh if axis_names is None else jax.sharding.get_abstract_mesh(),
             in_specs=(_HEADS, _CACHE, _CACHE, P(), P(), P()),
             out_specs=_HEADS,
+            **({} if axis_names is None else {"axis_names": set(axis_names)}),
             check_vma=False,  # kernels (pallas_call) carry no varying-axis annotations
         )(q, k_cache, v_cache, kv_lens, block_tables, cu_q_lens)
 

@@ -49,8 +49,7 @@ def make_pp_mesh(pipeline_parallel_size: int, tensor_parallel_size: int, devices
     return Mesh(np.asarray(chosen).reshape(p, t), (PP_AXIS, TP_AXIS), axis_types=(AxisType.Auto,) * 2)
 
 
-def validate_pp(config, pipeline_parallel_size: int, tensor_parallel_size: int, partition=None,
-                attention_backend: str = "reference") -> StagePlan:
+def validate_pp(config, pipeline_parallel_size: int, tensor_parallel_size: int, partition=None) -> StagePlan:
     """The StagePlan, or ValueError naming the values (P > num_layers, a partition of the wrong
     length or sum, a T that cannot shard the model, a layout this pipeline cannot run)."""
     plan = StagePlan.build(config.num_layers, pipeline_parallel_size, partition)
@@ -61,11 +60,6 @@ def validate_pp(config, pipeline_parallel_size: int, tensor_parallel_size: int, 
         raise ValueError(
             f"pipeline_parallel_size={pipeline_parallel_size}: layers with different RoPE or sliding "
             f"windows ({config.architecture}) are not supported by the pipeline yet"
-        )
-    if attention_backend != "reference":
-        raise ValueError(
-            f"pipeline_parallel_size={pipeline_parallel_size} supports attention_backend='reference' "
-            f"only, got {attention_backend!r}"
         )
     return plan
 
@@ -183,7 +177,7 @@ def load_for_pipeline(engine_config, model=None):
     p, t = par.pipeline_parallel_size, par.tensor_parallel_size
 
     def check(model_config):
-        return validate_pp(model_config, p, t, par.pipeline_layer_partition, engine_config.attention_backend)
+        return validate_pp(model_config, p, t, par.pipeline_layer_partition)
 
     path = engine_config.model
     if model is not None:

@@ -2,6 +2,7 @@
 
     outputs = runner.run_tick(window)   # window[s]: StepInputs stage s runs (None: a bubble);
                                         # returns window[P-1]'s StepOutputs (None for a bubble)
+    pending = runner.dispatch_tick(window); ...; outputs = runner.fetch_outputs(pending)  # async
     outputs = runner.execute(step)      # ModelRunner's contract: one batch through all P stages
 
 The engine's batch queue (jaxllm/core/batch_queue.py) owns which micro-batch is at which stage;
@@ -11,8 +12,11 @@ KV cache, and the activations in transit between stages (`carry`, [P, T_max, H],
 All micro-batches of one tick run padded to one shape: T = the largest token bucket among them
 (S = min(T, max_num_seqs), as batch.padded_shape), so the tick compiles once per token bucket and
 sampler variant, like the ModelRunner's step. Padding tokens write into sink block 0.
-It reuses ModelRunner's neutral sampling arrays and counters; there is no swap pool (the engine
-turns swap preemption into recompute under pipeline parallelism).
+It reuses ModelRunner's neutral sampling arrays and counters, and its swap preemption: the host
+pool is one (K, V) pair per local layer slot, each [P, num_cpu_blocks, block_size, nKV, D] in
+pinned_host memory with the KV cache's sharding, so each stage's host memory holds its own layers'
+swapped blocks. Block ids mean the same on every stage, so ModelRunner.swap's one plan copies
+every stage's blocks at once (the copies index the block axis, 1 here: BLOCK_AXIS).
 """
 
 from __future__ import annotations
@@ -69,6 +73,8 @@ def repad_rows(inputs: SamplingInputs, s: int) -> SamplingInputs:
 class PipelineRunner(ModelRunner):
     """See the module docstring. `model.params` may be host numpy (they are placed per stage)."""
 
+    BLOCK_AXIS = 1  # caches are [P, num_blocks, ...]
+
     def __init__(self, model, resolved, mesh, plan):  # noqa: D107 - not ModelRunner's device layout
         self.model = model
         self.mesh, self.plan = mesh, plan
@@ -80,6 +86,12 @@ class PipelineRunner(ModelRunner):
         self.step_variants_used: set[tuple[int, str, bool]] = set()
         self.gather_variants_used: set[tuple[int, int]] = set()  # none: no hidden-state capture here
         self._attention_fn = attention_impl(resolved.engine.attention_backend)
+        if resolved.engine.attention_backend == "pallas":
+            # A kernel is opaque to GSPMD: inside the tick (manual over "pp") it runs per device
+            # over its own KV heads under a nested shard_map over "tp", as in tensor parallelism.
+            from jaxllm.parallel.attention import shard_map_attention
+
+            self._attention_fn = shard_map_attention(self._attention_fn, mesh, axis_names={TP_AXIS})
         self.params = pipeline.place_stage_params(model.params, model.config, mesh, plan)
         self._kv_sharding = pipeline.kv_sharding(mesh)
         self.kv_caches = self._allocate_kv_cache(self._kv_sharding)
@@ -89,12 +101,24 @@ class PipelineRunner(ModelRunner):
         self.host_caches = None
         self.swap_buckets: tuple[int, ...] = ()
         self._empty_batches: dict[int, BatchInputs] = {}
+        if resolved.num_cpu_blocks:
+            self._init_swap(self._kv_sharding)
 
     def _allocate_kv_cache(self, sharding, num_blocks=None):
-        """One (K, V) pair per local layer slot, each [P, num_blocks, block_size, nKV, D]."""
+        """One (K, V) pair per local layer slot, each [P, num_blocks, block_size, nKV, D]
+        (num_blocks: the device cache's, or the host pool's for a pinned_host sharding)."""
         cfg, res = self.config, self.resolved
-        shape = (self.plan.num_stages, res.num_kv_blocks, res.engine.cache.block_size, cfg.num_kv_heads, cfg.head_dim)
-        zeros = jax.jit(lambda: jnp.zeros(shape, jnp.dtype(res.engine.dtype)), out_shardings=sharding)
+        num_blocks = res.num_kv_blocks if num_blocks is None else num_blocks
+        shape = (self.plan.num_stages, num_blocks, res.engine.cache.block_size, cfg.num_kv_heads, cfg.head_dim)
+        dtype = jnp.dtype(res.engine.dtype)
+        if sharding.memory_kind == runner_mod.SWAP_MEMORY_KIND:
+            # Not a jitted zeros (ModelRunner._allocate_kv_cache says why); per shard, so each
+            # process builds only its own devices' part (multi-host).
+            # A fresh buffer per shard: a donated pool may be updated in place.
+            zeros = lambda idx: np.zeros(sharding.shard_shape(shape), dtype)  # noqa: E731
+            return [tuple(jax.make_array_from_callback(shape, sharding, zeros) for _ in range(2))
+                    for _ in range(self.plan.layers_per_stage)]
+        zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
         return [(zeros(), zeros()) for _ in range(self.plan.layers_per_stage)]
 
     def _zero_carry(self):
@@ -112,6 +136,17 @@ class PipelineRunner(ModelRunner):
 
     def run_tick(self, window: list[StepInputs | None]) -> StepOutputs | None:
         """Run stage s on window[s] for every s; returns the outputs of window[-1] (numpy)."""
+        return self.fetch_outputs(self.dispatch_tick(window))
+
+    @staticmethod
+    def fetch_outputs(outputs) -> StepOutputs | None:
+        """A dispatched tick's outputs as numpy (waits for the tick); None stays None."""
+        return None if outputs is None else jax.tree.map(np.asarray, outputs)
+
+    def dispatch_tick(self, window: list[StepInputs | None]):
+        """run_tick without waiting: the outputs of window[-1] as device arrays (None for a
+        bubble), read later by fetch_outputs. Only input preparation runs on the host here; the
+        tick itself runs asynchronously (jax dispatch)."""
         if len(window) != self.plan.num_stages:
             raise ValueError(f"a tick needs {self.plan.num_stages} stage inputs, got {len(window)}")
         real = [w for w in window if w is not None]
@@ -158,7 +193,7 @@ class PipelineRunner(ModelRunner):
         finally:
             runner_mod._NUM_STEP_COMPILES[0] += self._count_built(compiles, hits)
         self.step_variants_used.add((t, sampler, prompt_lp))
-        return None if last is None else jax.tree.map(np.asarray, out)
+        return None if last is None else out
 
     def execute(self, step: StepInputs) -> StepOutputs:
         """One batch through all P stages (P ticks, nothing else in flight): the synchronous
@@ -175,5 +210,5 @@ class PipelineRunner(ModelRunner):
         return super().kv_cache_lost() or self.carry.is_deleted()
 
     def reset_kv_cache(self) -> None:
-        self.kv_caches = self._allocate_kv_cache(self._kv_sharding)
+        super().reset_kv_cache()  # the KV caches and the host pool
         self.carry = self._zero_carry()

@@ -1,9 +1,10 @@
 """Pipeline-parallel scenarios run in a fresh process with 8 fake CPU devices (see
 test_pipeline_parallel.py; same reasons as tp_worker.py). Each writes its findings as JSON.
 
-    python tests/helpers/pp_worker.py engine MODEL_DIR OUT.json "1x1,2x1,2x4:1+3"   (PxT[:partition])
+    python tests/helpers/pp_worker.py engine MODEL_DIR OUT.json "1x1,2x1,2x4:1+3,2x2/swap"   (PxT[:partition][/swap|/overlap|/pallas])
     JAXLLM_COORDINATOR=127.0.0.1:PORT JAXLLM_NUM_PROCESSES=2 JAXLLM_PROCESS_ID=i \\
         python tests/helpers/pp_worker.py multihost MODEL_DIR OUT.json           (2 devices per process)
+    python tests/helpers/pp_worker.py export MODEL_DIR OUT.json     (Pallas tick exported for cuda)
 """
 
 from __future__ import annotations
@@ -63,16 +64,24 @@ def _device_bytes(tree, device) -> int:
     return sum(s.data.nbytes for x in jax.tree.leaves(tree) for s in x.addressable_shards if s.device == device)
 
 
-def _run(model_dir, pp, tp, partition=None):
+def _run(model_dir, pp, tp, partition=None, mode="recompute"):
     import jax
     import numpy as np
 
-    llm = _llm(model_dir, pp, tp, partition)
+    # Swap mode: a host pool of up to max_num_seqs requests' blocks (config.resolve caps it).
+    # Overlap mode: the host reads each tick's tokens after dispatching the next tick.
+    extra = {"swap": dict(preemption_mode="swap", swap_space=0.01),
+             "overlap": dict(pipeline_overlap_host=True), "pallas": dict(attention_backend="pallas"),
+             "recompute": {}}[mode]
+    llm = _llm(model_dir, pp, tp, partition, **extra)
     tokens, logprobs = _generate(llm)
     eng = llm.engine
     stats = eng.get_stats()
     run = {"tokens": tokens, "logprobs": logprobs, "num_preemptions": stats["num_preemptions"],
-           "prefix_cache_hits": stats["prefix_cache_hits"], "num_compilations": stats["num_compilations"]}
+           "prefix_cache_hits": stats["prefix_cache_hits"], "num_compilations": stats["num_compilations"],
+           **{k: stats[k] for k in ("num_cpu_blocks", "cpu_blocks_used", "kv_blocks_used", "num_swap_outs",
+                                    "num_swap_ins", "num_blocks_swapped_out", "num_blocks_swapped_in",
+                                    "num_swap_fallbacks")}}
     if pp > 1:
         runner = eng.runner
         total_params = sum(np.asarray(x).nbytes for x in jax.tree.leaves(eng.model.params))
@@ -85,6 +94,8 @@ def _run(model_dir, pp, tp, partition=None):
         run["counts"] = list(runner.plan.counts)
         run["k_cache_spec"] = str(runner.kv_caches[0][0].sharding.spec)
         run["queue"] = eng.batch_queue.stats()
+        if mode == "swap":
+            run.update(_swap_round_trip(runner))
         # A padding slot's KV is never the model's: slot 1 on the stage of 1 layer stays zero.
         run["stage_kv_nonzero"] = [[bool(np.abs(np.asarray(s.data)).sum() > 0)
                                     for s in sorted(k.addressable_shards, key=lambda s: s.device.id)
@@ -93,13 +104,36 @@ def _run(model_dir, pp, tp, partition=None):
     return run
 
 
+def _swap_round_trip(runner) -> dict:
+    """Random K/V (distinct per stage, slot and head) through the pipeline runner's swap copies:
+    device blocks 1..3 out to host blocks 5..7, back into device blocks 4..6. Exact on every
+    stage, and each device's host shard is its own stage's slots and heads only."""
+    import jax
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    shape = runner.kv_caches[0][0].shape
+    before = [tuple(rng.standard_normal(shape).astype(np.float32) for _ in range(2)) for _ in runner.kv_caches]
+    runner.kv_caches = [tuple(jax.device_put(a, runner._kv_sharding) for a in layer) for layer in before]
+    runner.swap([(1, 5), (2, 6), (3, 7)], [])
+    runner.swap([], [(5, 4), (6, 5), (7, 6)])
+    exact = all(np.array_equal(np.asarray(got)[:, 4:7], want[:, 1:4]) and np.array_equal(np.asarray(h)[:, 5:8], want[:, 1:4])
+                for layer, host, ref in zip(runner.kv_caches, runner.host_caches, before)
+                for got, h, want in zip(layer, host, ref))
+    pool = runner.host_caches[0][0]
+    return {"swap_round_trip_exact": exact, "host_pool_memory_kind": pool.sharding.memory_kind,
+            "host_pool_shape": list(pool.shape), "host_pool_shard_shape": list(pool.addressable_shards[0].data.shape),
+            "host_pool_spec": str(pool.sharding.spec)}
+
+
 def engine(model_dir, out_path, configs):
     result = {}
     for c in configs.split(","):
-        shape, _, part = c.partition(":")
+        spec, _, mode = c.partition("/")  # "2x1/swap": swap preemption; "/overlap": host overlap
+        shape, _, part = spec.partition(":")
         pp, tp = (int(x) for x in shape.split("x"))
         partition = tuple(int(x) for x in part.split("+")) if part else None
-        result[c] = _run(model_dir, pp, tp, partition)
+        result[c] = _run(model_dir, pp, tp, partition, mode or "recompute")
     with open(out_path, "w") as f:
         json.dump(result, f)
 
@@ -110,15 +144,50 @@ def multihost(model_dir, out_path):
     distributed.initialize()  # JAXLLM_* from the environment
     import jax
 
-    llm = _llm(model_dir, 2, 2)  # stage 0 on process 0's two devices, stage 1 on process 1's
+    # Stage 0 on process 0's two devices, stage 1 on process 1's; swap preemption, so each
+    # process builds only its own stage's host pool.
+    llm = _llm(model_dir, 2, 2, preemption_mode="swap", swap_space=0.01)
     tokens, logprobs = _generate(llm)
     mesh = llm.engine.runner.mesh
+    pool = llm.engine.runner.host_caches[0][0]
     with open(out_path, "w") as f:
         json.dump({"process_index": jax.process_index(), "process_count": jax.process_count(),
                    "stage_processes": [sorted({d.process_index for d in row}) for row in mesh.devices],
-                   "tokens": tokens, "logprobs": logprobs}, f)
+                   "tokens": tokens, "logprobs": logprobs, "num_swap_outs": llm.get_stats()["num_swap_outs"],
+                   "host_pool_local_shards": [[d.id for d in s.data.devices()] for s in pool.addressable_shards]}, f)
     distributed.shutdown()
 
 
+def export(model_dir, out_path):
+    """The P=2 x T=2 tick with the Pallas backend (bf16, head_dim 64) exported for cuda: does its
+    module hold the Mosaic GPU kernel? (TPU export needs a TPU device kind in the tick's mesh,
+    which CPU devices cannot give.)"""
+    import functools
+
+    import jax
+    from jaxllm import SamplingParams
+    from tests.helpers.tiny_models import random_prompt
+
+    llm = _llm(model_dir, 2, 2, attention_backend="pallas", dtype="bfloat16")
+    eng, runner = llm.engine, llm.engine.runner
+    eng.add_request("a", {"prompt_token_ids": random_prompt(11, VOCAB, seed=1)}, SamplingParams(max_tokens=2))
+    step = eng.build_step_inputs(eng.scheduler.schedule().scheduled)
+    tick, captured = runner._jitted, {}
+
+    def capture(*args, **kwargs):  # the tick's exact arguments, without running it
+        captured.update(args=args, kwargs=kwargs)
+        raise StopIteration
+
+    runner._jitted = capture
+    try:
+        runner.dispatch_tick([step, None])
+    except StopIteration:
+        pass
+    exported = jax.export.export(jax.jit(functools.partial(tick, **captured["kwargs"])), platforms=["cuda"])
+    text = exported(*captured["args"]).mlir_module()
+    with open(out_path, "w") as f:
+        json.dump({"mosaic_gpu": "mosaic_gpu" in text}, f)
+
+
 if __name__ == "__main__":
-    {"engine": engine, "multihost": multihost}[MODE](*sys.argv[2:])
+    {"engine": engine, "multihost": multihost, "export": export}[MODE](*sys.argv[2:])
