@@ -180,23 +180,19 @@ class EngineConfig:
     # preemption, from the prefix cache: every matmul over fixed row tiles and the attention of
     # jaxllm/attention/invariant.py, or with attention_backend="pallas" the kernels' aligned query
     # tiles (a jit static; costs speed, see the README). Verified on one device (the Pallas
-    # kernels in interpret mode on CPU) and with tensor_parallel_size=2 (reference attention);
-    # refused with pipeline_parallel_size > 1.
+    # kernels in interpret mode on CPU), with tensor_parallel_size=2 and with
+    # pipeline_parallel_size=2 (x tensor_parallel_size=2), reference attention.
     batch_invariant: bool = False
 
     def __post_init__(self):
         _require(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         _require(isinstance(self.batch_invariant, bool), f"batch_invariant must be a bool, got {self.batch_invariant!r}")
-        if self.batch_invariant:
-            # Both attention backends have an invariant variant (attention/invariant.py, the Pallas
-            # kernels' aligned tiles). Tensor parallelism keeps it: every collective but the
-            # embedding's sits inside a row-tiled loop, on fixed [ROW_TILE, ...] tiles, and the
-            # embedding's all-reduce adds zeros to one device's rows (exact). The pipeline runner
-            # (runner/pipeline_runner.py) sets neither the invariant attention nor the row tiles
-            # (config.batch_invariant): it would run the default mode.
-            _require(self.parallel.pipeline_parallel_size == 1,
-                     f"batch_invariant=True needs pipeline_parallel_size=1 (the pipeline runner has no "
-                     f"batch-invariant step yet), got {self.parallel.pipeline_parallel_size}")
+        # batch_invariant holds with both attention backends (attention/invariant.py, the Pallas
+        # kernels' aligned tiles), under tensor parallelism (every collective but the embedding's
+        # sits inside a row-tiled loop, on fixed [ROW_TILE, ...] tiles, and the embedding's
+        # all-reduce adds zeros to one device's rows: exact) and under pipeline parallelism (a
+        # stage's layers are the same row-tiled functions; ppermute and the last stage's psum of
+        # zeros are exact).
         _require(
             self.attention_backend in ATTENTION_BACKENDS,
             f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}",

@@ -72,11 +72,12 @@ def jobs(model_dir, tmp_path_factory):
     port = _free_port()
     started = {
         # 4x1/overlap: host/device overlap (each tick's tokens read after the next tick is sent).
-        "a": _Job(["engine", model_dir, "1x1,2x1,4x1,4x1/overlap"], str(tmp / "a.json")),
+        # 1x1/invariant, 2x1/invariant: batch-invariant mode, each request also run alone.
+        "a": _Job(["engine", model_dir, "1x1,2x1,4x1,4x1/overlap,1x1/invariant,2x1/invariant"], str(tmp / "a.json")),
         # 2x4 with an uneven partition: T=4 replicates KV heads and stage 0 has padding slots.
         # 2x2/swap: swap preemption, a per-stage host pool (tp-sharded like the KV cache).
         # 2x2/pallas: the Pallas kernel (interpret mode on CPU) per device under a nested shard_map.
-        "b": _Job(["engine", model_dir, "2x2,2x4:1+3,2x2/swap,2x2/pallas"], str(tmp / "b.json")),
+        "b": _Job(["engine", model_dir, "2x2,2x4:1+3,2x2/swap,2x2/pallas,2x2/invariant"], str(tmp / "b.json")),
         "export": _Job(["export", model64], str(tmp / "export.json")),
     }
     for i in range(2):
@@ -151,6 +152,22 @@ def test_pallas_backend_matches_one_stage_reference(jobs):
     assert run["num_preemptions"] > 0 and run["num_compilations"] == 1
     # On a GPU the tick lowers to the Mosaic GPU kernel, inside the nested shard_map.
     assert jobs["export"].result()["mosaic_gpu"]
+
+
+def test_batch_invariant_mode_under_pipeline_parallelism(jobs):
+    """batch_invariant=True with P stages: each request's tokens and logprobs bitwise the same
+    alone as in the chunked, preempted, prefix-cached batches; P=2 bitwise equal to one device
+    (a stage runs the same row-tiled layers); with T=2 (partial sums all-reduced, so another
+    rounding than one device) still invariant within itself, and near the default mode."""
+    runs = _runs(jobs)
+    ref = runs["1x1"]
+    for name in ("1x1/invariant", "2x1/invariant", "2x2/invariant"):
+        run = runs[name]
+        assert run["num_preemptions"] > 0 and run["prefix_cache_hits"] > 0, name
+        assert run["alone_tokens"] == run["tokens"] and run["alone_logprobs"] == run["logprobs"], name
+        assert run["tokens"] == ref["tokens"], name
+        _assert_same_logprobs(run["logprobs"], ref["logprobs"])
+    assert runs["2x1/invariant"]["logprobs"] == runs["1x1/invariant"]["logprobs"]
 
 
 def test_micro_batches_in_flight(jobs):

@@ -85,7 +85,9 @@ class PipelineRunner(ModelRunner):
         self.compile_cache_dir = compile_cache.enable(resolved.engine.compile_cache_dir)
         self.step_variants_used: set[tuple[int, str, bool]] = set()
         self.gather_variants_used: set[tuple[int, int]] = set()  # none: no hidden-state capture here
-        self._attention_fn = attention_impl(resolved.engine.attention_backend)
+        if resolved.engine.batch_invariant:  # a jit static: row-tiled matmuls and sampler reductions
+            self.config = dataclasses.replace(self.config, batch_invariant=True)
+        self._attention_fn = attention_impl(resolved.engine.attention_backend, resolved.engine.batch_invariant)
         if resolved.engine.attention_backend == "pallas":
             # A kernel is opaque to GSPMD: inside the tick (manual over "pp") it runs per device
             # over its own KV heads under a nested shard_map over "tp", as in tensor parallelism.

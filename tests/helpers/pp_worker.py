@@ -1,7 +1,7 @@
 """Pipeline-parallel scenarios run in a fresh process with 8 fake CPU devices (see
 test_pipeline_parallel.py; same reasons as tp_worker.py). Each writes its findings as JSON.
 
-    python tests/helpers/pp_worker.py engine MODEL_DIR OUT.json "1x1,2x1,2x4:1+3,2x2/swap"   (PxT[:partition][/swap|/overlap|/pallas])
+    python tests/helpers/pp_worker.py engine MODEL_DIR OUT.json "1x1,2x1,2x4:1+3,2x2/swap"   (PxT[:partition][/swap|/overlap|/pallas|/invariant])
     JAXLLM_COORDINATOR=127.0.0.1:PORT JAXLLM_NUM_PROCESSES=2 JAXLLM_PROCESS_ID=i \\
         python tests/helpers/pp_worker.py multihost MODEL_DIR OUT.json           (2 devices per process)
     python tests/helpers/pp_worker.py export MODEL_DIR OUT.json     (Pallas tick exported for cuda)
@@ -38,7 +38,8 @@ def _llm(model_dir, pp, tp, partition=None, **kw):
                max_num_batched_tokens=32, token_buckets=(32,), **kw)
 
 
-def _generate(llm):
+def _generate(llm, only: int | None = None):
+    """The workload's tokens and top-TOP logprobs; only=i: request i alone."""
     from jaxllm import SamplingParams
     from tests.helpers.tiny_models import random_prompt
 
@@ -51,6 +52,8 @@ def _generate(llm):
                                logprobs=TOP)
     params[3] = SamplingParams(temperature=0.0, repetition_penalty=1.4, min_tokens=2, max_tokens=MAX_TOKENS[3],
                                logprobs=TOP)
+    if only is not None:
+        prompts, params = [prompts[only]], [params[only]]
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     tokens = [o.outputs[0].token_ids for o in outs]
     # Every step's top-TOP logprobs by token id (log-softmax of the logits).
@@ -72,7 +75,7 @@ def _run(model_dir, pp, tp, partition=None, mode="recompute"):
     # Overlap mode: the host reads each tick's tokens after dispatching the next tick.
     extra = {"swap": dict(preemption_mode="swap", swap_space=0.01),
              "overlap": dict(pipeline_overlap_host=True), "pallas": dict(attention_backend="pallas"),
-             "recompute": {}}[mode]
+             "invariant": dict(batch_invariant=True), "recompute": {}}[mode]
     llm = _llm(model_dir, pp, tp, partition, **extra)
     tokens, logprobs = _generate(llm)
     eng = llm.engine
@@ -82,6 +85,10 @@ def _run(model_dir, pp, tp, partition=None, mode="recompute"):
            **{k: stats[k] for k in ("num_cpu_blocks", "cpu_blocks_used", "kv_blocks_used", "num_swap_outs",
                                     "num_swap_ins", "num_blocks_swapped_out", "num_blocks_swapped_in",
                                     "num_swap_fallbacks")}}
+    if mode == "invariant":  # each request again, alone in the engine
+        alone = [_generate(llm, only=i) for i in range(len(PROMPT_LENS))]
+        run["alone_tokens"] = [t[0] for t, _ in alone]
+        run["alone_logprobs"] = [lp[0] for _, lp in alone]
     if pp > 1:
         runner = eng.runner
         total_params = sum(np.asarray(x).nbytes for x in jax.tree.leaves(eng.model.params))
