@@ -4,6 +4,12 @@ It owns the parameters, the paged KV cache and the jitted step (forward + sampli
 only place that moves data to the device. The KV cache is donated to the step, so XLA updates it
 in place; the runner keeps the returned buffers for the next step.
 
+Two ways to compile a step (EngineConfig.compilation): "fused", paged_step as one program per
+token bucket and variant, every layer unrolled; "layered" (default), the same model functions
+cut into an embedding program, one decoder-layer program per layer signature called once per
+layer with that layer's KV cache donated, and a head + sampling program (see embed_step), so a
+bucket compiles one layer, not all of them.
+
 Swap preemption: a host pool of `num_cpu_blocks` blocks per layer (K and V, each
 [num_cpu_blocks, block_size, nKV, D]) in JAX's `pinned_host` memory kind, and two jitted copies
 over it: swap-out gathers device blocks into the (donated) host pool, swap-in gathers host blocks
