@@ -12,7 +12,7 @@ import pytest
 
 from jaxllm import LLM, SamplingParams
 from jaxllm.config import EngineConfig, ParallelConfig
-from jaxllm.runner.step_io import INSTRUMENTED_STEP_VARIANTS, STEP_VARIANTS
+from jaxllm.runner.step_io import STEP_VARIANTS
 from tests.helpers.tiny_models import make_tiny_model, random_prompt
 
 VOCAB, TOL = 512, 1e-5
@@ -105,12 +105,8 @@ def test_layered_hidden_states_and_interventions_equal_fused(engines):
               SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True, output_hidden_states=[3])]
     outs = {}
     for mode, llm in llms.items():
-        llm.engine.warmup(instrumented=True)
-        warm = llm.get_stats()["num_compilations"]
         outs[mode] = llm.generate(PROMPTS, params, use_tqdm=False)
-        # Only the hidden-state gathers compile on first use (shared by both modes' runners).
-        assert llm.get_stats()["num_step_variants"] == len(STEP_VARIANTS) + len(INSTRUMENTED_STEP_VARIANTS)
-        assert llm.get_stats()["num_compilations"] - warm <= len(llm.engine.runner.gather_variants_used)
+        assert any(v[3] for v in llm.engine.runner.step_variants_used)  # instrumented steps ran
         # Again (from the prefix cache now): at most the new capture sizes' gathers compile.
         warm, gathers = llm.get_stats()["num_compilations"], len(llm.engine.runner.gather_variants_used)
         again = llm.generate(PROMPTS, params, use_tqdm=False)
