@@ -68,9 +68,9 @@ def assert_same_outputs(fused, layered):
 def test_layered_equals_fused_and_counts_its_executables(engines, arch, layer_programs):
     fused, layered = engines[arch, "fused"], engines[arch, "layered"]
     runner = layered.engine.runner
-    # Embedding, one decoder layer per signature, one head per step variant.
+    # Embedding, one decoder layer per signature, the row selection, one head per step variant.
     per_bucket = runner.step_executables_per_bucket(STEP_VARIANTS)
-    assert per_bucket == 1 + layer_programs + len(STEP_VARIANTS)
+    assert per_bucket == 1 + layer_programs + 1 + len(STEP_VARIANTS)  # + the row selection
     assert fused.engine.runner.step_executables_per_bucket(STEP_VARIANTS) == len(STEP_VARIANTS)
     before = layered.get_stats()["num_executables"]
     assert layered.engine.warmup() == per_bucket  # one bucket

@@ -107,14 +107,15 @@ def paged_step(params, kv_caches, token_ids, positions, metadata, logits_indices
 
 
 def sample_outputs(params, config: ModelConfig, hidden, logits_indices, sampling_inputs, prompt_targets, *,
-                   sampler: str, prompt_logprobs: bool) -> StepOutputs:
+                   sampler: str, prompt_logprobs: bool, rows=None) -> StepOutputs:
     """hidden [T, H] (after the final norm) -> StepOutputs: LM head on the rows' last tokens,
     sampling, and with `prompt_logprobs` every token's top-20 logprobs. `params` needs only
-    "embed" / "lm_head" (the pipeline passes its last stage's table)."""
+    "embed" / "lm_head" (the pipeline passes its last stage's table). rows: the sampled rows
+    [S, H], normed apart by the caller (the layered head); hidden then serves prompt logprobs only."""
     # Batch-invariant mode: the sampler's row reductions over fixed row tiles too (layers.row_tiled).
     tile = layers.ROW_TILE if config.batch_invariant else None
     model = registry.get_model_module(config.architecture)
-    logits = model.compute_logits(params, config, hidden[logits_indices])
+    logits = model.compute_logits(params, config, hidden[logits_indices] if rows is None else rows)
     sampled = layers.row_tiled(lambda lg, si: sampling.sample(lg, si, sampler), logits, sampling_inputs,
                                row_tile=tile)
     out = StepOutputs(sampled.token_ids, sampled.logprobs, sampled.top_logprobs, sampled.top_token_ids)
@@ -160,15 +161,28 @@ def layer_step(lp, x, positions, kv_cache, metadata, residual_add, layer, *, con
     return model.decoder_layer(lp, config, x, positions, layer_idx, kv_cache, attention)
 
 
+def select_rows(x, logits_indices, *, config: ModelConfig):
+    """x [T, H] -> the S sampled rows [S, H]: a step without prompt logprobs or instruments
+    reads nothing else, so its head program depends on S only and is shared by every token
+    bucket with the same row count (S = min(T, max_num_seqs)). `config` is not read: it keys
+    the program per model like the others, so a model's executables are its own to count."""
+    return x[logits_indices]
+
+
 def head_step(head_params, x, logits_indices, sampling_inputs, prompt_targets, recorded, *, config: ModelConfig,
               sampler: str, prompt_logprobs: bool, instrumented: bool):
     """The last layer's output x [T, H] -> StepOutputs (final norm, LM head, sampling). When
     instrumented, recorded is the L layer inputs [T, H] and the outputs carry the residuals
-    [L + 1, T, H] (the final-norm output last), as paged_step's."""
+    [L + 1, T, H] (the final-norm output last), as paged_step's. Without prompt logprobs and
+    instruments, x is select_rows' [S, H] and logits_indices is None (row i samples row i)."""
     model = registry.get_model_module(config.architecture)
-    hidden = model.final_norm(head_params["final_norm"], config, x)
-    out = sample_outputs(head_params, config, hidden, logits_indices, sampling_inputs, prompt_targets,
-                         sampler=sampler, prompt_logprobs=prompt_logprobs)
+    norm = lambda h: model.final_norm(head_params["final_norm"], config, h)  # noqa: E731
+    # The sampled rows are normed as [S, H] in every variant, so a plain step and an instrumented
+    # or prompt-logprobs one round a row's logits alike (a zero intervention changes no bit).
+    rows = norm(x if logits_indices is None else x[logits_indices])
+    hidden = norm(x) if (prompt_logprobs or instrumented) else None
+    out = sample_outputs(head_params, config, hidden, None, sampling_inputs, prompt_targets,
+                         sampler=sampler, prompt_logprobs=prompt_logprobs, rows=rows)
     if instrumented:
         out = dataclasses.replace(out, residuals=jnp.stack([*recorded, hidden]))
     return out
@@ -270,7 +284,8 @@ def _step_function(jit_kwargs_key, jit_kwargs: dict):
 
 
 _LAYERED_FUNCTIONS: dict = {}  # (kind, sharding key, statics) -> jitted layered piece, shared by runners
-_LAYERED_TARGETS = {"embed": (embed_step, ()), "layer": (layer_step, (3,)), "head": (head_step, ())}  # fn, donated
+_LAYERED_TARGETS = {"embed": (embed_step, ()), "layer": (layer_step, (3,)), "select": (select_rows, ()),
+                    "head": (head_step, ())}  # fn, donated argnums
 
 
 def _layered_function(kind: str, jit_key, out_shardings, **statics):
@@ -350,7 +365,8 @@ class ModelRunner:
             from jaxllm.parallel.rules import replicated
 
             rep, kv = replicated(self.mesh), self._kv_sharding
-        self._layered_shardings = {"embed": rep, "layer": (rep, (kv, kv)), "head": None if self.mesh is None else rep}
+        self._layered_shardings = {"embed": rep, "layer": (rep, (kv, kv)), "select": rep,
+                                   "head": None if self.mesh is None else rep}
         self._layered_fns: dict = {}
 
     def _layered(self, kind: str, **statics):
@@ -390,17 +406,24 @@ class ModelRunner:
                                      self._layer_numbers[i] if inst else None)
         finally:
             self.kv_caches = caches  # donated entries replaced so far (kv_cache_lost sees the rest)
+        if not (inst or step.prompt_logprobs):
+            # Nothing of [T] shape left (the unread targets neither): the head is keyed by S.
+            x, logits_indices, targets = self._layered("select")(x, logits_indices), None, None
         head = self._layered("head", sampler=step.sampler, prompt_logprobs=step.prompt_logprobs, instrumented=inst)
         return head(self._head_params, x, logits_indices, sampling_inputs, targets, recorded)
 
     def step_executables_per_bucket(self, step_variants, instrumented_variants=()) -> int:
         """How many step executables one token bucket needs for these (sampler, prompt_logprobs)
-        variants (and instrumented ones): one each when fused; layered: the embedding, one
-        decoder layer per distinct signature (and per instrumented flag in use), one head each."""
+        variants (and instrumented ones), counting its own only: one each when fused; layered:
+        the embedding, one decoder layer per distinct signature (and per instrumented flag in
+        use), one head each, and the row selection when some variant has neither prompt
+        logprobs nor instruments (its heads are then shared by buckets of the same row count,
+        counted here for each bucket)."""
         if self.compilation == "fused":
             return len(step_variants) + len(instrumented_variants)
         flags = bool(step_variants) + bool(instrumented_variants)
-        return 1 + len(set(self._layer_reps)) * flags + len(step_variants) + len(instrumented_variants)
+        select = any(not prompt_logprobs for _, prompt_logprobs in step_variants)
+        return 1 + len(set(self._layer_reps)) * flags + select + len(step_variants) + len(instrumented_variants)
 
     def _init_swap(self, kv_sharding) -> None:
         if kv_sharding is None:
