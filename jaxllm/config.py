@@ -15,6 +15,8 @@ from jaxllm.models.model_config import ModelConfig
 DTYPES = ("float32", "bfloat16")
 ATTENTION_BACKENDS = ("reference", "pallas")
 PREEMPTION_MODES = ("recompute", "swap")
+# How a step is compiled (EngineConfig.compilation).
+COMPILATION_MODES = ("fused", "layered")
 GiB = 1 << 30
 # JAX's persistent compilation cache (jaxllm/runner/compile_cache.py); expanded at engine start.
 DEFAULT_COMPILE_CACHE_DIR = "~/.cache/jaxllm/jax_compile_cache"
@@ -183,9 +185,26 @@ class EngineConfig:
     # kernels in interpret mode on CPU), with tensor_parallel_size=2 and with
     # pipeline_parallel_size=2 (x tensor_parallel_size=2), reference attention.
     batch_invariant: bool = False
+    # How a step is compiled. "fused": one XLA program per token bucket and step variant, every
+    # decoder layer unrolled in it (each bucket compiles all layers). "layered": an embedding
+    # program, one decoder-layer program per distinct layer signature (Llama: 1; Gemma 3:
+    # sliding and global) dispatched once per layer with that layer's params and donated KV
+    # cache, and a final-norm + LM head + sampling program (jaxllm/runner/runner.py). Layered
+    # compiles a bucket several times faster; its steady-state step costs about the same on
+    # CPU (measured in experiments/startup_time.py). Not with pipeline parallelism, whose tick
+    # is fused. None (default): "layered", or "fused" under pipeline parallelism.
+    compilation: str | None = None
 
     def __post_init__(self):
         _require(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.compilation is None:
+            object.__setattr__(self, "compilation", "layered" if self.parallel.pipeline_parallel_size == 1 else "fused")
+        _require(self.compilation in COMPILATION_MODES,
+                 f"compilation must be one of {COMPILATION_MODES}, got {self.compilation!r}")
+        # The pipeline runs its stages' layers inside one jitted tick (jaxllm/parallel/pipeline_tick.py).
+        _require(self.compilation == "fused" or self.parallel.pipeline_parallel_size == 1,
+                 f"compilation={self.compilation!r} needs pipeline_parallel_size=1 (pipeline parallelism "
+                 f"compiles its own fused tick), got {self.parallel.pipeline_parallel_size}; use compilation='fused'")
         _require(isinstance(self.batch_invariant, bool), f"batch_invariant must be a bool, got {self.batch_invariant!r}")
         # batch_invariant holds with both attention backends (attention/invariant.py, the Pallas
         # kernels' aligned tiles), under tensor parallelism (every collective but the embedding's

@@ -50,6 +50,7 @@ class LLM:
         compile_cache_dir: str | None = DEFAULT_COMPILE_CACHE_DIR,
         gpu_memory_utilization: float = 0.9,
         batch_invariant: bool = False,
+        compilation: str | None = None,
     ):
         config = EngineConfig(
             model=model,
@@ -80,6 +81,7 @@ class LLM:
             skip_tokenizer_init=skip_tokenizer_init,
             compile_cache_dir=compile_cache_dir,
             batch_invariant=batch_invariant,
+            compilation=compilation,
         )
         self.engine = Engine(config)
         self._next_id = 0

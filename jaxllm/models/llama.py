@@ -95,6 +95,14 @@ def decoder_layer(lp: dict, config: ModelConfig, x: jax.Array, positions: jax.Ar
     return x, kv_cache
 
 
+def layer_signature(config: ModelConfig, layer_idx: int) -> tuple:
+    """The static facts of layer `layer_idx` that decoder_layer and the paged attention read (its
+    RoPE and sliding window): two layers with equal signatures (and equal param shapes) run the
+    same program, so a layered step compiles one decoder-layer executable per distinct signature
+    (Llama: 1; Gemma 3: sliding and global). Must name everything decoder_layer reads by index."""
+    return (config.layer_ropes[layer_idx], config.layer_sliding_windows[layer_idx])
+
+
 def _attention_inputs(lp: dict, config: ModelConfig, norm, rope, x: jax.Array, positions: jax.Array):
     """x [t, H], positions [t] -> q [t, nH, D], k and v [t, nKV, D], RoPE applied (per token)."""
     t, nh, nkv, d, eps = x.shape[0], config.num_heads, config.num_kv_heads, config.head_dim, config.rms_norm_eps

@@ -4,6 +4,12 @@ It owns the parameters, the paged KV cache and the jitted step (forward + sampli
 only place that moves data to the device. The KV cache is donated to the step, so XLA updates it
 in place; the runner keeps the returned buffers for the next step.
 
+Two ways to compile a step (EngineConfig.compilation): "fused", paged_step as one program per
+token bucket and variant, every layer unrolled; "layered" (default), the same model functions
+cut into an embedding program, one decoder-layer program per layer signature called once per
+layer with that layer's KV cache donated, and a head + sampling program (see embed_step), so a
+bucket compiles one layer, not all of them.
+
 Swap preemption: a host pool of `num_cpu_blocks` blocks per layer (K and V, each
 [num_cpu_blocks, block_size, nKV, D]) in JAX's `pinned_host` memory kind, and two jitted copies
 over it: swap-out gathers device blocks into the (donated) host pool, swap-in gathers host blocks
@@ -103,14 +109,15 @@ def paged_step(params, kv_caches, token_ids, positions, metadata, logits_indices
 
 
 def sample_outputs(params, config: ModelConfig, hidden, logits_indices, sampling_inputs, prompt_targets, *,
-                   sampler: str, prompt_logprobs: bool) -> StepOutputs:
+                   sampler: str, prompt_logprobs: bool, rows=None) -> StepOutputs:
     """hidden [T, H] (after the final norm) -> StepOutputs: LM head on the rows' last tokens,
     sampling, and with `prompt_logprobs` every token's top-20 logprobs. `params` needs only
-    "embed" / "lm_head" (the pipeline passes its last stage's table)."""
+    "embed" / "lm_head" (the pipeline passes its last stage's table). rows: the sampled rows
+    [S, H], normed apart by the caller (the layered head); hidden then serves prompt logprobs only."""
     # Batch-invariant mode: the sampler's row reductions over fixed row tiles too (layers.row_tiled).
     tile = layers.ROW_TILE if config.batch_invariant else None
     model = registry.get_model_module(config.architecture)
-    logits = model.compute_logits(params, config, hidden[logits_indices])
+    logits = model.compute_logits(params, config, hidden[logits_indices] if rows is None else rows)
     sampled = layers.row_tiled(lambda lg, si: sampling.sample(lg, si, sampler), logits, sampling_inputs,
                                row_tile=tile)
     out = StepOutputs(sampled.token_ids, sampled.logprobs, sampled.top_logprobs, sampled.top_token_ids)
@@ -122,6 +129,68 @@ def sample_outputs(params, config: ModelConfig, hidden, logits_indices, sampling
         out = dataclasses.replace(out, prompt_logprobs=lp, prompt_top_logprobs=top, prompt_top_token_ids=ids)
     return out
 
+
+# The layered step (EngineConfig.compilation="layered"): the same model functions as paged_step,
+# cut into three jitted programs so that a token bucket compiles one decoder layer per distinct
+# layer signature instead of all of them unrolled:
+#   x = embed_step(table, token_ids)                                   # [T, H]
+#   for each layer i: x, kv[i] = layer_step(params_i, x, ..., kv[i])   # kv[i] donated
+#   out = head_step(head_params, x, ...)                               # final norm, LM head, sampling
+# JAX dispatches asynchronously, so the host only enqueues the L + 2 calls (~0.2 ms each on CPU).
+
+
+def embed_step(table, token_ids, *, config: ModelConfig):
+    """token_ids [T] int32 -> the residual stream [T, H] entering layer 0."""
+    return registry.get_model_module(config.architecture).embed(table, config, token_ids)
+
+
+def layer_step(lp, x, positions, kv_cache, metadata, residual_add, layer, *, config: ModelConfig,
+               attention_fn, layer_idx: int, instrumented: bool):
+    """One decoder layer of a layered step: x [T, H] -> (x [T, H], the layer's new (K, V)).
+
+    layer_idx (static) is the first layer with this layer's signature (llama.layer_signature):
+    it stands for every such layer, so they share this executable. When instrumented,
+    residual_add [L, S, H] and layer (int32 scalar, the layer's real index, data) add the row's
+    intervention to x at the layer's input, as paged_step's residual hook does (the caller
+    records x before the call).
+    """
+    model = registry.get_model_module(config.architecture)
+    if instrumented:
+        row_add = jax.lax.dynamic_index_in_dim(residual_add, layer, keepdims=True)  # [1, S, H]
+        hook, _ = instruments.residual_hook(row_add, metadata.cu_q_lens, x.shape[0])
+        x = hook(0, x)
+    attention = make_paged_attention(config, metadata, attention_fn)
+    return model.decoder_layer(lp, config, x, positions, layer_idx, kv_cache, attention)
+
+
+def select_rows(x, logits_indices, *, config: ModelConfig):
+    """x [T, H] -> the S sampled rows [S, H]: a step without prompt logprobs or instruments
+    reads nothing else, so its head program depends on S only and is shared by every token
+    bucket with the same row count (S = min(T, max_num_seqs)). `config` is not read: it keys
+    the program per model like the others, so a model's executables are its own to count."""
+    return x[logits_indices]
+
+
+def head_step(head_params, x, logits_indices, sampling_inputs, prompt_targets, recorded, *, config: ModelConfig,
+              sampler: str, prompt_logprobs: bool, instrumented: bool):
+    """The last layer's output x [T, H] -> StepOutputs (final norm, LM head, sampling). When
+    instrumented, recorded is the L layer inputs [T, H] and the outputs carry the residuals
+    [L + 1, T, H] (the final-norm output last), as paged_step's. Without prompt logprobs and
+    instruments, x is select_rows' [S, H] and logits_indices is None (row i samples row i)."""
+    model = registry.get_model_module(config.architecture)
+    norm = lambda h: model.final_norm(head_params["final_norm"], config, h)  # noqa: E731
+    # The sampled rows are normed as [S, H] in every variant, so a plain step and an instrumented
+    # or prompt-logprobs one round a row's logits alike (a zero intervention changes no bit).
+    rows = norm(x if logits_indices is None else x[logits_indices])
+    hidden = norm(x) if (prompt_logprobs or instrumented) else None
+    out = sample_outputs(head_params, config, hidden, None, sampling_inputs, prompt_targets,
+                         sampler=sampler, prompt_logprobs=prompt_logprobs, rows=rows)
+    if instrumented:
+        out = dataclasses.replace(out, residuals=jnp.stack([*recorded, hidden]))
+    return out
+
+
+HEAD_PARAMS = ("embed", "lm_head", "final_norm")  # what head_step reads (the embedding when tied)
 
 jax.tree_util.register_dataclass(
     StepOutputs, data_fields=[f.name for f in dataclasses.fields(StepOutputs)], meta_fields=[]
@@ -224,6 +293,23 @@ def _step_function(jit_kwargs_key, jit_kwargs: dict):
     return fn
 
 
+_LAYERED_FUNCTIONS: dict = {}  # (kind, sharding key, statics) -> jitted layered piece, shared by runners
+_LAYERED_TARGETS = {"embed": (embed_step, ()), "layer": (layer_step, (3,)), "select": (select_rows, ()),
+                    "head": (head_step, ())}  # fn, donated argnums
+
+
+def _layered_function(kind: str, jit_key, out_shardings, **statics):
+    """The jitted embed / layer / head program for these statics (bound with functools.partial,
+    so a call hashes no config: the layer program is called L times a step)."""
+    key = (kind, jit_key, tuple(sorted(statics.items())))
+    fn = _LAYERED_FUNCTIONS.get(key)
+    if fn is None:
+        target, donate = _LAYERED_TARGETS[kind]
+        kwargs = {} if out_shardings is None else {"out_shardings": out_shardings}
+        fn = _LAYERED_FUNCTIONS[key] = jax.jit(functools.partial(target, **statics), donate_argnums=donate, **kwargs)
+    return fn
+
+
 class ModelRunner:
     """Holds device state and runs jitted steps; counts the compilations its steps caused."""
 
@@ -264,10 +350,92 @@ class ModelRunner:
         self.kv_caches = self._allocate_kv_cache(kv_sharding)
         self._neutral: dict = {}  # (shape, dtype) -> device array, see _fill_neutral
         self._jitted = _step_function(jit_key, jit_kwargs)
+        self.compilation = resolved.engine.compilation
+        self._jit_key = jit_key
+        if self.compilation == "layered":
+            self._init_layered()
         self.host_caches = None  # the swap pool, [(K, V)] per layer, when num_cpu_blocks > 0
         self.swap_buckets: tuple[int, ...] = ()
         if resolved.num_cpu_blocks:
             self._init_swap(kv_sharding)
+
+    def _init_layered(self) -> None:
+        """Layered step state: each layer's representative (the first layer with its signature),
+        the head's params, and the out_shardings of the three programs under tensor parallelism
+        (the residual stream replicated between layers, each layer's KV cache over KV heads)."""
+        cfg = self.config
+        model = registry.get_model_module(cfg.architecture)
+        first: dict = {}
+        self._layer_reps = tuple(first.setdefault(model.layer_signature(cfg, i), i) for i in range(cfg.num_layers))
+        self._head_params = {k: self.params[k] for k in HEAD_PARAMS if k in self.params}
+        self._layer_numbers = None  # int32 device scalars 0..L-1, made on the first instrumented step
+        # Committed outputs even on one device: layer 0 would otherwise see an uncommitted x
+        # (from the embedding) and layer 1 a committed one, and compile twice.
+        if self.mesh is None:
+            rep = kv = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        else:
+            from jaxllm.parallel.rules import replicated
+
+            rep, kv = replicated(self.mesh), self._kv_sharding
+        self._layered_shardings = {"embed": rep, "layer": (rep, (kv, kv)), "select": rep,
+                                   "head": None if self.mesh is None else rep}
+        self._layered_fns: dict = {}
+
+    def _layered(self, kind: str, **statics):
+        """This runner's jitted layered piece (a per-runner dict in front of _layered_function)."""
+        key = (kind, *sorted(statics.items()))
+        fn = self._layered_fns.get(key)
+        if fn is None:
+            fn = self._layered_fns[key] = _layered_function(
+                kind, self._jit_key, self._layered_shardings[kind], config=self.config, **statics)
+        return fn
+
+    def _run_layered(self, step: StepInputs) -> StepOutputs:
+        """One layered step (see embed_step): L + 2 asynchronous dispatches; the KV cache of
+        layer i is donated to its call and replaced by the result as the chain goes."""
+        token_ids, positions, metadata, logits_indices, sampling_inputs, targets, residual_add = self.device_args(step)
+        if self.mesh is None:
+            # Moved once, not once per layer call (a numpy argument is copied at every call).
+            positions, metadata, residual_add = jax.device_put((positions, metadata, residual_add))
+        inst = step.instrumented
+        if inst and self._layer_numbers is None:
+            numbers = np.arange(self.config.num_layers, dtype=np.int32)
+            if self.mesh is not None:
+                from jaxllm.parallel.runtime import to_global
+
+                self._layer_numbers = [to_global(self.mesh, n) for n in numbers]
+            else:
+                self._layer_numbers = list(jax.device_put(list(numbers)))
+        x = self._layered("embed")(self.params["embed"], token_ids)
+        recorded, caches = [], list(self.kv_caches)
+        try:
+            for i, lp in enumerate(self.params["layers"]):
+                layer = self._layered("layer", attention_fn=self._attention_fn, layer_idx=self._layer_reps[i],
+                                      instrumented=inst)
+                if inst:
+                    recorded.append(x)
+                x, caches[i] = layer(lp, x, positions, caches[i], metadata, residual_add,
+                                     self._layer_numbers[i] if inst else None)
+        finally:
+            self.kv_caches = caches  # donated entries replaced so far (kv_cache_lost sees the rest)
+        if not (inst or step.prompt_logprobs):
+            # Nothing of [T] shape left (the unread targets neither): the head is keyed by S.
+            x, logits_indices, targets = self._layered("select")(x, logits_indices), None, None
+        head = self._layered("head", sampler=step.sampler, prompt_logprobs=step.prompt_logprobs, instrumented=inst)
+        return head(self._head_params, x, logits_indices, sampling_inputs, targets, recorded)
+
+    def step_executables_per_bucket(self, step_variants, instrumented_variants=()) -> int:
+        """How many step executables one token bucket needs for these (sampler, prompt_logprobs)
+        variants (and instrumented ones), counting its own only: one each when fused; layered:
+        the embedding, one decoder layer per distinct signature (and per instrumented flag in
+        use), one head each, and the row selection when some variant has neither prompt
+        logprobs nor instruments (its heads are then shared by buckets of the same row count,
+        counted here for each bucket)."""
+        if self.compilation == "fused":
+            return len(step_variants) + len(instrumented_variants)
+        flags = bool(step_variants) + bool(instrumented_variants)
+        select = any(not prompt_logprobs for _, prompt_logprobs in step_variants)
+        return 1 + len(set(self._layer_reps)) * flags + select + len(step_variants) + len(instrumented_variants)
 
     def _init_swap(self, kv_sharding) -> None:
         if kv_sharding is None:
@@ -311,11 +479,14 @@ class ModelRunner:
         """Run one step; returns its outputs as numpy arrays."""
         compiles, hits = _NUM_XLA_COMPILES[0], compile_cache.NUM_CACHE_HITS[0]
         try:
-            out, self.kv_caches = self._jitted(
-                self.params, self.kv_caches, *self.device_args(step), config=self.config,
-                attention_fn=self._attention_fn, sampler=step.sampler, prompt_logprobs=step.prompt_logprobs,
-                instrumented=step.instrumented,
-            )
+            if self.compilation == "layered":
+                out = self._run_layered(step)
+            else:
+                out, self.kv_caches = self._jitted(
+                    self.params, self.kv_caches, *self.device_args(step), config=self.config,
+                    attention_fn=self._attention_fn, sampler=step.sampler, prompt_logprobs=step.prompt_logprobs,
+                    instrumented=step.instrumented,
+                )
         finally:
             _NUM_STEP_COMPILES[0] += self._count_built(compiles, hits)
         self.step_variants_used.add(
@@ -446,7 +617,8 @@ class ModelRunner:
     @property
     def num_executables(self) -> int:
         """Step executables compiled in this process by every runner (whatever its model or
-        cache shape; jit keeps them all). Each holds memory and hundreds of memory mappings,
+        cache shape; jit keeps them all): fused steps, or a layered step's embedding, layer and
+        head programs (step_executables_per_bucket). Each holds memory and memory mappings,
         which is why their number must stay bounded."""
         return _NUM_STEP_COMPILES[0]
 
