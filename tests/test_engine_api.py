@@ -232,27 +232,41 @@ def test_max_tokens_none_runs_to_max_model_len(llm):
 
 
 def _failing_step(runner, should_fail, consume_kv_cache: bool):
-    """Wrap the runner's jitted step so calls matching `should_fail(statics)` raise, as a failed
-    compilation (nothing consumed) or a failed execution (the donated KV cache consumed) would."""
-    real = runner._jitted
+    """Make the runner's steps whose statics (sampler, prompt_logprobs, ...) match `should_fail`
+    raise, as a failed compilation (nothing consumed) or a failed execution (the donated KV cache
+    consumed) would: the fused step's jitted function, or the whole layered chain (a failure
+    there may come after some layers' donated caches were consumed: all of them are, here).
+    Returns a function that undoes it."""
+    name = "_jitted" if runner.compilation == "fused" else "_run_layered"
+    real = getattr(runner, name)
 
-    def step(params, kv_caches, *args, **statics):
+    def fail(kv_caches):
+        if consume_kv_cache:
+            for k, v in kv_caches:
+                k.delete()
+                v.delete()
+        raise RuntimeError("LLVM compilation error: Cannot allocate memory")
+
+    def fused(params, kv_caches, *args, **statics):
         if should_fail(statics):
-            if consume_kv_cache:
-                for k, v in kv_caches:
-                    k.delete()
-                    v.delete()
-            raise RuntimeError("LLVM compilation error: Cannot allocate memory")
+            fail(kv_caches)
         return real(params, kv_caches, *args, **statics)
 
-    runner._jitted = step
-    return real
+    def layered(step):
+        if should_fail({"sampler": step.sampler, "prompt_logprobs": step.prompt_logprobs,
+                        "instrumented": step.instrumented}):
+            fail(runner.kv_caches)
+        return real(step)
+
+    setattr(runner, name, fused if name == "_jitted" else layered)
+    return lambda: setattr(runner, name, real)
 
 
-def test_failed_compilation_ends_its_requests_and_the_engine_keeps_serving(model_dir):
-    llm = LLM(model_dir, num_kv_blocks=64, max_num_seqs=4, max_num_batched_tokens=64)
+@pytest.mark.parametrize("compilation", ["fused", "layered"])
+def test_failed_compilation_ends_its_requests_and_the_engine_keeps_serving(model_dir, compilation):
+    llm = LLM(model_dir, num_kv_blocks=64, max_num_seqs=4, max_num_batched_tokens=64, compilation=compilation)
     expected = llm.generate(ids(12, 30), greedy(5), use_tqdm=False)[0].outputs[0].token_ids
-    real = _failing_step(llm.engine.runner, lambda s: s["sampler"] == "general", consume_kv_cache=False)
+    restore = _failing_step(llm.engine.runner, lambda s: s["sampler"] == "general", consume_kv_cache=False)
     random_params = SamplingParams(temperature=0.8, max_tokens=5)
     outs = llm.generate([ids(12, 30), ids(20, 31)], [greedy(5), random_params], use_tqdm=False)
     for out in outs:  # the failed step held both: both end with the cause named
@@ -262,13 +276,14 @@ def test_failed_compilation_ends_its_requests_and_the_engine_keeps_serving(model
     assert llm.generate(ids(12, 30), greedy(5), use_tqdm=False)[0].outputs[0].token_ids == expected
     stats = llm.get_stats()
     assert stats["num_failed_steps"] == 1 and stats["kv_blocks_used"] == 0
-    llm.engine.runner._jitted = real
+    restore()
 
 
-def test_failed_step_that_consumed_the_kv_cache_recomputes_the_others(model_dir):
+@pytest.mark.parametrize("compilation", ["fused", "layered"])
+def test_failed_step_that_consumed_the_kv_cache_recomputes_the_others(model_dir, compilation):
     # One seat: "b" waits while "a" runs; a failure that consumed the donated KV cache ends "a",
     # and "b" then runs on a fresh cache with the right tokens.
-    llm = LLM(model_dir, num_kv_blocks=64, max_num_seqs=1, max_num_batched_tokens=64)
+    llm = LLM(model_dir, num_kv_blocks=64, max_num_seqs=1, max_num_batched_tokens=64, compilation=compilation)
     expected = llm.generate(ids(9, 33), greedy(4), use_tqdm=False)[0].outputs[0].token_ids
     engine = llm.engine
     calls = []
@@ -277,7 +292,7 @@ def test_failed_step_that_consumed_the_kv_cache_recomputes_the_others(model_dir)
         calls.append(statics)
         return len(calls) == 2
 
-    real = _failing_step(engine.runner, second_call, consume_kv_cache=True)
+    restore = _failing_step(engine.runner, second_call, consume_kv_cache=True)
     engine.add_request("a", ids(9, 32), greedy(4))
     engine.add_request("b", ids(9, 33), greedy(4))
     finished = {}
@@ -288,7 +303,7 @@ def test_failed_step_that_consumed_the_kv_cache_recomputes_the_others(model_dir)
     assert finished["a"].outputs[0].finish_reason == "error" and "Cannot allocate" in finished["a"].error
     assert finished["b"].outputs[0].token_ids == expected and finished["b"].error is None
     assert not engine.runner.kv_cache_lost() and llm.get_stats()["kv_blocks_used"] == 0
-    engine.runner._jitted = real
+    restore()
 
 
 def test_step_observers_see_every_step(llm):
