@@ -3,6 +3,7 @@ measured on this CPU against jaxllm.sim's prediction.
 
     python experiments/sim_accuracy.py            # ~3 min on 2 busy cores; prints the error table
     python experiments/sim_accuracy.py --quick    # smoke run: tiny model, few requests
+    python experiments/sim_accuracy.py --record runs.pkl; ... --from-record runs.pkl   # refit without re-measuring
 
 1. Record: one real Engine (a random-init Llama, fp32, warmed up so nothing compiles in a run)
    runs every workload below through jaxllm.bench's TimedDriver (Poisson arrivals on the wall clock,
@@ -24,6 +25,7 @@ import argparse
 import json
 import math
 import os
+import pickle
 import sys
 import time
 
@@ -79,6 +81,39 @@ def workload_requests(spec, vocab_size: int, seed: int, scale: float = 1.0, capa
 KEYS = ("output_throughput", "mean_ttft_ms", "p90_ttft_ms")  # jaxllm.bench.metrics.summarize's names
 
 
+def measure(engine, model_kwargs: dict, scale: float, repeats: int) -> dict:
+    """Run every workload `repeats` times on the real engine: {name: (spec, (requests, arrivals),
+    [DriverResult per repeat])}."""
+    t = time.perf_counter()
+    engine.warmup(step_variants=((GREEDY, False),))
+    print(f"warm-up (compilation) {time.perf_counter() - t:.1f} s")
+    # One untimed run first: the first real steps touch the KV cache's pages for the first time.
+    TimedDriver(engine).run(*workload_requests(WORKLOADS[0], model_kwargs["vocab_size"], seed=999, scale=scale))
+
+    compiled = engine.get_stats()["num_compilations"]
+    runs = {spec[0]: (spec, None, []) for spec in WORKLOADS}  # name -> (spec, requests, [run per repeat])
+    capacity = None
+    # Every workload runs `repeats` times, round-robin, with the same requests and arrivals: the
+    # prediction is compared with the median, and the spread between repeats is the noise floor.
+    for rep in range(repeats):
+        for i, spec in enumerate(WORKLOADS):
+            name = spec[0]
+            reqs = runs[name][1] or workload_requests(spec, model_kwargs["vocab_size"], seed=100 * i, scale=scale,
+                                                      capacity_tok_s=capacity)
+            engine.reset_prefix_cache()
+            t = time.perf_counter()
+            run = TimedDriver(engine).run(*reqs)
+            if engine.get_stats()["num_compilations"] != compiled:
+                raise RuntimeError(f"{name}: the engine compiled during a timed run (a bucket the warm-up missed)")
+            runs[name] = (spec, reqs, runs[name][2] + [run])
+            if capacity is None:  # the first run is offline: this machine's capacity right now
+                capacity = run.summary()["output_throughput"]
+            print(f"measured {name:18s} (repeat {rep + 1}/{repeats}) {len(reqs[1]):3d} requests, "
+                  f"{len(run.steps):4d} steps, {time.perf_counter() - t:5.1f} s, load {os.getloadavg()[0]:.1f}")
+
+    return runs
+
+
 def ttft_parts(runs) -> dict:
     """Median over requests (and runs) of TTFT's two parts, in ms: the wait from arrival to the
     first step that schedules the request (queue) and from there to its first token (service)."""
@@ -98,6 +133,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--no-roofline", action="store_true", help="skip the roofline micro-benchmark column")
     ap.add_argument("--repeats", type=int, default=3,
                     help="timed runs of each workload (round-robin); predictions are compared with their median")
+    ap.add_argument("--record", default=None, help="also pickle the measured runs here (for --from-record)")
+    ap.add_argument("--from-record", default=None,
+                    help="skip measuring: fit and predict on runs pickled by an earlier --record (same --quick)")
     ap.add_argument("--model-cache-dir", default=os.path.expanduser("~/.cache/jaxllm/bench_models"))
     ap.add_argument("--out", default=os.path.join(HERE, "results", "sim_accuracy.json"))
     ap.add_argument("--cost-model-out", default=os.path.join(HERE, "results", "sim_cost_model_cpu.json"))
@@ -115,32 +153,14 @@ def main(argv=None) -> dict:
                           scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=128,
                                                     max_model_len=512))
     engine = Engine(config)
-    t = time.perf_counter()
-    engine.warmup(step_variants=((GREEDY, False),))
-    print(f"warm-up (compilation) {time.perf_counter() - t:.1f} s")
-    # One untimed run first: the first real steps touch the KV cache's pages for the first time.
-    TimedDriver(engine).run(*workload_requests(WORKLOADS[0], model_kwargs["vocab_size"], seed=999, scale=scale))
-
-    compiled = engine.get_stats()["num_compilations"]
-    runs = {spec[0]: (spec, None, []) for spec in WORKLOADS}  # name -> (spec, requests, [run per repeat])
-    capacity = None
-    # Every workload runs `repeats` times, round-robin, with the same requests and arrivals: the
-    # prediction is compared with the median, and the spread between repeats is the noise floor.
-    for rep in range(args.repeats):
-        for i, spec in enumerate(WORKLOADS):
-            name = spec[0]
-            reqs = runs[name][1] or workload_requests(spec, model_kwargs["vocab_size"], seed=100 * i, scale=scale,
-                                                      capacity_tok_s=capacity)
-            engine.reset_prefix_cache()
-            t = time.perf_counter()
-            run = TimedDriver(engine).run(*reqs)
-            if engine.get_stats()["num_compilations"] != compiled:
-                raise RuntimeError(f"{name}: the engine compiled during a timed run (a bucket the warm-up missed)")
-            runs[name] = (spec, reqs, runs[name][2] + [run])
-            if capacity is None:  # the first run is offline: this machine's capacity right now
-                capacity = run.summary()["output_throughput"]
-            print(f"measured {name:18s} (repeat {rep + 1}/{args.repeats}) {len(reqs[1]):3d} requests, "
-                  f"{len(run.steps):4d} steps, {time.perf_counter() - t:5.1f} s, load {os.getloadavg()[0]:.1f}")
+    if args.from_record:  # fit and predict only, on runs an earlier invocation measured
+        with open(args.from_record, "rb") as f:
+            runs = pickle.load(f)
+    else:
+        runs = measure(engine, model_kwargs, scale, args.repeats)
+    if args.record:
+        with open(args.record, "wb") as f:
+            pickle.dump(runs, f)
 
     model_config = model_config_from(model_dir)
     costs = ModelCosts.from_config(model_config, config.dtype)
