@@ -1,5 +1,6 @@
 """Pipeline parallelism: greedy tokens and logprobs identical to P=1 for P = 2 and 4, P=2xT=2 and
-P=2xT=4 and an uneven partition (padded stage), on a mixed, chunked batch with preemption and
+P=2xT=4 and an uneven partition (padded stage), and for Gemma 3 (sliding and global layers in
+one slot on different stages) at P=2 and P=2xT=2, on a mixed, chunked batch with preemption and
 prefix-cache hits; also with swap preemption (per-stage host pools), host/device overlap and the
 Pallas backend; per-device bytes ~1/(P*T) within the documented vocabulary-table imbalance; up
 to P micro-batches in flight, disjoint; two processes (gloo, swap preemption) equal one; clear
@@ -63,11 +64,24 @@ def model_dir(tmp_path_factory):
     return make_tiny_model(tmp_path_factory.mktemp("pp"), arch="llama", name="tiny", num_hidden_layers=4)
 
 
+# Gemma 3 with a 16-token window (the workload's prompts are 18-38 tokens, chunked by 32) and
+# layers S S G | S G: P=2 splits them (3, 2), so slot 1 is a sliding layer (local RoPE base) on
+# stage 0 and a global one on stage 1 (a per-stage variant), and slot 2 is stage 1's padding slot.
+_S, _G = "sliding_attention", "full_attention"
+GEMMA = dict(arch="gemma3", num_hidden_layers=5, sliding_window=16, layer_types=[_S, _S, _G, _S, _G])
+
+
 @pytest.fixture(scope="module")
-def jobs(model_dir, tmp_path_factory):
-    # head_dim 64: the Mosaic GPU kernel's shapes (attention/pallas.py), for the export job.
-    model64 = make_tiny_model(tmp_path_factory.mktemp("pp64"), arch="llama", hidden_size=128,
-                              num_attention_heads=2, num_key_value_heads=1)
+def gemma_dir(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("pp_gemma"), name="gemma", **GEMMA)
+
+
+@pytest.fixture(scope="module")
+def jobs(model_dir, gemma_dir, tmp_path_factory):
+    # head_dim 64: the Mosaic GPU kernel's shapes (attention/pallas.py), for the export job; Gemma
+    # 3's mixed layers, so the kernel is exported inside the tick's per-stage layer switch too.
+    model64 = make_tiny_model(tmp_path_factory.mktemp("pp64"), hidden_size=128, num_attention_heads=2,
+                              num_key_value_heads=1, head_dim=64, query_pre_attn_scalar=64, **GEMMA)
     tmp = tmp_path_factory.mktemp("pp_jobs")
     port = _free_port()
     started = {
@@ -79,6 +93,10 @@ def jobs(model_dir, tmp_path_factory):
         # 2x2/pallas: the Pallas kernel (interpret mode on CPU) per device under a nested shard_map.
         "b": _Job(["engine", model_dir, "2x2,2x4:1+3,2x2/swap,2x2/pallas,2x2/invariant"], str(tmp / "b.json")),
         "export": _Job(["export", model64], str(tmp / "export.json")),
+        # Gemma 3: layers differing in RoPE base and window, a different one per stage in a slot.
+        # 2x2/pallas: the kernel (interpret mode) inside each variant of the per-stage switch.
+        # 2x1/hlo: also counts whole-KV-cache copies in the compiled tick.
+        "gemma": _Job(["engine", gemma_dir, "1x1,2x1/hlo,2x2,2x2/pallas"], str(tmp / "gemma.json")),
     }
     for i in range(2):
         env = {"JAXLLM_COORDINATOR": f"127.0.0.1:{port}", "JAXLLM_NUM_PROCESSES": "2", "JAXLLM_PROCESS_ID": str(i)}
@@ -150,8 +168,10 @@ def test_pallas_backend_matches_one_stage_reference(jobs):
     assert run["tokens"] == ref["tokens"]
     _assert_same_logprobs(run["logprobs"], ref["logprobs"])  # observed 9.5e-7 off the reference's
     assert run["num_preemptions"] > 0 and run["num_compilations"] == 1
-    # On a GPU the tick lowers to the Mosaic GPU kernel, inside the nested shard_map.
-    assert jobs["export"].result()["mosaic_gpu"]
+    # On a GPU the tick lowers to the Mosaic GPU kernel, inside the nested shard_map (the export
+    # model is Gemma 3: also inside the per-stage layer switch).
+    export = jobs["export"].result()
+    assert export["mosaic_gpu"] and export["layer_switch"]
 
 
 def test_batch_invariant_mode_under_pipeline_parallelism(jobs):
@@ -205,6 +225,24 @@ def test_uneven_partition_pads_the_short_stage(jobs):
     # 3 slots per stage; stage 0 (devices 0-3) has one real layer, so its slots 1 and 2 never
     # hold K/V, while stage 1's (devices 4-7) do. One entry per K shard (4 heads over 4 devices).
     assert run["stage_kv_nonzero"] == [[True] * 8, [False] * 4 + [True] * 4, [False] * 4 + [True] * 4]
+
+
+def test_gemma3_mixed_layers_match_one_stage(jobs):
+    """Sliding layers (local RoPE base, 16-token window) and global ones in the same slot on
+    different stages: P=2 and P=2 x T=2 (also with the Pallas kernel) give P=1's tokens on the
+    chunked, preempted workload."""
+    runs = jobs["gemma"].result()
+    ref = runs["1x1"]
+    assert ref["num_preemptions"] > 0 and ref["prefix_cache_hits"] > 0
+    for name in ("2x1/hlo", "2x2", "2x2/pallas"):
+        run = runs[name]
+        assert run["counts"] == [3, 2], name
+        assert run["tokens"] == ref["tokens"], name
+        _assert_same_logprobs(run["logprobs"], ref["logprobs"])  # observed 1.4e-6 at 2x2
+        assert run["num_preemptions"] > 0 and run["num_compilations"] == 1, name
+    # The switched slot writes its KV cache outside the switch: no per-tick copy of a whole cache
+    # (switching the whole layer, cache included, copied slot 1's K and V: 2).
+    assert runs["2x1/hlo"]["kv_cache_copies"] == 0
 
 
 def test_two_processes_gloo_match_one_process(jobs):
@@ -278,6 +316,31 @@ def test_llm_refuses_bad_pipeline_before_loading(config_only_dir):
     with pytest.raises(ValueError, match=rf"pipeline_parallel_size=2 x tensor_parallel_size={n} = {2 * n} "
                                          rf"devices exceeds the {n} available"):
         LLM(config_only_dir, pipeline_parallel_size=2, tensor_parallel_size=n, skip_tokenizer_init=True)
+
+
+def test_mixed_layer_signatures_get_a_variant_per_stage(model_dir, gemma_dir):
+    """validate_pp accepts layers with different RoPE / windows; slot_variants gives each slot one
+    branch per distinct signature on its stages (padding slots: kind 0), and none to choose for a
+    uniform model; invalid layouts still raise."""
+    from jaxllm.models.loader import load_config
+    from jaxllm.parallel.pipeline import slot_variants, validate_pp
+
+    gemma, llama = load_config(gemma_dir), load_config(model_dir)
+    plan = validate_pp(gemma, 2, 2)  # layers S S G | S G
+    assert plan.counts == (3, 2)
+    # (representative global layers, each stage's index into them) per slot.
+    assert slot_variants(gemma, plan) == (((0,), (0, 0)), ((1, 4), (0, 1)), ((2,), (0, 0)))
+    plan = validate_pp(gemma, 2, 1, (2, 3))  # S S | G S G
+    assert slot_variants(gemma, plan) == (((0, 2), (0, 1)), ((1,), (0, 0)), ((4,), (0, 0)))
+    plan = validate_pp(gemma, 5, 1)  # one layer per stage: S S G S G
+    assert slot_variants(gemma, plan) == (((0, 2), (0, 0, 1, 0, 1)),)
+    assert all(len(reps) == 1 for reps, _ in slot_variants(llama, validate_pp(llama, 2, 1)))
+    with pytest.raises(ValueError, match=r"pipeline_parallel_size=6 exceeds num_layers=5"):
+        validate_pp(gemma, 6, 1)
+    with pytest.raises(ValueError, match=r"pipeline_layer_partition=\(2, 2\) sums to 4, not num_layers=5"):
+        validate_pp(gemma, 2, 1, (2, 2))
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=3 does not divide num_heads=4"):
+        validate_pp(gemma, 2, 3)
 
 
 @pytest.mark.parametrize("policy,overlap", [("fcfs", False), ("priority", False), ("sjf", False),

@@ -1,4 +1,5 @@
-"""Building blocks of the decoder forward: RMSNorm (Llama and Gemma), rotary embeddings, gated MLP.
+"""Building blocks of the decoder forward: RMSNorm (Llama and Gemma), rotary embeddings, gated MLP,
+and per_layer (what a layer reads by index, for a layer chosen at run time).
 
 All functions are pure jnp; numerics follow transformers so that fp32 parity is tight:
 RMSNorm and RoPE tables are computed in float32 and cast back to the activation dtype.
@@ -6,6 +7,7 @@ RMSNorm and RoPE tables are computed in float32 and cast back to the activation 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -72,6 +74,27 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int) -> np.ndarray:
     smoothed = ((1 - smooth) * inv_freq_llama / factor + smooth * inv_freq_llama).astype(np.float32)
     is_medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
     return np.where(is_medium, smoothed, inv_freq_llama).astype(np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerChoice:
+    """A decoder layer known only at run time: one of `reps` (static layer indices whose
+    llama.layer_signature differ). The pipeline tick runs local slot j of every stage with one
+    program although it is a different model layer on each (parallel/pipeline.py::slot_variants)."""
+
+    kind: jax.Array  # [] int32, this device's index into reps
+    reps: tuple[int, ...]
+
+
+def per_layer(layer, fn, *operands):
+    """fn(layer_idx, *operands) for what a layer reads by index (its RoPE, its window): called
+    directly for a static int layer; for a LayerChoice, a lax.switch over its reps, each branch
+    with its static facts (a device runs only its own). Callers keep KV-cache writes outside
+    `fn`: a cache updated inside a branch is copied whole (XLA cannot alias a conditional's
+    operand to its result), a cache only read inside one is not."""
+    if isinstance(layer, LayerChoice):
+        return jax.lax.switch(layer.kind, [functools.partial(fn, rep) for rep in layer.reps], *operands)
+    return fn(layer, *operands)
 
 
 def rope_cos_sin(positions: jax.Array, rope: RopeConfig, head_dim: int, dtype) -> tuple[jax.Array, jax.Array]:

@@ -19,7 +19,8 @@ import jax.numpy as jnp
 from jaxllm.models import layers
 from jaxllm.models.model_config import ModelConfig
 
-Attention = Callable[[int, jax.Array, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
+# attention(layer_idx: int | layers.LayerChoice, q, k, v, kv_cache_layer) -> (out, kv_cache_layer)
+Attention = Callable[[Any, jax.Array, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
 
 
 def forward(
@@ -83,13 +84,14 @@ def final_norm(weight: jax.Array, config: ModelConfig, x: jax.Array) -> jax.Arra
     return _per_token(config)(lambda xt: norm(xt, weight, config.rms_norm_eps), x)
 
 
-def decoder_layer(lp: dict, config: ModelConfig, x: jax.Array, positions: jax.Array, layer_idx: int,
+def decoder_layer(lp: dict, config: ModelConfig, x: jax.Array, positions: jax.Array, layer_idx,
                   kv_cache, attention: Attention) -> tuple[jax.Array, Any]:
     """One decoder layer on the residual stream x [T, H] at RoPE positions [T]: returns
-    (x [T, H], the layer's new KV cache entry). layer_idx picks the layer's RoPE and is passed to
+    (x [T, H], the layer's new KV cache entry). layer_idx (an int, or a layers.LayerChoice made
+    at run time among layers of different signatures) picks the layer's RoPE and is passed to
     `attention` (which reads the layer's sliding window); kv_cache: the layer's entry (None: no cache)."""
-    per_token, norm, rope = _per_token(config), _norm(config), config.layer_ropes[layer_idx]
-    q, k, v = per_token(lambda xt, pt: _attention_inputs(lp, config, norm, rope, xt, pt), x, positions)
+    per_token, norm = _per_token(config), _norm(config)
+    q, k, v = per_token(lambda xt, pt: _attention_inputs(lp, config, norm, layer_idx, xt, pt), x, positions)
     attn, kv_cache = attention(layer_idx, q, k, v, kv_cache)  # [T, nH, D]
     x = per_token(lambda xt, at: _attention_output_and_mlp(lp, config, norm, xt, at), x, attn)
     return x, kv_cache
@@ -103,10 +105,11 @@ def layer_signature(config: ModelConfig, layer_idx: int) -> tuple:
     return (config.layer_ropes[layer_idx], config.layer_sliding_windows[layer_idx])
 
 
-def _attention_inputs(lp: dict, config: ModelConfig, norm, rope, x: jax.Array, positions: jax.Array):
+def _attention_inputs(lp: dict, config: ModelConfig, norm, layer_idx, x: jax.Array, positions: jax.Array):
     """x [t, H], positions [t] -> q [t, nH, D], k and v [t, nKV, D], RoPE applied (per token)."""
     t, nh, nkv, d, eps = x.shape[0], config.num_heads, config.num_kv_heads, config.head_dim, config.rms_norm_eps
-    cos, sin = layers.rope_cos_sin(positions, rope, d, x.dtype)  # [t, D]
+    cos, sin = layers.per_layer(  # [t, D]
+        layer_idx, lambda i, p: layers.rope_cos_sin(p, config.layer_ropes[i], d, x.dtype), positions)
     h = norm(x, lp["attn_norm"], eps)
     q = layers.linear(h, lp["q_proj"], lp.get("q_bias")).reshape(t, nh, d)
     k = layers.linear(h, lp["k_proj"], lp.get("k_bias")).reshape(t, nkv, d)

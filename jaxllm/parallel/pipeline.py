@@ -51,17 +51,39 @@ def make_pp_mesh(pipeline_parallel_size: int, tensor_parallel_size: int, devices
 
 def validate_pp(config, pipeline_parallel_size: int, tensor_parallel_size: int, partition=None) -> StagePlan:
     """The StagePlan, or ValueError naming the values (P > num_layers, a partition of the wrong
-    length or sum, a T that cannot shard the model, a layout this pipeline cannot run)."""
+    length or sum, a T that cannot shard the model). Layers may differ in RoPE and sliding window
+    (Gemma 3): the tick picks each slot's variant per stage (slot_variants)."""
     plan = StagePlan.build(config.num_layers, pipeline_parallel_size, partition)
     validate_tp(config, tensor_parallel_size)
-    # A stage runs slot j of every stage with one program, so per-layer attention settings must
-    # be the same for all layers (Gemma 3's alternating RoPE / sliding windows are not).
-    if len(set(config.layer_ropes)) > 1 or len(set(config.layer_sliding_windows)) > 1:
-        raise ValueError(
-            f"pipeline_parallel_size={pipeline_parallel_size}: layers with different RoPE or sliding "
-            f"windows ({config.architecture}) are not supported by the pipeline yet"
-        )
     return plan
+
+
+def slot_variants(config, plan: StagePlan) -> tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]:
+    """Per local slot j, (reps, kinds): the tick runs slot j of every stage with one program, but
+    the global layer in slot j differs per stage, and so may its static facts (RoPE, sliding
+    window: the model's layer_signature; Gemma 3 alternates local and global layers). reps are
+    one global layer per distinct signature among slot j's real layers (in stage order), the
+    static layer_idx of that variant; kinds[s] indexes reps for stage s (0 for a padding slot,
+    which the tick masks out). A slot with one signature (every slot of a uniform model, and of
+    Gemma 3 when the stage length is a multiple of its pattern) has reps of length 1: no branch."""
+    from jaxllm.models import registry
+
+    signature = registry.get_model_module(config.architecture).layer_signature
+    out = []
+    for j in range(plan.layers_per_stage):
+        reps, kinds, index = [], [], {}
+        for s in range(plan.num_stages):
+            layer = plan.global_layer(s, j)
+            if layer is None:
+                kinds.append(0)
+                continue
+            key = signature(config, layer)
+            if key not in index:
+                index[key] = len(reps)
+                reps.append(layer)
+            kinds.append(index[key])
+        out.append((tuple(reps), tuple(kinds)))
+    return tuple(out)
 
 
 def _stacked(shape, sharding, per_stage) -> jax.Array:

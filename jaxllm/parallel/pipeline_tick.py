@@ -11,7 +11,11 @@ tensor parallelism. Per tick a stage:
   1. takes its input: stage 0 embeds its micro-batch's tokens, stage s > 0 reads carry row s (the
      hidden states stage s - 1 produced last tick) [T, H];
   2. runs its layers_per_stage slots; a padding slot (partition.py) is masked out by jnp.where;
-     each slot writes its K/V with this stage's own slot mapping (micro-batch t - s's);
+     each slot writes its K/V with this stage's own slot mapping (micro-batch t - s's). Slot j
+     is a different model layer per stage: where their static facts differ (Gemma 3's sliding
+     vs global layers) the slot's RoPE table and attention are a lax.switch on the stage over
+     its variants (slot_variants, layers.per_layer); the projections, the KV write and the tp
+     collectives stay outside the switch, so no branch holds a collective or copies a cache;
   3. sends its output to stage s + 1 with one ppermute of [T, H] (the only cross-stage traffic
      besides the sampled tokens);
   4. the last stage applies the final norm and the LM head and samples micro-batch t - (P-1);
@@ -33,8 +37,8 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxllm.attention.metadata import AttentionMetadata
-from jaxllm.models import llama
-from jaxllm.parallel.pipeline import PP_AXIS, carry_sharding, kv_sharding
+from jaxllm.models import layers, llama
+from jaxllm.parallel.pipeline import PP_AXIS, carry_sharding, kv_sharding, slot_variants
 from jaxllm.runner.step_io import StepOutputs
 
 
@@ -65,12 +69,14 @@ def pipeline_tick(params, kv_caches, carry, stage_inputs: StageInputs, logits_in
         table = params["vocab"][0]  # embedding on stage 0, LM head on the last stage
         x = jnp.where(stage == 0, llama.embed(table, config, inputs.token_ids), carry[0, :t])
         attention = make_paged_attention(config, inputs.metadata, attention_fn)
-        # validate_pp guarantees every layer has the same RoPE and window: run each as layer 0.
         num_real = jnp.asarray(plan.counts, jnp.int32)[stage]
         new_caches = []
-        for j, (lp, (k, v)) in enumerate(zip(params["layers"], kv_caches)):
+        for j, (lp, (k, v), (reps, kinds)) in enumerate(zip(params["layers"], kv_caches, slot_variants(config, plan))):
             lp = jax.tree.map(lambda a: a[0], lp)
-            y, (k, v) = llama.decoder_layer(lp, config, x, inputs.positions, 0, (k[0], v[0]), attention)
+            # Slot j is layer reps[kinds[s]] on stage s: one variant per distinct layer signature,
+            # chosen on the device where the layer reads its RoPE and window (layers.per_layer).
+            layer = reps[0] if len(reps) == 1 else layers.LayerChoice(jnp.asarray(kinds, jnp.int32)[stage], reps)
+            y, (k, v) = llama.decoder_layer(lp, config, x, inputs.positions, layer, (k[0], v[0]), attention)
             x = jnp.where(j < num_real, y, x)  # padding slot: identity
             new_caches.append((k[None], v[None]))
         hidden = llama.final_norm(params["final_norm"], config, x)

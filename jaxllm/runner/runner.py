@@ -61,17 +61,13 @@ def make_paged_attention(config: ModelConfig, metadata: AttentionMetadata, atten
     sm_scale = config.sm_scale
 
     def attention(layer_idx, q, k, v, kv_cache_layer):
+        # The write stays outside per_layer: a LayerChoice's switch only reads the cache.
         k_cache, v_cache = write_kv(kv_cache_layer[0], kv_cache_layer[1], k, v, metadata.slot_mapping)
-        out = attention_fn(
-            q,
-            k_cache,
-            v_cache,
-            metadata.kv_lens,
-            metadata.block_tables,
-            metadata.cu_q_lens,
-            sm_scale=sm_scale,
-            sliding_window=config.layer_sliding_windows[layer_idx],
-            soft_cap=config.attn_logit_softcap,
+        out = layers.per_layer(
+            layer_idx,
+            lambda i, *a: attention_fn(*a, sm_scale=sm_scale, sliding_window=config.layer_sliding_windows[i],
+                                       soft_cap=config.attn_logit_softcap),
+            q, k_cache, v_cache, metadata.kv_lens, metadata.block_tables, metadata.cu_q_lens,
         )
         return out, (k_cache, v_cache)
 

@@ -1,7 +1,7 @@
 """Pipeline-parallel scenarios run in a fresh process with 8 fake CPU devices (see
 test_pipeline_parallel.py; same reasons as tp_worker.py). Each writes its findings as JSON.
 
-    python tests/helpers/pp_worker.py engine MODEL_DIR OUT.json "1x1,2x1,2x4:1+3,2x2/swap"   (PxT[:partition][/swap|/overlap|/pallas|/invariant])
+    python tests/helpers/pp_worker.py engine MODEL_DIR OUT.json "1x1,2x1,2x4:1+3,2x2/swap"   (PxT[:partition][/swap|/overlap|/pallas|/invariant|/hlo])
     JAXLLM_COORDINATOR=127.0.0.1:PORT JAXLLM_NUM_PROCESSES=2 JAXLLM_PROCESS_ID=i \\
         python tests/helpers/pp_worker.py multihost MODEL_DIR OUT.json           (2 devices per process)
     python tests/helpers/pp_worker.py export MODEL_DIR OUT.json     (Pallas tick exported for cuda)
@@ -75,7 +75,7 @@ def _run(model_dir, pp, tp, partition=None, mode="recompute"):
     # Overlap mode: the host reads each tick's tokens after dispatching the next tick.
     extra = {"swap": dict(preemption_mode="swap", swap_space=0.01),
              "overlap": dict(pipeline_overlap_host=True), "pallas": dict(attention_backend="pallas"),
-             "invariant": dict(batch_invariant=True), "recompute": {}}[mode]
+             "invariant": dict(batch_invariant=True), "recompute": {}, "hlo": {}}[mode]
     llm = _llm(model_dir, pp, tp, partition, **extra)
     tokens, logprobs = _generate(llm)
     eng = llm.engine
@@ -108,6 +108,8 @@ def _run(model_dir, pp, tp, partition=None, mode="recompute"):
                                     for s in sorted(k.addressable_shards, key=lambda s: s.device.id)
                                     if s.replica_id == 0]
                                    for k, _ in runner.kv_caches]
+    if mode == "hlo":  # last: its probe request is scheduled, never run
+        run["kv_cache_copies"] = _kv_cache_copies(llm)
     return run
 
 
@@ -165,6 +167,41 @@ def multihost(model_dir, out_path):
     distributed.shutdown()
 
 
+def _tick_call(llm):
+    """(jitted tick, args, static kwargs) of a one-request tick at stage 0, captured without running it."""
+    from jaxllm import SamplingParams
+    from tests.helpers.tiny_models import random_prompt
+
+    eng, runner = llm.engine, llm.engine.runner
+    eng.add_request("probe", {"prompt_token_ids": random_prompt(11, VOCAB, seed=1)}, SamplingParams(max_tokens=2))
+    step = eng.build_step_inputs(eng.scheduler.schedule().scheduled)
+    tick, captured = runner._jitted, {}
+
+    def capture(*args, **kwargs):  # the tick's exact arguments
+        captured.update(args=args, kwargs=kwargs)
+        raise StopIteration
+
+    runner._jitted = capture
+    try:
+        runner.dispatch_tick([step] + [None] * (runner.plan.num_stages - 1))
+    except StopIteration:
+        pass
+    finally:
+        runner._jitted = tick
+    return tick, captured["args"], captured["kwargs"]
+
+
+def _kv_cache_copies(llm) -> int:
+    """Copies of a whole KV-cache shard in the compiled tick (a cache updated inside a
+    conditional would be copied every tick; layers.per_layer keeps the writes outside)."""
+    import re
+
+    tick, args, kwargs = _tick_call(llm)
+    k = llm.engine.runner.kv_caches[0][0]
+    shard = re.compile(rf"= \w+\[{','.join(map(str, k.sharding.shard_shape(k.shape)))}\]\S* copy\(")
+    return len(shard.findall(tick.lower(*args, **kwargs).compile().as_text()))
+
+
 def export(model_dir, out_path):
     """The P=2 x T=2 tick with the Pallas backend (bf16, head_dim 64) exported for cuda: does its
     module hold the Mosaic GPU kernel? (TPU export needs a TPU device kind in the tick's mesh,
@@ -172,28 +209,14 @@ def export(model_dir, out_path):
     import functools
 
     import jax
-    from jaxllm import SamplingParams
-    from tests.helpers.tiny_models import random_prompt
 
     llm = _llm(model_dir, 2, 2, attention_backend="pallas", dtype="bfloat16")
-    eng, runner = llm.engine, llm.engine.runner
-    eng.add_request("a", {"prompt_token_ids": random_prompt(11, VOCAB, seed=1)}, SamplingParams(max_tokens=2))
-    step = eng.build_step_inputs(eng.scheduler.schedule().scheduled)
-    tick, captured = runner._jitted, {}
-
-    def capture(*args, **kwargs):  # the tick's exact arguments, without running it
-        captured.update(args=args, kwargs=kwargs)
-        raise StopIteration
-
-    runner._jitted = capture
-    try:
-        runner.dispatch_tick([step, None])
-    except StopIteration:
-        pass
-    exported = jax.export.export(jax.jit(functools.partial(tick, **captured["kwargs"])), platforms=["cuda"])
-    text = exported(*captured["args"]).mlir_module()
+    tick, args, kwargs = _tick_call(llm)
+    exported = jax.export.export(jax.jit(functools.partial(tick, **kwargs)), platforms=["cuda"])
+    text = exported(*args).mlir_module()
     with open(out_path, "w") as f:
-        json.dump({"mosaic_gpu": "mosaic_gpu" in text}, f)
+        # stablehlo.case: lax.switch's per-stage layer variants (a model whose layers differ).
+        json.dump({"mosaic_gpu": "mosaic_gpu" in text, "layer_switch": "stablehlo.case" in text}, f)
 
 
 if __name__ == "__main__":
