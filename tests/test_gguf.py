@@ -179,3 +179,33 @@ def test_tokenizer_without_torch_says_how_to_install(gguf_path, monkeypatch):
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", no_torch)
     with pytest.raises(ImportError, match=r"pip install -e '\.\[gguf\]'"):
         load_gguf_tokenizer(gguf_path, cache_dir=None)
+
+
+def _gemma3_index_config():
+    """A Gemma 3 270M-shaped GGUF index config, built by the reader's own Gemma 3 code."""
+    from jaxllm.models.gguf import _gemma3_gguf_fields
+
+    fields = {"gemma3.block_count": 18, "gemma3.attention.sliding_window": 512,
+              "gemma3.embedding_length": 640, "gemma3.attention.head_count": 4}
+    config = dict(vocab_size=262144, hidden_size=640, intermediate_size=2048, num_hidden_layers=18,
+                  num_attention_heads=4, num_key_value_heads=1, head_dim=256, rms_norm_eps=1e-6,
+                  max_position_embeddings=32768, tie_word_embeddings=True, bos_token_id=2, eos_token_id=1,
+                  model_type="gemma3_text", architectures=["Gemma3ForCausalLM"])
+    config.update(_gemma3_gguf_fields(lambda key, default=None: fields.get(key, default), 1e6, "none", 256, "x"))
+    return config
+
+
+def test_model_config_without_transformers_equals_transformers_config(gguf_path):
+    """The reader builds ModelConfig from its index dict directly (no transformers import); it must
+    equal the one built from transformers' config class with the same fields (whose defaults fill
+    whatever the dict leaves out)."""
+    import types
+
+    from jaxllm.models.gguf import GGUFCheckpoint, _hf_config
+    from jaxllm.models.model_config import ModelConfig
+
+    llama = GGUFCheckpoint(gguf_path)._config
+    for config in (llama, _gemma3_index_config()):
+        ours = ModelConfig.from_hf(types.SimpleNamespace(**config))
+        assert ours == ModelConfig.from_hf(_hf_config(config)), config["model_type"]
+    assert GGUFCheckpoint(gguf_path).model_config == ModelConfig.from_hf(_hf_config(llama))

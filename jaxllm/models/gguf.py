@@ -27,11 +27,13 @@ import os
 import re
 import shutil
 import tempfile
+import types
 from typing import Callable
 
 import numpy as np
 
 from jaxllm.models.aliases import resolve_model_path
+from jaxllm.models.model_config import ModelConfig
 
 # llama.cpp per-block tensor name -> HF name (within "model.layers.{i}."), per GGUF architecture.
 _LLAMA_BLOCK_NAMES = {
@@ -105,7 +107,8 @@ def _cache_entry(path: str, cache_dir: str | None) -> str | None:
 
 
 class GGUFCheckpoint:
-    """An open GGUF file: its HF config and a lazy HF-named tensor getter.
+    """An open GGUF file: its ModelConfig (`model_config`, built without importing transformers;
+    `hf_config` is the transformers config, on demand) and a lazy HF-named tensor getter.
 
     `get_tensor(hf_name)` returns float32 numpy in HF layout (Linear weights [out, in]).
     cache_dir: where a small JSON index (config + each tensor's type/shape/file offset, ~50 KB) is
@@ -131,7 +134,17 @@ class GGUFCheckpoint:
             if index_file is not None:
                 _try_write_json(index_file, index)
         self._tensors = index["tensors"]  # HF name -> {type, data_shape, dtype, offset}
-        self.hf_config = _hf_config(index["config"])
+        self._config = index["config"]
+        # The fields `ModelConfig.from_hf` reads, without transformers: importing it (it pulls in
+        # torch) took ~4 s of a ~10 s second start on SmolLM2. Every field it reads is in the dict
+        # or defaults there as in LlamaConfig / Gemma3TextConfig (test_gguf checks equality).
+        self.model_config = ModelConfig.from_hf(types.SimpleNamespace(**self._config))
+        self._model_type = self._config["model_type"]
+
+    @property
+    def hf_config(self):
+        """The transformers config (LlamaConfig / Gemma3TextConfig); imports transformers."""
+        return _hf_config(self._config)
 
     def _build_index(self, reader) -> dict:
         def field(key, default=None):
@@ -197,14 +210,14 @@ class GGUFCheckpoint:
         raw = np.memmap(self.path, dtype=np.dtype(t["dtype"]), mode="r", offset=t["offset"],
                         shape=tuple(t["data_shape"]))
         w = np.asarray(self._dequantize(raw, self._qtype(t["type"])), dtype=np.float32).reshape(t["shape"])
-        if self.hf_config.model_type == "gemma3_text":
+        if self._model_type == "gemma3_text":
             # llama.cpp stores Gemma's norm weights as the (1 + w) they multiply by; HF (and
             # jaxllm) keep w. Gemma's q/k rows are not permuted (llama.cpp permutes only Llama's).
             return w - np.float32(1.0) if hf_name.endswith("norm.weight") else w
         if ".self_attn.q_proj." in hf_name:
-            w = unpermute_rope_rows(w, self.hf_config.num_attention_heads)
+            w = unpermute_rope_rows(w, self.model_config.num_heads)
         elif ".self_attn.k_proj." in hf_name:
-            w = unpermute_rope_rows(w, self.hf_config.num_key_value_heads)
+            w = unpermute_rope_rows(w, self.model_config.num_kv_heads)
         return w
 
 
@@ -267,14 +280,13 @@ def load_gguf_model(
     import jax.numpy as jnp
 
     from jaxllm.model import Model
-    from jaxllm.models.model_config import ModelConfig
     from jaxllm.models.weights import params_from_hf_tensors
 
     dtype_name = jnp.dtype(dtype).name  # Model (like loader.load_model) takes the name
     if dtype_name not in ("float32", "bfloat16"):
         raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
     ckpt = GGUFCheckpoint(path_or_alias, cache_dir)
-    config = ModelConfig.from_hf(ckpt.hf_config)
+    config = ckpt.model_config
     params = params_from_hf_tensors(config, ckpt.get_tensor, jnp.dtype(dtype_name), place=place)
     return Model(config=config, params=params, dtype=dtype_name, path=ckpt.path)
 
