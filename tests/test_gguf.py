@@ -105,6 +105,7 @@ def test_cache_gives_same_checkpoint_and_tokenizer(gguf_path, tmp_path):
     assert len(list(tmp_path.glob("*/tokenizer/tokenizer.json"))) == 1
     assert _chat_ids(cold_tok, msgs) == _chat_ids(warm_tok, msgs)
     assert warm_tok.chat_template == cold_tok.chat_template and warm_tok.eos_token_id == cold_tok.eos_token_id
+    assert type(warm_tok) is type(cold_tok)  # the cached copy skips AutoTokenizer, not its class
 
 
 def _chat_ids(tokenizer, messages):

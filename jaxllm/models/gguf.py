@@ -459,19 +459,39 @@ def load_gguf_model(
     return Model(config=config, params=params, dtype=dtype_name, path=ckpt.path)
 
 
+# tokenizer_config.json classes that are transformers' PreTrainedTokenizerFast itself (transformers
+# 5 names it TokenizersBackend): what AutoTokenizer would build, without its import of the config
+# machinery, which imports torch (~2 s of a SmolLM2 start).
+_FAST_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def _load_saved_tokenizer(directory: str):
+    """AutoTokenizer.from_pretrained(directory), the same class, cheaper when it is the plain fast one."""
+    try:
+        with open(os.path.join(directory, "tokenizer_config.json")) as f:
+            cls = json.load(f).get("tokenizer_class")
+    except (OSError, ValueError):
+        cls = None
+    import transformers
+
+    if cls in _FAST_TOKENIZER_CLASSES and transformers.PreTrainedTokenizerFast.__name__ == cls:
+        return transformers.PreTrainedTokenizerFast.from_pretrained(directory)
+    return transformers.AutoTokenizer.from_pretrained(directory)
+
+
 def load_gguf_tokenizer(path_or_alias: str, cache_dir: str | None = DEFAULT_CACHE_DIR):
     """The transformers tokenizer stored in the GGUF file, chat template included.
 
     transformers rebuilds it from the GGUF vocab and merges (seconds); the result is saved with
     `save_pretrained` under cache_dir (~3 MB) and later calls load that instead. None: no cache.
     """
-    from transformers import AutoTokenizer
-
     path = resolve_model_path(path_or_alias)
     entry = _cache_entry(path, cache_dir)
     cached = None if entry is None else os.path.join(entry, "tokenizer")
     if cached is not None and os.path.isdir(cached):
-        return AutoTokenizer.from_pretrained(cached)
+        return _load_saved_tokenizer(cached)
+    from transformers import AutoTokenizer
+
     try:
         tok = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
     except ModuleNotFoundError as e:
