@@ -291,6 +291,20 @@ def test_weight_cache_hit_identical_and_stale_entry_unused(tmp_path, monkeypatch
     g.load_gguf_model(str(src), cache_dir=cache)
     assert g.GGUFCheckpoint(str(src), cache_dir=cache).weights_cached
 
+    # Two loaders filling one cache at once (as two processes would): each writes its own
+    # temporary and renames it; the survivor is whole and no temporary is left behind.
+    shared = str(tmp_path / "shared")
+    one, two = g.GGUFCheckpoint(str(src), cache_dir=shared), g.GGUFCheckpoint(str(src), cache_dir=shared)
+    with one.caching_weights(), two.caching_weights():
+        assert len(list((tmp_path / "shared").glob("*/*.tmp"))) == 2
+        for name in one.tensor_names():
+            one.get_tensor(name), two.get_tensor(name)
+    assert not list((tmp_path / "shared").glob("*/*.tmp"))
+    third = g.GGUFCheckpoint(str(src), cache_dir=shared)
+    assert third.weights_cached
+    for name in third.tensor_names():
+        np.testing.assert_array_equal(third.get_tensor(name), one.get_tensor(name), err_msg=name)
+
     # Off switches: cache_weights=False, or the environment (index and tokenizer caches stay).
     other = str(tmp_path / "cache2")
     g.load_gguf_model(str(src), cache_dir=other, cache_weights=False)
