@@ -508,7 +508,8 @@ class Engine:
         With a swap pool it first compiles the block copies for every bucket (runner.swap_buckets;
         copies between sink block 0 and host scratch block 0).
 
-        Runs all-padding batches (their K/V go to sink block 0), so no request state changes.
+        Runs all-padding batches (their K/V go to sink block 0), so no request state changes;
+        layered, through one decoder layer per distinct layer program (runner.warmup_step).
         """
         bs, max_seqs = self.config.cache.block_size, self.config.scheduler.max_num_seqs
         before = self.runner.num_compilations
@@ -523,7 +524,7 @@ class Engine:
             for (sampler, prompt_logprobs), instruments in variants:
                 sampling, chosen = self._sampling_inputs([], batch.padded_num_seqs, force_general=sampler == GENERAL)
                 targets = np.zeros(batch.padded_num_tokens, np.int32) if prompt_logprobs else None
-                self.runner.execute(StepInputs(batch, sampling, chosen, targets, instruments))
+                self.runner.warmup_step(StepInputs(batch, sampling, chosen, targets, instruments))
         return self.runner.num_compilations - before
 
     # ---------------------------------------------------------------- helpers

@@ -252,11 +252,11 @@ def _failing_step(runner, should_fail, consume_kv_cache: bool):
             fail(kv_caches)
         return real(params, kv_caches, *args, **statics)
 
-    def layered(step):
+    def layered(step, *layers):
         if should_fail({"sampler": step.sampler, "prompt_logprobs": step.prompt_logprobs,
                         "instrumented": step.instrumented}):
             fail(runner.kv_caches)
-        return real(step)
+        return real(step, *layers)
 
     setattr(runner, name, fused if name == "_jitted" else layered)
     return lambda: setattr(runner, name, real)

@@ -105,6 +105,7 @@ def test_cache_gives_same_checkpoint_and_tokenizer(gguf_path, tmp_path):
     assert len(list(tmp_path.glob("*/tokenizer/tokenizer.json"))) == 1
     assert _chat_ids(cold_tok, msgs) == _chat_ids(warm_tok, msgs)
     assert warm_tok.chat_template == cold_tok.chat_template and warm_tok.eos_token_id == cold_tok.eos_token_id
+    assert type(warm_tok) is type(cold_tok)  # the cached copy skips AutoTokenizer, not its class
 
 
 def _chat_ids(tokenizer, messages):
@@ -179,3 +180,134 @@ def test_tokenizer_without_torch_says_how_to_install(gguf_path, monkeypatch):
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", no_torch)
     with pytest.raises(ImportError, match=r"pip install -e '\.\[gguf\]'"):
         load_gguf_tokenizer(gguf_path, cache_dir=None)
+
+
+def _gemma3_index_config():
+    """A Gemma 3 270M-shaped GGUF index config, built by the reader's own Gemma 3 code."""
+    from jaxllm.models.gguf import _gemma3_gguf_fields
+
+    fields = {"gemma3.block_count": 18, "gemma3.attention.sliding_window": 512,
+              "gemma3.embedding_length": 640, "gemma3.attention.head_count": 4}
+    config = dict(vocab_size=262144, hidden_size=640, intermediate_size=2048, num_hidden_layers=18,
+                  num_attention_heads=4, num_key_value_heads=1, head_dim=256, rms_norm_eps=1e-6,
+                  max_position_embeddings=32768, tie_word_embeddings=True, bos_token_id=2, eos_token_id=1,
+                  model_type="gemma3_text", architectures=["Gemma3ForCausalLM"])
+    config.update(_gemma3_gguf_fields(lambda key, default=None: fields.get(key, default), 1e6, "none", 256, "x"))
+    return config
+
+
+def test_model_config_without_transformers_equals_transformers_config(gguf_path):
+    """The reader builds ModelConfig from its index dict directly (no transformers import); it must
+    equal the one built from transformers' config class with the same fields (whose defaults fill
+    whatever the dict leaves out)."""
+    import types
+
+    from jaxllm.models.gguf import GGUFCheckpoint, _hf_config
+    from jaxllm.models.model_config import ModelConfig
+
+    llama = GGUFCheckpoint(gguf_path)._config
+    for config in (llama, _gemma3_index_config()):
+        ours = ModelConfig.from_hf(types.SimpleNamespace(**config))
+        assert ours == ModelConfig.from_hf(_hf_config(config)), config["model_type"]
+    assert GGUFCheckpoint(gguf_path).model_config == ModelConfig.from_hf(_hf_config(llama))
+
+
+def _write_tiny_gguf(path, seed: int):
+    """A 2-layer GQA Llama GGUF (hidden 64, Q8_0 linears, f32 norms); `seed` picks the weights."""
+    import gguf
+
+    rng = np.random.default_rng(seed)
+    hidden, inter, heads, kv_heads, head_dim, vocab = 64, 128, 4, 2, 16, 96
+    w = gguf.GGUFWriter(str(path), "llama")
+    for add, value in ((w.add_block_count, 2), (w.add_embedding_length, hidden), (w.add_head_count, heads),
+                       (w.add_head_count_kv, kv_heads), (w.add_feed_forward_length, inter),
+                       (w.add_context_length, 256), (w.add_layer_norm_rms_eps, 1e-5),
+                       (w.add_rope_freq_base, 10000.0), (w.add_bos_token_id, 1), (w.add_eos_token_id, 2)):
+        add(value)
+
+    def q8(name, shape):
+        x = gguf.quants.quantize(rng.normal(0, 0.2, shape).astype(np.float32), gguf.GGMLQuantizationType.Q8_0)
+        w.add_tensor(name, x, raw_shape=x.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+
+    q8("token_embd.weight", (vocab, hidden))
+    w.add_tensor("output_norm.weight", (1 + rng.normal(0, 0.1, hidden)).astype(np.float32))
+    for i in range(2):
+        for part, shape in (("attn_q", (heads * head_dim, hidden)), ("attn_k", (kv_heads * head_dim, hidden)),
+                            ("attn_v", (kv_heads * head_dim, hidden)), ("attn_output", (hidden, heads * head_dim)),
+                            ("ffn_gate", (inter, hidden)), ("ffn_up", (inter, hidden)), ("ffn_down", (hidden, inter))):
+            q8(f"blk.{i}.{part}.weight", shape)
+        for part in ("attn_norm", "ffn_norm"):
+            w.add_tensor(f"blk.{i}.{part}.weight", (1 + rng.normal(0, 0.1, hidden)).astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def _params(model):
+    import jax
+
+    return [np.asarray(x) for x in jax.tree.leaves(model.params)]
+
+
+def test_weight_cache_hit_identical_and_stale_entry_unused(tmp_path, monkeypatch):
+    """The dequantized-weights cache: the first load writes it, the second reads it (counted),
+    with bitwise the same params and logits as a load without it; a replaced source file (new
+    size/mtime) does not use the old entry, and its stale weights file is removed."""
+    from jaxllm.models import gguf as g
+
+    src, cache = tmp_path / "tiny.gguf", str(tmp_path / "cache")
+    _write_tiny_gguf(src, seed=0)
+    reference = g.load_gguf_model(str(src), cache_dir=None)
+    hits, writes = g.NUM_WEIGHT_CACHE_HITS[0], g.NUM_WEIGHT_CACHE_WRITES[0]
+    first = g.load_gguf_model(str(src), cache_dir=cache)
+    assert (g.NUM_WEIGHT_CACHE_HITS[0] - hits, g.NUM_WEIGHT_CACHE_WRITES[0] - writes) == (0, 1)
+    second = g.load_gguf_model(str(src), cache_dir=cache)
+    assert (g.NUM_WEIGHT_CACHE_HITS[0] - hits, g.NUM_WEIGHT_CACHE_WRITES[0] - writes) == (1, 1)
+    assert g.GGUFCheckpoint(str(src), cache_dir=cache).weights_cached
+    for ref, a, b in zip(_params(reference), _params(first), _params(second), strict=True):
+        np.testing.assert_array_equal(a, ref)
+        np.testing.assert_array_equal(b, ref)
+    tokens = np.array([5, 17, 3, 88, 41, 2, 60, 9], np.int32)
+    np.testing.assert_array_equal(np.asarray(second.forward(tokens)), np.asarray(reference.forward(tokens)))
+    old_weights = list((tmp_path / "cache").glob("*/weights-f32.safetensors"))
+    assert len(old_weights) == 1 and not list((tmp_path / "cache").glob("*/*.tmp"))
+
+    # Replace the source: other weights, and a different mtime even on a coarse clock.
+    _write_tiny_gguf(src, seed=1)
+    os.utime(src, ns=(os.stat(src).st_atime_ns, os.stat(src).st_mtime_ns + 10**9))
+    replaced = g.load_gguf_model(str(src), cache_dir=cache)
+    assert g.NUM_WEIGHT_CACHE_HITS[0] - hits == 1  # the old entry was not read
+    for a, ref in zip(_params(replaced), _params(g.load_gguf_model(str(src), cache_dir=None)), strict=True):
+        np.testing.assert_array_equal(a, ref)
+    assert not old_weights[0].exists()  # stale weights removed when the new ones were written
+    assert len(list((tmp_path / "cache").glob("*/weights-f32.safetensors"))) == 1
+
+    # A weights file that does not match its entry (here: truncated) is not used, and is rewritten.
+    new_weights = next((tmp_path / "cache").glob("*/weights-f32.safetensors"))
+    with open(new_weights, "r+b") as f:
+        f.truncate(os.path.getsize(new_weights) // 2)
+    assert not g.GGUFCheckpoint(str(src), cache_dir=cache).weights_cached
+    g.load_gguf_model(str(src), cache_dir=cache)
+    assert g.GGUFCheckpoint(str(src), cache_dir=cache).weights_cached
+
+    # Two loaders filling one cache at once (as two processes would): each writes its own
+    # temporary and renames it; the survivor is whole and no temporary is left behind.
+    shared = str(tmp_path / "shared")
+    one, two = g.GGUFCheckpoint(str(src), cache_dir=shared), g.GGUFCheckpoint(str(src), cache_dir=shared)
+    with one.caching_weights(), two.caching_weights():
+        assert len(list((tmp_path / "shared").glob("*/*.tmp"))) == 2
+        for name in one.tensor_names():
+            one.get_tensor(name), two.get_tensor(name)
+    assert not list((tmp_path / "shared").glob("*/*.tmp"))
+    third = g.GGUFCheckpoint(str(src), cache_dir=shared)
+    assert third.weights_cached
+    for name in third.tensor_names():
+        np.testing.assert_array_equal(third.get_tensor(name), one.get_tensor(name), err_msg=name)
+
+    # Off switches: cache_weights=False, or the environment (index and tokenizer caches stay).
+    other = str(tmp_path / "cache2")
+    g.load_gguf_model(str(src), cache_dir=other, cache_weights=False)
+    monkeypatch.setenv(g.CACHE_WEIGHTS_ENV, "0")
+    g.load_gguf_model(str(src), cache_dir=other)
+    assert list((tmp_path / "cache2").glob("*/index.json")) and not list((tmp_path / "cache2").glob("*/weights*"))

@@ -386,9 +386,11 @@ class ModelRunner:
                 kind, self._jit_key, self._layered_shardings[kind], config=self.config, **statics)
         return fn
 
-    def _run_layered(self, step: StepInputs) -> StepOutputs:
+    def _run_layered(self, step: StepInputs, layers: tuple[int, ...] | None = None) -> StepOutputs:
         """One layered step (see embed_step): L + 2 asynchronous dispatches; the KV cache of
-        layer i is donated to its call and replaced by the result as the chain goes."""
+        layer i is donated to its call and replaced by the result as the chain goes.
+        layers: run only these decoder layers (warm-up; not with instruments, whose head takes
+        every layer's residual); None: all."""
         token_ids, positions, metadata, logits_indices, sampling_inputs, targets, residual_add = self.device_args(step)
         if self.mesh is None:
             # Moved once, not once per layer call (a numpy argument is copied at every call).
@@ -406,6 +408,8 @@ class ModelRunner:
         recorded, caches = [], list(self.kv_caches)
         try:
             for i, lp in enumerate(self.params["layers"]):
+                if layers is not None and i not in layers:
+                    continue
                 layer = self._layered("layer", attention_fn=self._attention_fn, layer_idx=self._layer_reps[i],
                                       instrumented=inst)
                 if inst:
@@ -473,10 +477,24 @@ class ModelRunner:
 
     def execute(self, step: StepInputs) -> StepOutputs:
         """Run one step; returns its outputs as numpy arrays."""
+        return self._execute(step)
+
+    def warmup_step(self, step: StepInputs) -> None:
+        """Build every executable `execute(step)` needs, as cheaply as possible; the outputs are
+        garbage. Layered (without instruments): the embedding, one layer per distinct layer
+        program (Llama: 1 of L) and the head, instead of all L layers: executing the whole stack
+        for each of the 21 (bucket, variant) pairs was most of a warm-up whose executables came
+        from the persistent cache. Otherwise (fused, pipeline, instruments): `execute(step)`."""
+        if self.compilation == "layered" and not step.instrumented:
+            self._execute(step, layers=tuple(sorted(set(self._layer_reps))))
+        else:
+            self.execute(step)
+
+    def _execute(self, step: StepInputs, layers: tuple[int, ...] | None = None) -> StepOutputs:
         compiles, hits = _NUM_XLA_COMPILES[0], compile_cache.NUM_CACHE_HITS[0]
         try:
             if self.compilation == "layered":
-                out = self._run_layered(step)
+                out = self._run_layered(step, layers)
             else:
                 out, self.kv_caches = self._jitted(
                     self.params, self.kv_caches, *self.device_args(step), config=self.config,
