@@ -67,7 +67,7 @@ def layout_and_hlo(config, pp: int, tp: int, *, dtype="float32", num_tokens=64, 
     total = sum(_nbytes(a.shape, a.dtype) for a in jax.tree.leaves(weights.abstract_params(config, jnp.dtype(dtype))))
     per_device = sum(_nbytes(a.sharding.shard_shape(a.shape), a.dtype) for a in leaves)
     kv_sh = pipeline.kv_sharding(mesh)
-    kv_shape = (pp, num_blocks, block_size, run_config.num_kv_heads, run_config.head_dim)
+    kv_shape = pipeline.kv_cache_shape(pp, num_blocks, block_size, run_config.num_kv_heads, run_config.head_dim)
     kv_abstract = [(jax.ShapeDtypeStruct(kv_shape, dtype, sharding=kv_sh),) * 2 for _ in range(plan.layers_per_stage)]
     kv_per_device = 2 * plan.layers_per_stage * _nbytes(kv_sh.shard_shape(kv_shape), dtype)
     kv_one_device = 2 * config.num_layers * _nbytes((num_blocks, block_size, config.num_kv_heads, config.head_dim), dtype)

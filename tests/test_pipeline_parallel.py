@@ -2,9 +2,9 @@
 P=2xT=4 and an uneven partition (padded stage), and for Gemma 3 (sliding and global layers in
 one slot on different stages) at P=2 and P=2xT=2, on a mixed, chunked batch with preemption and
 prefix-cache hits; also with swap preemption (per-stage host pools), host/device overlap and the
-Pallas backend; per-device bytes ~1/(P*T) within the documented vocabulary-table imbalance; up
-to P micro-batches in flight, disjoint; two processes (gloo, swap preemption) equal one; clear
-errors before anything is loaded.
+Pallas backend; no whole-KV-cache copy in the compiled tick; per-device bytes ~1/(P*T) within
+the documented vocabulary-table imbalance; up to P micro-batches in flight, disjoint; two
+processes (gloo, swap preemption) equal one; clear errors before anything is loaded.
 
 Engine scenarios need 8 fake CPU devices, so they run in subprocesses (tests/helpers/pp_worker.py)
 started together by a module fixture, as in test_tensor_parallel.py. Tolerance: top-5 logprobs
@@ -27,6 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "helpers", "pp_worker.py")
 TIMEOUT = 900  # the suite runs on 2 busy cores; alone, each job takes ~1-2 min
 TOL = 1e-5
+KV_SPEC = "P(None, None, ('pp', 'tp'), None)"  # [num_blocks, block_size, P * nKV, D]: stages, then tp, over heads
 
 
 def _free_port() -> int:
@@ -95,8 +96,9 @@ def jobs(model_dir, gemma_dir, tmp_path_factory):
         "export": _Job(["export", model64], str(tmp / "export.json")),
         # Gemma 3: layers differing in RoPE base and window, a different one per stage in a slot.
         # 2x2/pallas: the kernel (interpret mode) inside each variant of the per-stage switch.
-        # 2x1/hlo: also counts whole-KV-cache copies in the compiled tick.
-        "gemma": _Job(["engine", gemma_dir, "1x1,2x1/hlo,2x2,2x2/pallas"], str(tmp / "gemma.json")),
+        "gemma": _Job(["engine", gemma_dir, "1x1,2x1,2x2,2x2/pallas"], str(tmp / "gemma.json")),
+        # Whole-KV-cache copies in each compiled tick (nothing run).
+        "copies": _Job(["copies", model_dir, "2x1,2x2,2x4:1+3", gemma_dir, "2x1,2x2"], str(tmp / "copies.json")),
     }
     for i in range(2):
         env = {"JAXLLM_COORDINATOR": f"127.0.0.1:{port}", "JAXLLM_NUM_PROCESSES": "2", "JAXLLM_PROCESS_ID": str(i)}
@@ -141,11 +143,11 @@ def test_swap_preemption_matches_one_stage(jobs):
     assert run["num_blocks_swapped_in"] == run["num_blocks_swapped_out"] > 0
     assert run["cpu_blocks_used"] == 0 and run["kv_blocks_used"] == 0
     # One plan copies every stage's blocks: exact per stage; each device's host shard is its
-    # stage's [1, blocks, 8, nKV / T, D] in pinned host memory.
+    # stage's [blocks, 8, nKV / T, D] (of the pool's P * nKV heads) in pinned host memory.
     assert run["swap_round_trip_exact"]
-    assert run["host_pool_memory_kind"] == "pinned_host" and run["host_pool_spec"] == "P('pp', None, None, 'tp', None)"
-    assert run["host_pool_shard_shape"] == [1, run["host_pool_shape"][1], 8, run["host_pool_shape"][3] // 2,
-                                            run["host_pool_shape"][4]]
+    assert run["host_pool_memory_kind"] == "pinned_host" and run["host_pool_spec"] == KV_SPEC
+    blocks, _, heads, d = run["host_pool_shape"]
+    assert run["host_pool_shard_shape"] == [blocks, 8, heads // 4, d]
     # One copy executable per direction (all copies fit bucket 1 here); the tick is the one the
     # "2x2" run compiled earlier in the same worker.
     assert run["num_compilations"] == 2
@@ -211,7 +213,7 @@ def test_bytes_per_device_about_one_over_p_t(jobs):
         want = ideal + (p - 2) * run["table_bytes_ratio"] / (p * t)
         assert all(abs(r - want) < 0.01 * ideal for r in run["param_bytes_ratio"]), (name, run["param_bytes_ratio"])
         assert all(abs(r - ideal) < 1e-9 for r in run["kv_bytes_ratio"]), (name, run["kv_bytes_ratio"])
-        assert run["k_cache_spec"] == "P('pp', None, None, 'tp', None)"
+        assert run["k_cache_spec"] == KV_SPEC
     # T=4 > num_kv_heads=2: KV heads (k/v weights and cache) are replicated twice, as in TP; with
     # the (1, 3) partition every device holds 3 layer slots: KV 3 slots x 1 head of 4 x 2.
     run = runs["2x4:1+3"]
@@ -234,15 +236,23 @@ def test_gemma3_mixed_layers_match_one_stage(jobs):
     runs = jobs["gemma"].result()
     ref = runs["1x1"]
     assert ref["num_preemptions"] > 0 and ref["prefix_cache_hits"] > 0
-    for name in ("2x1/hlo", "2x2", "2x2/pallas"):
+    for name in ("2x1", "2x2", "2x2/pallas"):
         run = runs[name]
         assert run["counts"] == [3, 2], name
         assert run["tokens"] == ref["tokens"], name
         _assert_same_logprobs(run["logprobs"], ref["logprobs"])  # observed 1.4e-6 at 2x2
         assert run["num_preemptions"] > 0 and run["num_compilations"] == 1, name
-    # The switched slot writes its KV cache outside the switch: no per-tick copy of a whole cache
-    # (switching the whole layer, cache included, copied slot 1's K and V: 2).
-    assert runs["2x1/hlo"]["kv_cache_copies"] == 0
+
+
+def test_tick_updates_kv_caches_in_place(jobs):
+    """No copy of a whole KV-cache shard in the compiled tick: every slot's K and V are updated
+    in place, with tensor parallelism, padding slots and Gemma 3's per-stage layer switch. The
+    layout [num_blocks, block_size, P * nKV, D] gives each device its cache block as the layer
+    writes it; a leading [P] stage axis (sliced off and restored around the write) cost 8 copies
+    per tick at 2x2, 12 at 2x4 (1, 3) and at Gemma 2x2. Switching a whole Gemma layer, cache
+    included, also copied slot 1's K and V (2 at 2x1): the write stays outside the switch."""
+    copies = jobs["copies"].result()
+    assert copies == {"tiny/2x1": 0, "tiny/2x2": 0, "tiny/2x4:1+3": 0, "gemma/2x1": 0, "gemma/2x2": 0}
 
 
 def test_two_processes_gloo_match_one_process(jobs):

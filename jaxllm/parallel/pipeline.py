@@ -3,15 +3,21 @@
     mesh = make_pp_mesh(P, T)                         # devices[:P*T] as a [P, T] grid
     plan = validate_pp(model_config, P, T, partition) # StagePlan, before anything is loaded
     params = place_stage_params(host_params, model_config, mesh, plan)
-    kv_caches = allocate_stage_kv(...)
+    kv = kv_sharding(mesh)                            # one slot's K or V: kv_cache_shape(P, ...)
 
 Layout. Stage s is row s of the mesh: its T devices hold only its layers, tensor-parallel among
 themselves exactly as jaxllm/parallel/rules.py shards a whole model over "tp". SPMD needs uniform
 shapes, so per-layer weights are stacked by *local slot*: params["layers"][j][name] has global
 shape [P, *shape] sharded P("pp", *tp_spec), and row s holds the weight of model layer
-offsets[s] + j (zeros in a padding slot, see partition.py). The KV cache likewise: one (K, V)
-pair per slot, each [P, num_blocks, block_size, nKV, D] sharded P("pp", None, None, "tp", None),
-so a device holds the cache of its own stage's layers and its own KV heads only. One block
+offsets[s] + j (zeros in a padding slot, see partition.py). The KV cache has one (K, V) pair
+per slot too, but with the stage folded into the head axis: each [num_blocks, block_size,
+P * nKV, D] sharded P(None, None, ("pp", "tp"), None), heads s * nKV .. (s + 1) * nKV - 1 being
+stage s's (kv_cache_shape). A device holds the cache of its own stage's layers and its own KV
+heads only, and inside the tick's shard_map its block is exactly the [num_blocks, block_size,
+nKV, D] cache a layer writes: no reshape around the KV write. A leading [P] stage axis instead
+made XLA copy the whole cache around each write whenever T > 1 or a slot switches its layer
+variant (8-12 whole-cache copies per tick at 2x2, 2x4 and Gemma 3 2x2; none now). The block axis
+leads as in ModelRunner's caches, so its swap copies serve the pipeline unchanged. One block
 manager and one set of block tables drive every stage: block b is block b on each of them.
 
 Vocabulary tables. The embedding is used by stage 0 and the LM head by stage P - 1 only. They
@@ -171,9 +177,21 @@ def place_stage_params(host_params: dict, config, mesh: Mesh, plan: StagePlan) -
     }
 
 
+def kv_cache_shape(num_stages: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int):
+    """One slot's K or V cache: [num_blocks, block_size, P * nKV, D], stage s's heads at s * nKV
+    (nKV: the tp-expanded model's KV heads, tp_model_config)."""
+    return (num_blocks, block_size, num_stages * num_kv_heads, head_dim)
+
+
+# The cache's head axis split over stages, then over each stage's tp devices; inside the tick
+# (manual over "pp") a stage sees its own nKV heads, still sharded over "tp".
+KV_STAGE_SPEC = P(None, None, PP_AXIS, None)
+
+
 def kv_sharding(mesh: Mesh) -> NamedSharding:
-    """One slot's K or V cache [P, num_blocks, block_size, nKV, D]: stages over "pp", heads over "tp"."""
-    return NamedSharding(mesh, P(PP_AXIS, None, None, TP_AXIS, None))
+    """One slot's K or V cache (kv_cache_shape): each device holds [num_blocks, block_size,
+    nKV / T, D], its stage's layer slot and its own KV heads."""
+    return NamedSharding(mesh, P(None, None, (PP_AXIS, TP_AXIS), None))
 
 
 def carry_sharding(mesh: Mesh) -> NamedSharding:

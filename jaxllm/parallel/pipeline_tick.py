@@ -38,7 +38,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxllm.attention.metadata import AttentionMetadata
 from jaxllm.models import layers, llama
-from jaxllm.parallel.pipeline import PP_AXIS, carry_sharding, kv_sharding, slot_variants
+from jaxllm.parallel.pipeline import KV_STAGE_SPEC, PP_AXIS, carry_sharding, kv_sharding, slot_variants
 from jaxllm.runner.step_io import StepOutputs
 
 
@@ -54,8 +54,10 @@ class StageInputs:
 
 def pipeline_tick(params, kv_caches, carry, stage_inputs: StageInputs, logits_indices, sampling_inputs,
                   prompt_targets, *, config, plan, attention_fn, sampler: str, prompt_logprobs: bool, mesh):
-    """See the module docstring. Shapes: carry [P, T_max, H]; logits_indices [S], sampling_inputs
-    [S, ...] and prompt_targets [T] belong to the last stage's micro-batch (replicated).
+    """See the module docstring. Shapes: kv_caches [(K, V)] per local slot, each [num_blocks,
+    block_size, P * nKV, D] (pipeline.kv_cache_shape); carry [P, T_max, H]; logits_indices [S],
+    sampling_inputs [S, ...] and prompt_targets [T] belong to the last stage's micro-batch
+    (replicated).
     Returns (StepOutputs replicated, kv_caches, carry)."""
     from jaxllm.runner.runner import make_paged_attention, sample_outputs
 
@@ -76,9 +78,11 @@ def pipeline_tick(params, kv_caches, carry, stage_inputs: StageInputs, logits_in
             # Slot j is layer reps[kinds[s]] on stage s: one variant per distinct layer signature,
             # chosen on the device where the layer reads its RoPE and window (layers.per_layer).
             layer = reps[0] if len(reps) == 1 else layers.LayerChoice(jnp.asarray(kinds, jnp.int32)[stage], reps)
-            y, (k, v) = llama.decoder_layer(lp, config, x, inputs.positions, layer, (k[0], v[0]), attention)
+            # k, v: this stage's [num_blocks, block_size, nKV, D] (pipeline.kv_cache_shape), written
+            # as they are; a [1, ...] stage axis squeezed here and restored made XLA copy them.
+            y, kv = llama.decoder_layer(lp, config, x, inputs.positions, layer, (k, v), attention)
             x = jnp.where(j < num_real, y, x)  # padding slot: identity
-            new_caches.append((k[None], v[None]))
+            new_caches.append(kv)
         hidden = llama.final_norm(params["final_norm"], config, x)
         out = sample_outputs({"embed": table}, head_config, hidden, logits_indices, sampling_inputs,
                              prompt_targets, sampler=sampler, prompt_logprobs=prompt_logprobs)
@@ -93,8 +97,8 @@ def pipeline_tick(params, kv_caches, carry, stage_inputs: StageInputs, logits_in
     return jax.shard_map(
         body,
         mesh=mesh,
-        in_specs=(param_specs, pp, pp, pp, P(), P(), P()),
-        out_specs=(P(), pp, pp),
+        in_specs=(param_specs, KV_STAGE_SPEC, pp, pp, P(), P(), P()),
+        out_specs=(P(), KV_STAGE_SPEC, pp),
         axis_names={PP_AXIS},
         # jnp.searchsorted (reference attention) trips jax 0.10's varying-axis checker under a
         # partially manual shard_map; the psum / ppermute below are the only cross-stage ops.

@@ -13,10 +13,10 @@ All micro-batches of one tick run padded to one shape: T = the largest token buc
 (S = min(T, max_num_seqs), as batch.padded_shape), so the tick compiles once per token bucket and
 sampler variant, like the ModelRunner's step. Padding tokens write into sink block 0.
 It reuses ModelRunner's neutral sampling arrays and counters, and its swap preemption: the host
-pool is one (K, V) pair per local layer slot, each [P, num_cpu_blocks, block_size, nKV, D] in
-pinned_host memory with the KV cache's sharding, so each stage's host memory holds its own layers'
-swapped blocks. Block ids mean the same on every stage, so ModelRunner.swap's one plan copies
-every stage's blocks at once (the copies index the block axis, 1 here: BLOCK_AXIS).
+pool is one (K, V) pair per local layer slot, each [num_cpu_blocks, block_size, P * nKV, D] in
+pinned_host memory with the KV cache's sharding (pipeline.kv_cache_shape), so each stage's host
+memory holds its own layers' swapped blocks. Block ids mean the same on every stage and lead both
+layouts, so ModelRunner.swap's one plan copies every stage's blocks at once.
 """
 
 from __future__ import annotations
@@ -73,8 +73,6 @@ def repad_rows(inputs: SamplingInputs, s: int) -> SamplingInputs:
 class PipelineRunner(ModelRunner):
     """See the module docstring. `model.params` may be host numpy (they are placed per stage)."""
 
-    BLOCK_AXIS = 1  # caches are [P, num_blocks, ...]
-
     def __init__(self, model, resolved, mesh, plan):  # noqa: D107 - not ModelRunner's device layout
         self.model = model
         self.mesh, self.plan = mesh, plan
@@ -107,11 +105,13 @@ class PipelineRunner(ModelRunner):
             self._init_swap(self._kv_sharding)
 
     def _allocate_kv_cache(self, sharding, num_blocks=None):
-        """One (K, V) pair per local layer slot, each [P, num_blocks, block_size, nKV, D]
-        (num_blocks: the device cache's, or the host pool's for a pinned_host sharding)."""
+        """One (K, V) pair per local layer slot, each [num_blocks, block_size, P * nKV, D]
+        (pipeline.kv_cache_shape; num_blocks: the device cache's, or the host pool's for a
+        pinned_host sharding)."""
         cfg, res = self.config, self.resolved
         num_blocks = res.num_kv_blocks if num_blocks is None else num_blocks
-        shape = (self.plan.num_stages, num_blocks, res.engine.cache.block_size, cfg.num_kv_heads, cfg.head_dim)
+        shape = pipeline.kv_cache_shape(self.plan.num_stages, num_blocks, res.engine.cache.block_size,
+                                        cfg.num_kv_heads, cfg.head_dim)
         dtype = jnp.dtype(res.engine.dtype)
         if sharding.memory_kind == runner_mod.SWAP_MEMORY_KIND:
             # Not a jitted zeros (ModelRunner._allocate_kv_cache says why); per shard, so each

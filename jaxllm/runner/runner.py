@@ -230,48 +230,41 @@ def swap_buckets(max_blocks_per_seq: int) -> tuple[int, ...]:
     return tuple(buckets)
 
 
-def _blocks(ids, block_axis: int):
-    """The index selecting blocks `ids` along `block_axis` (1 for the pipeline's [P, blocks, ...])."""
-    return (slice(None),) * block_axis + (ids,)
-
-
-def swap_out_blocks(kv_caches, host_caches, device_ids, host_ids, *, host_sharding, block_axis=0):
+def swap_out_blocks(kv_caches, host_caches, device_ids, host_ids, *, host_sharding):
     """host_caches[l][i][host_ids[j]] = kv_caches[l][i][device_ids[j]] for every layer l, K/V i
-    (blocks along `block_axis`: 0, or 1 for the pipeline's per-stage caches [P, num_blocks, ...]).
+    (every cache, the pipeline's per-slot ones included, has its blocks on axis 0).
 
     device_ids: [n] int32 on the device; host_ids: [n] int32 in host memory (a gather or scatter
     takes its indices from its operand's memory). Returns the new host caches.
     """
-    src, dst = _blocks(device_ids, block_axis), _blocks(host_ids, block_axis)
     return [
-        tuple(h.at[dst].set(jax.device_put(c[src], host_sharding)) for c, h in zip(layer, host_layer))
+        tuple(h.at[host_ids].set(jax.device_put(c[device_ids], host_sharding)) for c, h in zip(layer, host_layer))
         for layer, host_layer in zip(kv_caches, host_caches)
     ]
 
 
-def swap_in_blocks(kv_caches, host_caches, host_ids, device_ids, *, device_sharding, block_axis=0):
+def swap_in_blocks(kv_caches, host_caches, host_ids, device_ids, *, device_sharding):
     """kv_caches[l][i][device_ids[j]] = host_caches[l][i][host_ids[j]]; returns the new KV caches."""
-    src, dst = _blocks(host_ids, block_axis), _blocks(device_ids, block_axis)
     return [
-        tuple(c.at[dst].set(jax.device_put(h[src], device_sharding)) for c, h in zip(layer, host_layer))
+        tuple(c.at[device_ids].set(jax.device_put(h[host_ids], device_sharding)) for c, h in zip(layer, host_layer))
         for layer, host_layer in zip(kv_caches, host_caches)
     ]
 
 
-_SWAP_FUNCTIONS: dict = {}  # (direction, shardings, num_layers, block_axis) -> jitted copy, shared by runners
+_SWAP_FUNCTIONS: dict = {}  # (direction, shardings, num_layers) -> jitted copy, shared by runners
 
 
-def _swap_function(direction: str, device_sharding, host_sharding, num_layers: int, block_axis: int = 0):
-    key = (direction, device_sharding, host_sharding, num_layers, block_axis)
+def _swap_function(direction: str, device_sharding, host_sharding, num_layers: int):
+    key = (direction, device_sharding, host_sharding, num_layers)
     fn = _SWAP_FUNCTIONS.get(key)
     if fn is None:
         if direction == "out":
             outs = [(host_sharding, host_sharding)] * num_layers
-            fn = jax.jit(functools.partial(swap_out_blocks, host_sharding=host_sharding, block_axis=block_axis),
+            fn = jax.jit(functools.partial(swap_out_blocks, host_sharding=host_sharding),
                          donate_argnums=1, out_shardings=outs)
         else:
             outs = [(device_sharding, device_sharding)] * num_layers
-            fn = jax.jit(functools.partial(swap_in_blocks, device_sharding=device_sharding, block_axis=block_axis),
+            fn = jax.jit(functools.partial(swap_in_blocks, device_sharding=device_sharding),
                          donate_argnums=0, out_shardings=outs)
         _SWAP_FUNCTIONS[key] = fn
     return fn
@@ -308,8 +301,6 @@ def _layered_function(kind: str, jit_key, out_shardings, **statics):
 
 class ModelRunner:
     """Holds device state and runs jitted steps; counts the compilations its steps caused."""
-
-    BLOCK_AXIS = 0  # the KV caches' block axis (the swap copies index it)
 
     def __init__(self, model, resolved: ResolvedEngineConfig, mesh=None):
         self.model = model
@@ -449,8 +440,8 @@ class ModelRunner:
                                  index_sharding.with_memory_kind(SWAP_MEMORY_KIND))
         self.swap_buckets = swap_buckets(self.resolved.max_blocks_per_seq)
         n = len(self.kv_caches)  # cache arrays: one (K, V) per layer, or per stage slot under PP
-        self._swap_out = _swap_function("out", self._device_sharding, self._host_sharding, n, self.BLOCK_AXIS)
-        self._swap_in = _swap_function("in", self._device_sharding, self._host_sharding, n, self.BLOCK_AXIS)
+        self._swap_out = _swap_function("out", self._device_sharding, self._host_sharding, n)
+        self._swap_in = _swap_function("in", self._device_sharding, self._host_sharding, n)
         self.host_caches = self._allocate_kv_cache(self._host_sharding, self.resolved.num_cpu_blocks)
 
     def _allocate_kv_cache(self, sharding, num_blocks: int | None = None):

@@ -1,10 +1,11 @@
 """Pipeline-parallel scenarios run in a fresh process with 8 fake CPU devices (see
 test_pipeline_parallel.py; same reasons as tp_worker.py). Each writes its findings as JSON.
 
-    python tests/helpers/pp_worker.py engine MODEL_DIR OUT.json "1x1,2x1,2x4:1+3,2x2/swap"   (PxT[:partition][/swap|/overlap|/pallas|/invariant|/hlo])
+    python tests/helpers/pp_worker.py engine MODEL_DIR OUT.json "1x1,2x1,2x4:1+3,2x2/swap"   (PxT[:partition][/swap|/overlap|/pallas|/invariant])
     JAXLLM_COORDINATOR=127.0.0.1:PORT JAXLLM_NUM_PROCESSES=2 JAXLLM_PROCESS_ID=i \\
         python tests/helpers/pp_worker.py multihost MODEL_DIR OUT.json           (2 devices per process)
     python tests/helpers/pp_worker.py export MODEL_DIR OUT.json     (Pallas tick exported for cuda)
+    python tests/helpers/pp_worker.py copies MODEL_DIR OUT.json 2x1,2x2 [MODEL_DIR2 2x2 ...]   (KV copies per tick)
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def _run(model_dir, pp, tp, partition=None, mode="recompute"):
     # Overlap mode: the host reads each tick's tokens after dispatching the next tick.
     extra = {"swap": dict(preemption_mode="swap", swap_space=0.01),
              "overlap": dict(pipeline_overlap_host=True), "pallas": dict(attention_backend="pallas"),
-             "invariant": dict(batch_invariant=True), "recompute": {}, "hlo": {}}[mode]
+             "invariant": dict(batch_invariant=True), "recompute": {}}[mode]
     llm = _llm(model_dir, pp, tp, partition, **extra)
     tokens, logprobs = _generate(llm)
     eng = llm.engine
@@ -108,8 +109,6 @@ def _run(model_dir, pp, tp, partition=None, mode="recompute"):
                                     for s in sorted(k.addressable_shards, key=lambda s: s.device.id)
                                     if s.replica_id == 0]
                                    for k, _ in runner.kv_caches]
-    if mode == "hlo":  # last: its probe request is scheduled, never run
-        run["kv_cache_copies"] = _kv_cache_copies(llm)
     return run
 
 
@@ -126,7 +125,7 @@ def _swap_round_trip(runner) -> dict:
     runner.kv_caches = [tuple(jax.device_put(a, runner._kv_sharding) for a in layer) for layer in before]
     runner.swap([(1, 5), (2, 6), (3, 7)], [])
     runner.swap([], [(5, 4), (6, 5), (7, 6)])
-    exact = all(np.array_equal(np.asarray(got)[:, 4:7], want[:, 1:4]) and np.array_equal(np.asarray(h)[:, 5:8], want[:, 1:4])
+    exact = all(np.array_equal(np.asarray(got)[4:7], want[1:4]) and np.array_equal(np.asarray(h)[5:8], want[1:4])
                 for layer, host, ref in zip(runner.kv_caches, runner.host_caches, before)
                 for got, h, want in zip(layer, host, ref))
     pool = runner.host_caches[0][0]
@@ -192,14 +191,32 @@ def _tick_call(llm):
 
 
 def _kv_cache_copies(llm) -> int:
-    """Copies of a whole KV-cache shard in the compiled tick (a cache updated inside a
-    conditional would be copied every tick; layers.per_layer keeps the writes outside)."""
+    """Copies of a whole KV-cache shard in the compiled tick, whatever shape XLA gives the copy
+    (a reshape or transpose of the cache shows up as a copy of as many elements): a cache updated
+    inside a conditional, or reshaped around its write, would be copied every tick."""
+    import math
     import re
 
     tick, args, kwargs = _tick_call(llm)
     k = llm.engine.runner.kv_caches[0][0]
-    shard = re.compile(rf"= \w+\[{','.join(map(str, k.sharding.shard_shape(k.shape)))}\]\S* copy\(")
-    return len(shard.findall(tick.lower(*args, **kwargs).compile().as_text()))
+    size = math.prod(k.sharding.shard_shape(k.shape))
+    copies = re.findall(r"= \w+\[([\d,]*)\]\S* copy\(", tick.lower(*args, **kwargs).compile().as_text())
+    return sum(math.prod(int(d) for d in dims.split(",") if d) == size for dims in copies)
+
+
+def copies(model_dir, out_path, configs, *more):
+    """Whole-KV-cache copies in the compiled tick per config ("PxT[:partition]") of each model
+    (MODEL_DIR CONFIGS pairs), keyed "DIRNAME/config": an LLM built, its tick compiled, nothing run."""
+    result = {}
+    pairs = [(model_dir, configs)] + list(zip(more[::2], more[1::2]))
+    for path, names in pairs:
+        for c in names.split(","):
+            shape, _, part = c.partition(":")
+            pp, tp = (int(x) for x in shape.split("x"))
+            partition = tuple(int(x) for x in part.split("+")) if part else None
+            result[f"{os.path.basename(path)}/{c}"] = _kv_cache_copies(_llm(path, pp, tp, partition))
+    with open(out_path, "w") as f:
+        json.dump(result, f)
 
 
 def export(model_dir, out_path):
@@ -220,4 +237,4 @@ def export(model_dir, out_path):
 
 
 if __name__ == "__main__":
-    {"engine": engine, "multihost": multihost, "export": export}[MODE](*sys.argv[2:])
+    {"engine": engine, "multihost": multihost, "export": export, "copies": copies}[MODE](*sys.argv[2:])
