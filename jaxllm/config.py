@@ -194,6 +194,13 @@ class EngineConfig:
     # CPU (measured in experiments/startup_time.py). Not with pipeline parallelism, whose tick
     # is fused. None (default): "layered", or "fused" under pipeline parallelism.
     compilation: str | None = None
+    # vLLM's async scheduling: the host schedules and prepares step N+1 while the device runs
+    # step N; a row whose input is step N's sampled token takes it on the device
+    # (jaxllm/async_scheduling.py). Tokens are those of synchronous steps. Steps whose next
+    # schedule needs the host to know the tokens run synchronously (logprobs, penalties, stop
+    # strings, n > 1, instruments, a cache short enough to preempt, swaps); batch_invariant
+    # engines always do. Needs tensor_parallel_size = pipeline_parallel_size = 1.
+    async_scheduling: bool = False
 
     def __post_init__(self):
         _require(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
@@ -206,6 +213,11 @@ class EngineConfig:
                  f"compilation={self.compilation!r} needs pipeline_parallel_size=1 (pipeline parallelism "
                  f"compiles its own fused tick), got {self.parallel.pipeline_parallel_size}; use compilation='fused'")
         _require(isinstance(self.batch_invariant, bool), f"batch_invariant must be a bool, got {self.batch_invariant!r}")
+        _require(isinstance(self.async_scheduling, bool), f"async_scheduling must be a bool, got {self.async_scheduling!r}")
+        _require(not self.async_scheduling or (self.parallel.pipeline_parallel_size == 1
+                                               and self.parallel.tensor_parallel_size == 1),
+                 "async_scheduling needs pipeline_parallel_size=1 and tensor_parallel_size=1 (pipeline "
+                 "parallelism overlaps with pipeline_overlap_host)")
         # batch_invariant holds with both attention backends (attention/invariant.py, the Pallas
         # kernels' aligned tiles), under tensor parallelism (every collective but the embedding's
         # sits inside a row-tiled loop, on fixed [ROW_TILE, ...] tiles, and the embedding's
@@ -225,6 +237,12 @@ class EngineConfig:
                 len(self.token_buckets) > 0 and all(isinstance(b, int) and b > 0 for b in self.token_buckets),
                 f"token_buckets must be positive ints, got {self.token_buckets!r}",
             )
+
+    @property
+    def overlaps_steps(self) -> bool:
+        """Whether the engine schedules a step while the previous one runs (async scheduling;
+        batch-invariant engines run every step synchronously)."""
+        return self.async_scheduling and not self.batch_invariant
 
     def resolve(self, model_config: ModelConfig, memory: "DeviceMemory | None" = None) -> "ResolvedEngineConfig":
         """Fill in the model-dependent defaults and check them against the model.

@@ -5,6 +5,9 @@
     sampled = runner.execute(batch)        # jitted forward + sampling on device, KV cache donated
     done    = scheduler.update(plan, ...)  # append tokens, check stops, free finished requests
 
+With EngineConfig.async_scheduling the host schedules step N+1 while the device runs step N
+(jaxllm/async_scheduling.py); each step() then returns the outputs of the step before.
+
 Bad input is refused by `add_request` with a ValueError naming the value, before the request
 touches any engine state, so one bad request never disturbs the others.
 """
@@ -20,6 +23,7 @@ from typing import Callable
 
 import numpy as np
 
+from jaxllm.async_scheduling import async_step, needs_host_tokens
 from jaxllm.config import EngineConfig, ResolvedEngineConfig
 from jaxllm.core.kv_cache import KVCacheManager
 from jaxllm.core.policies import get_policy
@@ -37,7 +41,7 @@ from jaxllm.outputs import (
 )
 from jaxllm.request import Request, RequestOutput, RequestStatus
 from jaxllm.runner.batch import pick_bucket, prepare_batch
-from jaxllm.runner.sampling_inputs import GENERAL, build_sampling_inputs
+from jaxllm.runner.sampling_inputs import GENERAL, OutputsWithPlaceholders, build_sampling_inputs
 from jaxllm.runner.instrument_inputs import (
     HiddenStateBuffer,
     InstrumentInputs,
@@ -57,6 +61,7 @@ class Engine:
     """Continuous-batching engine over one model. See the module docstring for the loop."""
 
     batch_queue = None  # pipeline parallelism: the micro-batches in flight (core/batch_queue.py)
+    _async = False  # async scheduling on (the simulator never overlaps)
 
     def __init__(self, config: EngineConfig, model=None, tokenizer=None, clock: Callable[[], float] = time.monotonic):
         """`clock` (seconds) stamps arrivals, request timings and step records; the scheduler
@@ -103,6 +108,7 @@ class Engine:
             self.batch_queue = BatchQueue(stage_plan.num_stages)
         else:
             self.runner = ModelRunner(self.model, self.resolved, mesh=self.mesh)
+        self._async = config.overlaps_steps
 
     def _init_host(self, model_config, tokenizer) -> None:
         """The host side of an engine (KV-cache manager, scheduler, request bookkeeping), built from
@@ -142,6 +148,13 @@ class Engine:
         self.num_failed_steps = 0
         self.num_recorded_steps = 0  # StepStats records made (steps that ran, preempted or copied)
         self._observers: list[StepObserver] = []
+        # Async scheduling (jaxllm/async_scheduling.py): the step on the device, the requests
+        # whose next step needs their tokens on the host, steps scheduled while the one before
+        # was on the device, and steps that waited for it first (get_stats).
+        self._in_flight_step = None
+        self._host_token_ids: set[str] = set()
+        self.num_async_overlapped_steps = 0
+        self.num_async_sync_steps = 0
 
     # ---------------------------------------------------------------- requests in and out
 
@@ -167,6 +180,8 @@ class Engine:
         arrival_time = self.clock() if arrival_time is None else arrival_time
         if params.n == 1:
             self._add_one(request_id, token_ids, text, params, arrival_time, priority, cache_salt)
+            if self._async and needs_host_tokens(params, False):
+                self._host_token_ids.add(request_id)
             return
         child_ids = [ParentRequest.child_id(request_id, i) for i in range(params.n)]
         taken = [c for c in child_ids if c in self._states or c in self._parents]
@@ -181,6 +196,8 @@ class Engine:
             )
             self._add_one(child_id, token_ids, text, child_params, arrival_time, priority, cache_salt)
             self._parent_of[child_id] = (parent, i)
+            if self._async:
+                self._host_token_ids.add(child_id)
 
     def check_prompt(self, prompt, params: SamplingParams) -> tuple[str | None, list[int]]:
         """(text, token ids) of a prompt this engine can serve with `params`; ValueError naming
@@ -237,6 +254,7 @@ class Engine:
         parent = self._parents.pop(request_id, None)
         for rid in parent.child_ids if parent is not None else [request_id]:
             self._parent_of.pop(rid, None)
+            self._host_token_ids.discard(rid)
             if self._states.pop(rid, None) is not None:
                 self.scheduler.abort_request(rid)
 
@@ -258,6 +276,8 @@ class Engine:
             from jaxllm.pipeline_step import pipeline_step
 
             return pipeline_step(self)
+        if self._async:
+            return async_step(self)
         start = self.clock()
         kv = self.kv_cache_manager
         lookups_before = (kv.prefix_cache_queries, kv.prefix_cache_hits)
@@ -305,6 +325,7 @@ class Engine:
             output = make_output(req, self._states[req.request_id])
             if req.is_finished:
                 del self._states[req.request_id]
+                self._host_token_ids.discard(req.request_id)
             outputs.append(self._fan_in(output) if req.request_id in self._parent_of else output)
         return outputs, sum(r.is_finished for r in touched)
 
@@ -331,7 +352,8 @@ class Engine:
 
     def _notify_observers(self, plan, start: float, now: float, num_finished: int,
                           footprint: tuple[int, int, int, int], lookups: tuple[int, int],
-                          timing: _DeviceTiming) -> None:
+                          timing: _DeviceTiming, overlap=None) -> None:
+        """overlap: an async step's async_scheduling._Timing (None: a synchronous step)."""
         step = self.num_recorded_steps
         self.num_recorded_steps += 1
         if not self._observers:
@@ -343,6 +365,7 @@ class Engine:
             num_decode_tokens += n == 1 and computed >= len(item.request.prompt_token_ids)
         swapped = sum(r.status == RequestStatus.SWAPPED for r in plan.preempted)
         end = self.clock()
+        host_time = (end - start) - timing.seconds
         stats = StepStats(
             step=step,
             start_time=start,
@@ -373,10 +396,13 @@ class Engine:
             num_kv_blocks=self.kv_cache_manager.num_usable_blocks,
             prefix_cache_queries=lookups[0],
             prefix_cache_hits=lookups[1],
-            host_time=(end - start) - timing.seconds,
+            host_time=host_time,
             device_time=timing.seconds,
             compile_time=timing.compile_seconds,
             row_num_computed_tokens=tuple([item.num_computed_tokens for item in plan.scheduled]),
+            host_time_overlapped=0.0 if overlap is None else max(0.0, host_time - overlap.idle_host),
+            fetch_wait_time=0.0 if overlap is None else overlap.fetch_wait,
+            scheduled_in_flight=overlap is not None and overlap.scheduled_in_flight and bool(plan.scheduled),
         )
         for observer in list(self._observers):
             observer(stats)
@@ -390,8 +416,12 @@ class Engine:
         if stop is not None and not req.is_finished:
             self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_STOPPED, "stop", stop)
 
-    def build_step_inputs(self, scheduled) -> StepInputs:
-        """The one builder of a step's inputs from the scheduler's ScheduledRequest items."""
+    def build_step_inputs(self, scheduled, in_flight_rows: dict[str, int] | None = None) -> StepInputs:
+        """The one builder of a step's inputs from the scheduler's ScheduledRequest items.
+        in_flight_rows: async scheduling, request_id -> row of the step on the device that
+        samples its next token (batch.prepare_batch); an async engine passes {} without one."""
+        if in_flight_rows is None and self._async:
+            in_flight_rows = {}
         batch = prepare_batch(
             scheduled,
             self.block_manager.block_table,
@@ -399,13 +429,16 @@ class Engine:
             self.config.cache.block_size,
             self.resolved.token_buckets,
             self.config.scheduler.max_num_seqs,
+            in_flight_rows,
         )
         rows = [
             (
                 item.request.sampling_params,
                 self._states[item.request.request_id].seed,
                 item.request.prompt_token_ids,
-                item.request.output_token_ids,
+                # In-flight tokens count for the RNG step and min_tokens (async scheduling).
+                OutputsWithPlaceholders(item.request.output_token_ids, item.request.num_output_placeholders)
+                if item.request.num_output_placeholders else item.request.output_token_ids,
                 item.request.eos_token_ids,
             )
             for item in scheduled
@@ -447,7 +480,8 @@ class Engine:
         sampled: dict[str, int] = {}
         for i, item in enumerate(plan.scheduled):
             req = item.request
-            if item.samples:
+            # Not running: finished (aborted, or stopped with this row in flight) since scheduled.
+            if item.samples and req.status == RequestStatus.RUNNING:
                 token = int(result.token_ids[i])
                 sampled[req.request_id] = token
                 k = req.sampling_params.logprobs
@@ -461,7 +495,7 @@ class Engine:
         total = 0
         for item in scheduled:
             req = item.request
-            computed = req.num_computed_tokens
+            computed = item.num_computed_tokens  # at schedule time (async advances it at dispatch)
             num_prompt = len(req.prompt_token_ids)
             if computed < num_prompt:  # else a decode row: no prompt token
                 total += min(computed + item.num_new_tokens, num_prompt) - computed
@@ -516,7 +550,8 @@ class Engine:
         if self.runner.host_caches is not None:
             self.runner.warmup_swap()
         for t in self.resolved.token_buckets:
-            batch = prepare_batch([], self.block_manager.block_table, None, bs, (t,), max_seqs)
+            batch = prepare_batch([], self.block_manager.block_table, None, bs, (t,), max_seqs,
+                                  {} if self._async else None)
             variants = [(v, None) for v in step_variants]
             if instrumented:
                 none = np.zeros(0, np.int32)  # no intervention, nothing captured
@@ -561,6 +596,10 @@ class Engine:
             "num_gather_variants": len(self.runner.gather_variants_used),
             "num_executables": self.runner.num_executables,
             "num_failed_steps": self.num_failed_steps,
+            # Async scheduling: steps scheduled while the previous one was on the device, and
+            # steps that first waited for it (their schedule needed its tokens on the host).
+            "num_async_overlapped_steps": self.num_async_overlapped_steps,
+            "num_async_sync_steps": self.num_async_sync_steps,
             "num_steps": self.num_steps,
             "num_prompt_tokens_processed": self.num_prompt_tokens_processed,
             "num_generated_tokens": self.num_generated_tokens,

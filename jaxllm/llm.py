@@ -51,6 +51,7 @@ class LLM:
         gpu_memory_utilization: float = 0.9,
         batch_invariant: bool = False,
         compilation: str | None = None,
+        async_scheduling: bool = False,
     ):
         config = EngineConfig(
             model=model,
@@ -82,6 +83,7 @@ class LLM:
             compile_cache_dir=compile_cache_dir,
             batch_invariant=batch_invariant,
             compilation=compilation,
+            async_scheduling=async_scheduling,
         )
         self.engine = Engine(config)
         self._next_id = 0

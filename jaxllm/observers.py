@@ -79,5 +79,16 @@ class StepStats:
     # before the field existed.
     row_num_computed_tokens: tuple[int, ...] = ()
 
+    # Async scheduling (EngineConfig.async_scheduling; 0 / False otherwise). A record is one
+    # engine.step(): the plan it scheduled and dispatched, and the outputs of the step before,
+    # which it fetched (num_finished, time). device_time is then the dispatch, the copies and the
+    # wait in fetch (fetch_wait_time). Dispatch can wait too: on CPU a step waits there for the
+    # step before it, whose donated KV cache it takes. host_time_overlapped is the part of
+    # host_time spent while a dispatched step was outstanding: hidden behind the device as long as
+    # the device stayed busy through it, i.e. when the call's next device wait was > 0.
+    host_time_overlapped: float = 0.0
+    fetch_wait_time: float = 0.0  # part of device_time: blocked reading a step's outputs
+    scheduled_in_flight: bool = False  # this plan was scheduled before the previous step's tokens came
+
 
 StepObserver = Callable[[StepStats], None]

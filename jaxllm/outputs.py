@@ -63,7 +63,7 @@ def prompt_logprob_targets(scheduled, cu_q_lens: np.ndarray, num_tokens_padded: 
         return None
     targets = np.zeros(num_tokens_padded, np.int32)
     for i, item in enumerate(scheduled):
-        req, start = item.request, item.request.num_computed_tokens
+        req, start = item.request, item.num_computed_tokens
         nxt = req.token_slice(start + 1, start + item.num_new_tokens + 1)
         targets[cu_q_lens[i] : cu_q_lens[i] + len(nxt)] = nxt
     return targets
@@ -76,13 +76,13 @@ def collect_prompt_logprobs(scheduled, cu_q_lens, result: StepOutputs, states: d
     for i, item in enumerate(scheduled):
         req: Request = item.request
         k = req.sampling_params.prompt_logprobs
-        if k is None:
+        if k is None or req.request_id not in states:  # not there: aborted while in flight
             continue
         state = states[req.request_id]
         if state.prompt_logprobs is None:
             state.prompt_logprobs = [None]  # the first prompt token has no logprob (vLLM)
         entries = state.prompt_logprobs
-        start = req.num_computed_tokens
+        start = item.num_computed_tokens  # at schedule time (async scheduling advances it at dispatch)
         for j in range(item.num_new_tokens):
             pos = start + j + 1  # token (start + j) predicts prompt token `pos`
             if pos != len(entries) or pos >= req.num_prompt_tokens:

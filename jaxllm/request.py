@@ -111,6 +111,9 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = dataclasses.field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose K/V is in the cache
+    # Async scheduling: tokens sampled by steps still on the device, not appended yet. The
+    # scheduler counts them as tokens (a row feeds one before the host knows its id).
+    num_output_placeholders: int = 0
     num_preemptions: int = 0
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     stop_reason: int | str | None = None  # stop token id or stop string that ended it; None for EOS

@@ -19,6 +19,7 @@ HOST_MODULES = [
     "jaxllm.core.policies",
     "jaxllm.core.batch_queue",
     "jaxllm.pipeline_step",
+    "jaxllm.async_scheduling",
     "jaxllm.runner.batch",
     "jaxllm.runner.sampling_inputs",
     "jaxllm.runner.instrument_inputs",

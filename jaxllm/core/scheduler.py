@@ -35,6 +35,18 @@ One step:
   3. The engine runs the batch and calls `update` with the sampled tokens: num_computed_tokens
      advances, tokens are appended, stops are checked, finished requests free their blocks.
 
+Async scheduling (EngineConfig.async_scheduling, jaxllm/async_scheduling.py): the engine calls
+`mark_in_flight(plan)` once the step is dispatched, which advances num_computed_tokens at once and
+counts each sampling row's token as a placeholder (`num_output_placeholders`), so the next
+`schedule` runs before the tokens come back: a request whose token is in flight gets a one-token
+row (the device feeds it the sampled id), except one that the in-flight token brings to
+max_tokens / max_model_len. `update(plan, tokens, in_flight=True)` then appends the real tokens
+and checks stops; a request that stopped (EOS, stop id) while a later step already holds a row
+for it finishes as if that row had never been scheduled: the row's placeholder and its token are
+dropped and num_computed_tokens rolls back before its blocks are freed. The engine runs a step
+synchronously (update first) when `could_preempt()` or a swapped request waits: a victim's or a
+swap's blocks must not be those of a step still on the device.
+
 Copy order within a step: the engine runs the swap-outs, then the swap-ins, then the forward.
 Swap-outs read device blocks that this step may already have handed to another request, so they
 go before anything writes; swap-ins must land before the forward reads. A step that swaps out
@@ -243,6 +255,7 @@ class Scheduler:
         return self.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
 
     def _finish(self, request, status, reason, stop_reason, error, now) -> None:
+        _drop_placeholders(request)
         request.status = status
         request.finish_reason = reason if reason is not None else status.finish_reason
         request.stop_reason = stop_reason
@@ -256,6 +269,7 @@ class Scheduler:
         """Preempt in `mode` (default: the policy's choice, else the scheduler's): swap its
         blocks out, or drop them (recompute); either way wait at the front of the queue."""
         self.running.remove(request)
+        _drop_placeholders(request)
         if mode is None:
             mode = self.policy.preemption_mode(request) or self.preemption_mode
             _check_preemption_mode(mode, f"{self.policy!r}.preemption_mode")
@@ -308,9 +322,11 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             num_computed = req.num_computed_tokens
-            remaining = len(req.prompt_token_ids) + len(req.output_token_ids) - num_computed  # num_tokens, inlined: hot
+            num_output = len(req.output_token_ids) + req.num_output_placeholders
+            remaining = len(req.prompt_token_ids) + num_output - num_computed  # num_tokens, inlined: hot
             num_new = min(remaining, budget)
-            if num_new <= 0 or (num_new < remaining and not self.enable_chunked_prefill) or req.request_id in in_flight:
+            if (num_new <= 0 or (num_new < remaining and not self.enable_chunked_prefill) or req.request_id in in_flight
+                    or (req.num_output_placeholders and self._reaches_length(req, num_output))):
                 i += 1
                 continue
             while not kv.allocate_slots(req, num_new):
@@ -406,6 +422,37 @@ class Scheduler:
             blocks_to_swap_in=swap_in,
         )
 
+    def _reaches_length(self, req: Request, num_output: int) -> bool:
+        """Whether `num_output` output tokens end the request by max_tokens or max_model_len
+        (async scheduling: its in-flight token is its last, so it gets no further row)."""
+        max_tokens = req.stop_checks[3]
+        return ((max_tokens is not None and num_output >= max_tokens)
+                or len(req.prompt_token_ids) + num_output >= self.max_model_len)
+
+    def could_preempt(self) -> bool:
+        """Whether the next schedule might preempt: the running requests could need more new
+        blocks than are free, counting each as if scheduled for all its remaining tokens
+        (conservative; admission never preempts). Async scheduling then runs synchronously."""
+        kv = self.kv_cache_manager
+        need = 0
+        for req in self.running:
+            tokens = req.num_tokens + req.num_output_placeholders
+            need += max(0, cdiv(tokens, kv.block_size) - kv.num_blocks_of(req.request_id))
+        return need > kv.num_free_blocks
+
+    def has_swapped_waiting(self) -> bool:
+        """Whether a swapped-out request waits (its admission would plan a swap-in)."""
+        return bool(self.kv_cache_manager.num_cpu_blocks) and any(
+            r.status == RequestStatus.SWAPPED for r in self.waiting)
+
+    def mark_in_flight(self, output: SchedulerOutput) -> None:
+        """Async scheduling: `output` is on the device. Advance its requests' num_computed_tokens
+        now and count each sampling row's coming token as a placeholder (module docstring)."""
+        for item in output.scheduled:
+            req = item.request
+            req.num_computed_tokens += item.num_new_tokens
+            req.num_output_placeholders += item.samples
+
     def _can_never_fit(self, req: Request) -> bool:
         """Sampling its next token needs slots for all its tokens: more blocks than the cache has?"""
         kv = self.kv_cache_manager
@@ -415,7 +462,8 @@ class Scheduler:
         """Forget the prefix cache's content; False (nothing changes) while blocks are in use."""
         return self.kv_cache_manager.reset_prefix_cache()
 
-    def update(self, output: SchedulerOutput, sampled: dict[str, int], now: float | None = None) -> list[Request]:
+    def update(self, output: SchedulerOutput, sampled: dict[str, int], now: float | None = None,
+               in_flight: bool = False) -> list[Request]:
         """Apply a step's results; return the requests that finished (blocks already freed).
 
         Args:
@@ -423,6 +471,8 @@ class Scheduler:
           sampled: request_id -> sampled token id, for every scheduled request with samples=True
             (other entries are ignored). A missing entry finishes that request with "error".
           now: timestamp for the timings (default: the scheduler clock).
+          in_flight: `output` went through mark_in_flight (async scheduling): num_computed_tokens
+            has advanced already, and each sampling row's placeholder becomes its token.
         Returns requests finished by this update, plus those finished during the last schedule().
         """
         now = self.clock() if now is None else now
@@ -432,7 +482,10 @@ class Scheduler:
             req = item.request
             if req.status != RequestStatus.RUNNING:
                 continue  # finished (e.g. aborted) between schedule() and update()
-            req.num_computed_tokens += item.num_new_tokens
+            if in_flight:
+                req.num_output_placeholders -= item.samples
+            else:
+                req.num_computed_tokens += item.num_new_tokens
             if not item.samples:
                 continue
             token = sampled.get(req.request_id)
@@ -470,6 +523,14 @@ class Scheduler:
                 or len(req.prompt_token_ids) + num_output >= self.max_model_len):
             return RequestStatus.FINISHED_LENGTH, None
         return None
+
+
+def _drop_placeholders(request: Request) -> None:
+    """Forget the request's in-flight tokens (async scheduling): it finished or was preempted
+    while later rows for it were on the device. Each such row fed one token, so
+    num_computed_tokens rolls back to what a synchronous engine would hold."""
+    request.num_computed_tokens -= request.num_output_placeholders
+    request.num_output_placeholders = 0
 
 
 def _check_preemption_mode(mode, where: str) -> None:

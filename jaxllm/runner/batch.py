@@ -25,6 +25,10 @@ class BatchInputs:
     logits_indices: np.ndarray  # [S] int32: the last token of each row (0 for padding rows)
     num_tokens: int  # real tokens (<= T)
     num_seqs: int  # real rows (<= S)
+    # Async scheduling only (else None): per token, the row of the step still on the device
+    # whose sampled token feeds it (the host does not know that id yet; token_ids holds 0
+    # there), -1 where token_ids holds the token. The runner resolves it on the device.
+    take_index: np.ndarray | None = None  # [T] int32
 
     @property
     def padded_num_tokens(self) -> int:
@@ -56,6 +60,7 @@ def prepare_batch(
     block_size: int,
     token_buckets: tuple[int, ...],
     max_num_seqs: int,
+    in_flight_rows: dict[str, int] | None = None,
 ) -> BatchInputs:
     """Lay out the scheduled requests as one ragged, padded batch.
 
@@ -63,6 +68,10 @@ def prepare_batch(
       scheduled: ScheduledRequest items (request, num_new_tokens) in batch order.
       block_table: [max_num_seqs, max_blocks_per_seq] int32, the block manager's table.
       row_of: request_id -> row of `block_table`.
+      in_flight_rows: async scheduling: request_id -> its row in the step on the device, for
+        the requests that step samples a token for; a row whose last token is that one (a
+        placeholder, request.num_output_placeholders) takes it from there (take_index).
+        None: a synchronous engine (no take_index; every token must be on the host).
     """
     q_lens = np.array([s.num_new_tokens for s in scheduled], dtype=np.int32)
     num_tokens = int(q_lens.sum())
@@ -79,11 +88,18 @@ def prepare_batch(
     cu_q_lens[1 : len(scheduled) + 1] = np.cumsum(q_lens)
     cu_q_lens[len(scheduled) + 1 :] = num_tokens
     logits_indices = np.zeros(s_pad, np.int32)
+    take_index = None if in_flight_rows is None else np.full(t_pad, -1, np.int32)
 
     for i, item in enumerate(scheduled):
-        req, start, n = item.request, item.request.num_computed_tokens, item.num_new_tokens
+        # The schedule-time snapshot: async scheduling advances the request's count at dispatch.
+        req, start, n = item.request, item.num_computed_tokens, item.num_new_tokens
         lo = cu_q_lens[i]
-        token_ids[lo : lo + n] = req.token_slice(start, start + n)
+        known = len(req.prompt_token_ids) + len(req.output_token_ids)
+        if start + n > known:  # its last token is in flight: a one-token decode row
+            take_index[lo + n - 1] = in_flight_rows[req.request_id]
+            token_ids[lo : lo + n - 1] = req.token_slice(start, known)
+        else:
+            token_ids[lo : lo + n] = req.token_slice(start, start + n)
         pos = np.arange(start, start + n, dtype=np.int32)
         positions[lo : lo + n] = pos
         row = block_table[row_of(req.request_id)]
@@ -102,4 +118,5 @@ def prepare_batch(
         logits_indices=logits_indices,
         num_tokens=num_tokens,
         num_seqs=len(scheduled),
+        take_index=take_index,
     )

@@ -211,7 +211,7 @@ def build_instrument_inputs(scheduled, instruments: dict, cu_q_lens: np.ndarray,
                 residual_add[layer, i] = v
         if buffer is None:
             continue
-        start = item.request.num_computed_tokens
+        start = item.num_computed_tokens
         if start > buffer.num_positions:  # capturing requests skip the prefix cache: no gaps
             raise RuntimeError(f"request {item.request.request_id!r} would skip hidden states of "
                                f"positions {buffer.num_positions}..{start - 1}")
@@ -236,5 +236,7 @@ def collect_hidden_states(inputs: InstrumentInputs, hidden_states: np.ndarray, s
     """Append each capture's rows of the gathered hidden_states [R, H] to its request's buffer
     (states: request_id -> outputs.RequestState)."""
     for c in inputs.captures:
+        if c.request_id not in states:  # aborted while its step was in flight (async scheduling)
+            continue
         rows = hidden_states[c.offset : c.offset + c.num_positions * c.num_layers]
         states[c.request_id].hidden_states.append(rows.reshape(c.num_positions, c.num_layers, -1))

@@ -36,6 +36,7 @@ from jaxllm.runner.sampling_inputs import GENERAL, SamplingInputs
 from jaxllm.runner.step_io import StepInputs, StepOutputs
 from jaxllm import sampling
 from jaxllm.runner import compile_cache
+from jaxllm.runner.async_tokens import async_token_functions
 from jaxllm.sampling_params import MAX_LOGPROBS
 
 
@@ -341,6 +342,9 @@ class ModelRunner:
         self._jit_key = jit_key
         if self.compilation == "layered":
             self._init_layered()
+        # Async scheduling: the last step's sampled tokens padded to [max_num_seqs] (device), which
+        # the next step's take_index reads (runner/async_tokens.py); made by the first such step.
+        self._previous_token_ids = None
         self.host_caches = None  # the swap pool, [(K, V)] per layer, when num_cpu_blocks > 0
         self.swap_buckets: tuple[int, ...] = ()
         if resolved.num_cpu_blocks:
@@ -421,12 +425,14 @@ class ModelRunner:
         the embedding, one decoder layer per distinct signature (and per instrumented flag in
         use), one head each, and the row selection when some variant has neither prompt
         logprobs nor instruments (its heads are then shared by buckets of the same row count,
-        counted here for each bucket)."""
+        counted here for each bucket); with async scheduling two more."""
+        # Async scheduling: the token resolution and the row padding (runner/async_tokens.py).
+        extra = 2 if self.resolved.engine.overlaps_steps else 0
         if self.compilation == "fused":
-            return len(step_variants) + len(instrumented_variants)
+            return len(step_variants) + len(instrumented_variants) + extra
         flags = bool(step_variants) + bool(instrumented_variants)
         select = any(not prompt_logprobs for _, prompt_logprobs in step_variants)
-        return 1 + len(set(self._layer_reps)) * flags + select + len(step_variants) + len(instrumented_variants)
+        return 1 + len(set(self._layer_reps)) * flags + select + len(step_variants) + len(instrumented_variants) + extra
 
     def _init_swap(self, kv_sharding) -> None:
         if kv_sharding is None:
@@ -468,7 +474,18 @@ class ModelRunner:
 
     def execute(self, step: StepInputs) -> StepOutputs:
         """Run one step; returns its outputs as numpy arrays."""
-        return self._execute(step)
+        return self.fetch(self.dispatch(step))
+
+    def dispatch(self, step: StepInputs) -> StepOutputs:
+        """Enqueue one step without waiting for it; returns its outputs as device arrays (for
+        `fetch`). The KV cache is the step's result already, so the next step can be dispatched
+        behind it (async scheduling)."""
+        return self._dispatch(step)
+
+    @staticmethod
+    def fetch(outputs: StepOutputs) -> StepOutputs:
+        """Wait for a dispatched step; its outputs as numpy arrays."""
+        return jax.tree.map(np.asarray, outputs)
 
     def warmup_step(self, step: StepInputs) -> None:
         """Build every executable `execute(step)` needs, as cheaply as possible; the outputs are
@@ -482,8 +499,13 @@ class ModelRunner:
             self.execute(step)
 
     def _execute(self, step: StepInputs, layers: tuple[int, ...] | None = None) -> StepOutputs:
+        return self.fetch(self._dispatch(step, layers))
+
+    def _dispatch(self, step: StepInputs, layers: tuple[int, ...] | None = None) -> StepOutputs:
         compiles, hits = _NUM_XLA_COMPILES[0], compile_cache.NUM_CACHE_HITS[0]
         try:
+            if step.batch.take_index is not None:
+                step = self._resolve_token_ids(step)
             if self.compilation == "layered":
                 out = self._run_layered(step, layers)
             else:
@@ -492,13 +514,32 @@ class ModelRunner:
                     attention_fn=self._attention_fn, sampler=step.sampler, prompt_logprobs=step.prompt_logprobs,
                     instrumented=step.instrumented,
                 )
+            if step.batch.take_index is not None:  # the next step may take from these
+                self._previous_token_ids = self._async_fns[1](out.token_ids)
         finally:
             _NUM_STEP_COMPILES[0] += self._count_built(compiles, hits)
         self.step_variants_used.add(
             (step.batch.padded_num_tokens, step.sampler, step.prompt_logprobs, step.instrumented))
         if step.instrumented:
             out = dataclasses.replace(out, residuals=None, hidden_states=self._gather_hidden_states(step, out.residuals))
-        return jax.tree.map(np.asarray, out)
+        return out
+
+    def _resolve_token_ids(self, step: StepInputs) -> StepInputs:
+        """The step with its token_ids on the device, the in-flight ones taken from the previous
+        step's sampled tokens (batch.take_index; runner/async_tokens.py). Single device only
+        (EngineConfig refuses async scheduling with a mesh)."""
+        resolve, _ = self._async_fns
+        previous = self._previous_token_ids
+        if previous is None:  # nothing dispatched yet: every take_index is -1
+            previous = self._neutral_array((self.resolved.engine.scheduler.max_num_seqs,), np.int32, 0)
+        batch = step.batch
+        token_ids = resolve(batch.token_ids, batch.take_index, previous)
+        return dataclasses.replace(step, batch=dataclasses.replace(batch, token_ids=token_ids))
+
+    @functools.cached_property
+    def _async_fns(self):
+        sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        return async_token_functions(sharding, self.resolved.engine.scheduler.max_num_seqs)
 
     def _gather_hidden_states(self, step: StepInputs, residuals):
         """[R, H] captured pairs (device), or None when the step captures nothing: only these
@@ -565,7 +606,9 @@ class ModelRunner:
         if step.prompt_logprobs and step.sampler != GENERAL:
             raise ValueError("a step with prompt logprobs must use the GENERAL sampler")
         batch = step.batch
-        targets = step.prompt_targets if step.prompt_logprobs else np.zeros_like(batch.token_ids)
+        # Not zeros_like(token_ids): under async scheduling they are a device array still being
+        # computed, and numpy would wait for it.
+        targets = step.prompt_targets if step.prompt_logprobs else np.zeros(batch.padded_num_tokens, np.int32)
         metadata = AttentionMetadata(
             slot_mapping=batch.slot_mapping,
             block_tables=batch.block_tables,

@@ -73,6 +73,24 @@ class SamplingInputs:
         )
 
 
+class OutputsWithPlaceholders(Sequence):
+    """A request's output ids followed by `num_placeholders` tokens still on the device (async
+    scheduling): a Row's output_token_ids whose length, the row's RNG step and min_tokens count,
+    includes them. Reading a placeholder raises, so a row that needs the ids themselves
+    (penalties' history) cannot be built before they arrive."""
+
+    def __init__(self, output_token_ids: Sequence[int], num_placeholders: int):
+        self._ids, self._extra = output_token_ids, num_placeholders
+
+    def __len__(self) -> int:
+        return len(self._ids) + self._extra
+
+    def __getitem__(self, index):
+        if isinstance(index, slice) or not 0 <= index < len(self._ids):
+            raise IndexError("an in-flight output token is not on the host yet")
+        return self._ids[index]
+
+
 def seed_to_key_data(seed: int) -> np.ndarray:
     """[2] uint32 threefry key data equal to jax.random.PRNGKey(seed) (seed taken mod 2**64)."""
     seed %= 1 << 64

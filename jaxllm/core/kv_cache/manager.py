@@ -127,6 +127,10 @@ class KVCacheManager:
         """The request's block ids in logical order (a copy; [] if it holds none)."""
         return list(self._blocks.get(request_id, ()))
 
+    def num_blocks_of(self, request_id: str) -> int:
+        """How many blocks the request holds (no copy, unlike blocks_of)."""
+        return len(self._blocks.get(request_id, ()))
+
     def has_blocks(self, request_id: str) -> bool:
         return request_id in self._blocks
 
