@@ -134,14 +134,18 @@ def _swap_round_trip(runner) -> dict:
             "host_pool_spec": str(pool.sharding.spec)}
 
 
+def _layout(spec: str):
+    """(pp, tp, partition) of "PxT[:partition]", e.g. "2x4:1+3" -> (2, 4, (1, 3))."""
+    shape, _, part = spec.partition(":")
+    pp, tp = (int(x) for x in shape.split("x"))
+    return pp, tp, tuple(int(x) for x in part.split("+")) if part else None
+
+
 def engine(model_dir, out_path, configs):
     result = {}
     for c in configs.split(","):
         spec, _, mode = c.partition("/")  # "2x1/swap": swap preemption; "/overlap": host overlap
-        shape, _, part = spec.partition(":")
-        pp, tp = (int(x) for x in shape.split("x"))
-        partition = tuple(int(x) for x in part.split("+")) if part else None
-        result[c] = _run(model_dir, pp, tp, partition, mode or "recompute")
+        result[c] = _run(model_dir, *_layout(spec), mode or "recompute")
     with open(out_path, "w") as f:
         json.dump(result, f)
 
@@ -211,10 +215,7 @@ def copies(model_dir, out_path, configs, *more):
     pairs = [(model_dir, configs)] + list(zip(more[::2], more[1::2]))
     for path, names in pairs:
         for c in names.split(","):
-            shape, _, part = c.partition(":")
-            pp, tp = (int(x) for x in shape.split("x"))
-            partition = tuple(int(x) for x in part.split("+")) if part else None
-            result[f"{os.path.basename(path)}/{c}"] = _kv_cache_copies(_llm(path, pp, tp, partition))
+            result[f"{os.path.basename(path)}/{c}"] = _kv_cache_copies(_llm(path, *_layout(c)))
     with open(out_path, "w") as f:
         json.dump(result, f)
 
