@@ -1,12 +1,15 @@
-"""Output tok/s with async scheduling off and on, in one process (EngineConfig.async_scheduling).
+"""Output tok/s of two engine settings A and B, in one process (default: async scheduling off / on).
 
-    python experiments/async_ab.py [--rounds 2] [--quick] [-n 64] [--compilation layered]
+    python experiments/engine_ab.py [--rounds 2] [--quick] [-n 64] [--compilation layered]
+    python experiments/engine_ab.py --a '{}' --b '{"matmul_backend": "onednn"}'
+
+--a / --b: LLM(...) keyword arguments (JSON) of the two engines, named by --names.
 
 The benchmark workload of experiments/bench_vs_vllm.py (SmolLM2-135M-Instruct fp32, random-id
 ShareGPT-like prompts and output lengths, greedy, ignore_eos, all submitted at t=0,
 max_num_seqs=32, max_num_batched_tokens=512); --quick: the tiny random Llama and 8 short
 requests. Both engines warm up the greedy step variant, run one untimed pass, then alternate
-`rounds` timed passes. Printed: output tok/s of each pass, the best per mode, async/sync, whether
+`rounds` timed passes. Printed: output tok/s of each pass, the best per mode, B/A, whether
 the tokens are identical, and per step (from the step records, the timed passes): host_time,
 host_time_overlapped (host work done while a dispatched step was outstanding), fetch_wait_time
 and device_time, plus the load average before and after (compare ratios measured in one run).
@@ -30,7 +33,16 @@ def main(argv=None) -> dict:
     p.add_argument("--quick", action="store_true")
     p.add_argument("-n", "--num-requests", type=int, default=None)
     p.add_argument("--compilation", default=None)
+    p.add_argument("--a", default='{"async_scheduling": false}', help="LLM kwargs (JSON) of engine A")
+    p.add_argument("--b", default='{"async_scheduling": true}', help="LLM kwargs (JSON) of engine B")
+    p.add_argument("--names", default=None, help="two comma-separated names (default: sync,async for the "
+                   "default --a/--b, else A,B)")
     args = p.parse_args(argv)
+    defaults = (args.a, args.b) == (p.get_default("a"), p.get_default("b"))
+    names = (args.names or ("sync,async" if defaults else "A,B")).split(",")
+    if len(names) != 2 or names[0] == names[1]:
+        raise SystemExit(f"--names needs two different names, got {args.names!r}")
+    settings = dict(zip(names, (json.loads(args.a), json.loads(args.b))))
     from bench_vs_vllm import model_cost, smollm2_f32_dir, tiny_llama_dir
     from workloads import SHAREGPT_OUTPUT, SHAREGPT_PROMPT, make_workload
 
@@ -48,9 +60,9 @@ def main(argv=None) -> dict:
     prompts = [{"prompt_token_ids": q} for q in work.prompts]
     params = [SamplingParams(max_tokens=o, temperature=0.0, ignore_eos=True) for o in work.output_lens]
     llms, records = {}, {}
-    for mode in ("sync", "async"):
-        llm = LLM(model, max_num_seqs=32, max_num_batched_tokens=512, max_model_len=max_model_len,
-                  skip_tokenizer_init=True, compilation=args.compilation, async_scheduling=mode == "async")
+    for mode, kwargs in settings.items():
+        llm = LLM(model, **{"max_num_seqs": 32, "max_num_batched_tokens": 512, "max_model_len": max_model_len,
+                            "skip_tokenizer_init": True, "compilation": args.compilation, **kwargs})
         llm.engine.warmup(step_variants=((GREEDY, False),))
         llm.generate(prompts, params, use_tqdm=False)  # untimed
         records[mode] = []
@@ -71,15 +83,16 @@ def main(argv=None) -> dict:
         per_step[mode] = {f"{k}_ms": 1e3 * statistics.mean(getattr(r, k) for r in recs)
                           for k in ("host_time", "host_time_overlapped", "fetch_wait_time", "device_time")}
         per_step[mode]["num_records"] = len(recs)
-    stats = llms["async"].get_stats()
+    a, b = names
     result = {
         "model": model, "workload": work.summary(), "compilation": args.compilation or "layered",
-        "tok_s": passes, "best": {m: max(v) for m, v in passes.items()},
-        "tokens_identical": tokens["sync"] == tokens["async"], "per_step": per_step,
-        "async_overlapped_steps": stats["num_async_overlapped_steps"], "async_sync_steps": stats["num_async_sync_steps"],
+        "settings": settings, "tok_s": passes, "best": {m: max(v) for m, v in passes.items()},
+        "tokens_identical": tokens[a] == tokens[b], "per_step": per_step,
+        "async_steps": {m: {"overlapped": s["num_async_overlapped_steps"], "sync": s["num_async_sync_steps"]}
+                        for m, s in ((m, llm.get_stats()) for m, llm in llms.items())},
         "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
     }
-    result["async_over_sync"] = result["best"]["async"] / result["best"]["sync"]
+    result[f"{b}_over_{a}"] = result["best"][b] / result["best"][a]
     print(json.dumps(result, indent=1))
     return result
 
