@@ -91,6 +91,24 @@ def test_logits_and_greedy_match_hf(model_dirs, case):
     assert_greedy_match(_greedy(model, prompt, GREEDY_STEPS), hf_tokens, margins)
 
 
+@pytest.mark.parametrize("rows", [1, 32, 64, 65])
+def test_tied_head_transposed_form_matches_plain_dot(rows):
+    # compute_logits' table @ x^T form (up to TIED_HEAD_TRANSPOSED_MAX_ROWS rows) against the
+    # [N, V] dot it replaces; the parity cases above run it through whole models.
+    import jax
+
+    from jaxllm.models import llama
+
+    rng = np.random.default_rng(rows)
+    table = rng.standard_normal((1000, 48), dtype=np.float32)
+    x = rng.standard_normal((rows, 48), dtype=np.float32)
+    ref = x.astype(np.float64) @ table.T.astype(np.float64)
+    for allow in (True, False):
+        ours = np.asarray(jax.jit(llama._tied_head, static_argnames="allow_transposed")(table, x, allow_transposed=allow))
+        assert ours.shape == (rows, 1000)
+        np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+
+
 def test_config_features_exercised(model_dirs):
     """Guard against a case silently not testing what its name says."""
     cfg = {name: load_model(p).config for name, p in model_dirs.items()}

@@ -140,9 +140,28 @@ def compute_logits(params: dict, config: ModelConfig, hidden: jax.Array) -> jax.
     when config.final_logit_softcap is set; row-tiled in batch-invariant mode)."""
     if config.tie_word_embeddings:
         w = params["embed"].astype(hidden.dtype)  # [V, H]
-        head = lambda x: jnp.einsum("nh,vh->nv", x, w, preferred_element_type=jnp.float32)  # noqa: E731
+        # Batch-invariant mode keeps the [N, V] dot: its bitwise equality across TP / PP
+        # layouts was verified with that form only.
+        head = functools.partial(_tied_head, w, allow_transposed=not config.batch_invariant and jax.default_backend() == "cpu")
     else:
         w = params["lm_head"].astype(hidden.dtype)
         head = lambda x: jnp.matmul(x, w, preferred_element_type=jnp.float32)  # noqa: E731
     logits = layers.row_tiled(head, hidden, row_tile=layers.ROW_TILE if config.batch_invariant else None)
     return layers.softcap(logits, config.final_logit_softcap)
+
+
+# Row counts up to which the tied head runs as table @ x^T (see _tied_head).
+TIED_HEAD_TRANSPOSED_MAX_ROWS = 64
+
+
+def _tied_head(table: jax.Array, x: jax.Array, allow_transposed: bool = True) -> jax.Array:
+    """x [N, H] against the embedding table [V, H] -> logits [N, V] f32.
+
+    For a decode step's few rows XLA:CPU is faster computing table @ x^T ([V, N]: the table's
+    V rows are the dot's long side) and transposing that small result, than the [N, V] dot
+    (SmolLM2, 32 rows: 14-16 instead of 20-22 ms, experiments/profile_step.py "head"); the
+    barrier keeps XLA from folding the transpose back into the dot's output layout. Only on the
+    CPU platform (allow_transposed): a TPU would put the few rows on its 128-wide lane axis."""
+    if not allow_transposed or x.shape[0] > TIED_HEAD_TRANSPOSED_MAX_ROWS:
+        return jnp.einsum("nh,vh->nv", x, table, preferred_element_type=jnp.float32)
+    return jax.lax.optimization_barrier(jnp.einsum("vh,nh->vn", table, x, preferred_element_type=jnp.float32)).T
