@@ -84,9 +84,9 @@ def _softcap(s, soft_cap):
     return soft_cap * jnp.tanh(s / soft_cap)
 
 
-@functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "q_tile"))
+@functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "q_tile", "per_token_kernel"))
 def ragged_paged_attention(q, k_cache, v_cache, kv_lens, block_tables, cu_q_lens, *, sm_scale,
-                           sliding_window=None, soft_cap=None, q_tile=32):
+                           sliding_window=None, soft_cap=None, q_tile=32, per_token_kernel=None):
     """Causal attention of a ragged batch of query tokens over a paged KV cache.
 
     Args:
@@ -101,6 +101,10 @@ def ragged_paged_attention(q, k_cache, v_cache, kv_lens, block_tables, cu_q_lens
         only. soft_cap: scores -> soft_cap * tanh(scores / soft_cap) (after sm_scale).
       q_tile: tokens per shared-KV tile, and at most the per-token tile size (static tuning knob;
         results do not depend on it).
+      per_token_kernel: None, or a function doing step 2 below (the per-token tokens) instead of
+        the jnp loop: (q, k_cache, v_cache, block_tables, seq, lo, hi, *, sm_scale, soft_cap) ->
+        [T, nH, D] f32, token t attending to positions [lo[t], hi[t]) of sequence seq[t] (hi = 0
+        for the tokens it must leave alone). jaxllm.attention.cpu passes its C++ kernel.
     Returns:
       [T, nH, D] in q.dtype; padding tokens get zeros.
     """
@@ -154,10 +158,10 @@ def ragged_paged_attention(q, k_cache, v_cache, kv_lens, block_tables, cu_q_lens
             kv_pos = (j[..., None] * bs + jnp.arange(bs, dtype=jnp.int32)).reshape(*j.shape[:-1], ct)
 
             def load(cache):  # -> [(Tq,) nKV, C, D] f32, head-major
-                # Whole blocks as rows of a 2-D view: XLA:CPU gathers those as row copies, about
-                # twice as fast as the same gather from the 4-D cache.
-                rows = cache.reshape(num_cache_blocks, bs * nKV * D)[ids]
-                x = rows.reshape(*ids.shape[:-1], ct, nKV, D).astype(jnp.float32)
+                # Not a gather of rows of a [num_blocks, bs * nKV * D] view (faster alone on
+                # XLA:CPU): under pipeline / tensor parallelism the head axis is sharded, and
+                # merging it into a row made XLA copy the whole cache each step.
+                x = cache[ids].reshape(*ids.shape[:-1], ct, nKV, D).astype(jnp.float32)
                 return jnp.swapaxes(x, -3, -2)
 
             # K as [(Tq,) nKV, D, C]: the score contraction then runs over a major axis with the
@@ -228,6 +232,12 @@ def ragged_paged_attention(q, k_cache, v_cache, kv_lens, block_tables, cu_q_lens
     per_token = valid & ~shared_seq[seq]
     need = jnp.where(per_token, -(-hi // bs) - lo // bs, 0)
     order = jnp.argsort(jnp.where(per_token, need, 2**30)).astype(jnp.int32)  # per-token ones first
+    if per_token_kernel is not None:
+        o = per_token_kernel(q.astype(jnp.float32), k_cache, v_cache, block_tables, seq,
+                             jnp.where(per_token, lo, 0), jnp.where(per_token, hi, 0),
+                             sm_scale=sm_scale, soft_cap=soft_cap)
+        o = jnp.where(per_token[:, None, None], o, out[:T].reshape(T, nH, D))
+        return o.astype(q.dtype)
     num_per_token = per_token.sum()
     # Sorted rank -> token; ranks past the per-token tokens point at the spare row T.
     order = jnp.pad(order, (0, td), constant_values=T)
