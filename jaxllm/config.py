@@ -13,7 +13,8 @@ import math
 from jaxllm.models.model_config import ModelConfig
 
 DTYPES = ("float32", "bfloat16")
-ATTENTION_BACKENDS = ("reference", "pallas")
+# "auto": the CPU kernel (jaxllm/attention/cpu) on a CPU backend where it builds, else "reference".
+ATTENTION_BACKENDS = ("auto", "reference", "pallas", "cpu")
 PREEMPTION_MODES = ("recompute", "swap")
 # How a step is compiled (EngineConfig.compilation).
 COMPILATION_MODES = ("fused", "layered")
@@ -166,7 +167,7 @@ class EngineConfig:
     model: str  # a local HF directory, a .gguf file, or an alias such as "smollm2-135m-instruct"
     dtype: str = "float32"
     seed: int = 0  # seeds requests whose SamplingParams.seed is None
-    attention_backend: str = "reference"
+    attention_backend: str = "auto"
     cache: CacheConfig = CacheConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     parallel: ParallelConfig = ParallelConfig()

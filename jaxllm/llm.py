@@ -37,7 +37,7 @@ class LLM:
         scheduling_policy="fcfs",
         enable_chunked_prefill: bool = True,
         seed: int = 0,
-        attention_backend: str = "reference",
+        attention_backend: str = "auto",
         tensor_parallel_size: int = 1,
         pipeline_parallel_size: int = 1,
         pipeline_layer_partition: tuple[int, ...] | None = None,

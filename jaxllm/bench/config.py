@@ -56,7 +56,7 @@ class EngineArgs:
     preemption_mode: str = "recompute"
     swap_space: float = 4.0
     token_buckets: tuple[int, ...] | None = None
-    attention_backend: str = "reference"
+    attention_backend: str = "auto"
 
     def __post_init__(self):
         if isinstance(self.token_buckets, list):

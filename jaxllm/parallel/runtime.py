@@ -49,8 +49,8 @@ def shard(model, mesh: Mesh):
 
 def wrap_attention(attention_fn, backend: str, mesh: Mesh):
     """The reference attention is jnp: GSPMD partitions it over heads by itself. A Pallas kernel
-    is opaque to GSPMD, so it runs per device under shard_map."""
-    if backend == "pallas" and mesh.devices.size > 1:
+    or the CPU kernel's custom call is opaque to GSPMD, so it runs per device under shard_map."""
+    if backend in ("pallas", "cpu") and mesh.devices.size > 1:
         from jaxllm.parallel.attention import shard_map_attention
 
         return shard_map_attention(attention_fn, mesh)

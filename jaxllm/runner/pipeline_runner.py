@@ -36,7 +36,7 @@ from jaxllm.parallel.mesh import TP_AXIS
 from jaxllm.runner import compile_cache
 from jaxllm.runner import runner as runner_mod
 from jaxllm.runner.batch import BatchInputs, prepare_batch
-from jaxllm.runner.runner import ModelRunner, attention_impl
+from jaxllm.runner.runner import ModelRunner, attention_impl, resolve_attention_backend
 from jaxllm.runner.sampling_inputs import GREEDY, SamplingInputs, build_sampling_inputs
 from jaxllm.runner.step_io import StepInputs, StepOutputs
 
@@ -85,8 +85,12 @@ class PipelineRunner(ModelRunner):
         self.gather_variants_used: set[tuple[int, int]] = set()  # none: no hidden-state capture here
         if resolved.engine.batch_invariant:  # a jit static: row-tiled matmuls and sampler reductions
             self.config = dataclasses.replace(self.config, batch_invariant=True)
-        self._attention_fn = attention_impl(resolved.engine.attention_backend, resolved.engine.batch_invariant)
-        if resolved.engine.attention_backend == "pallas":
+        # "auto" stays on the reference here: the CPU kernel under pipeline parallelism (a nested
+        # shard_map per runner) recompiled ticks that runners on the same mesh otherwise share;
+        # attention_backend="cpu" asks for it explicitly.
+        backend = "reference" if resolved.engine.attention_backend == "auto" else resolved.engine.attention_backend
+        self._attention_fn = attention_impl(backend, resolved.engine.batch_invariant)
+        if resolve_attention_backend(backend) in ("pallas", "cpu"):
             # A kernel is opaque to GSPMD: inside the tick (manual over "pp") it runs per device
             # over its own KV heads under a nested shard_map over "tp", as in tensor parallelism.
             from jaxllm.parallel.attention import shard_map_attention

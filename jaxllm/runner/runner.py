@@ -40,8 +40,22 @@ from jaxllm.runner.async_tokens import async_token_functions
 from jaxllm.sampling_params import MAX_LOGPROBS
 
 
+def resolve_attention_backend(backend: str) -> str:
+    """"auto" -> "cpu" (the C++ per-token kernel, jaxllm/attention/cpu) on a CPU backend where it
+    builds, else "reference"; any other name is returned as it is."""
+    if backend != "auto":
+        return backend
+    if jax.default_backend() == "cpu":
+        from jaxllm.attention import cpu
+
+        if cpu.available():
+            return "cpu"
+    return "reference"
+
+
 def attention_impl(backend: str, batch_invariant: bool = False):
     """The ragged paged attention function of a backend (same signature for all)."""
+    backend = resolve_attention_backend(backend)
     if batch_invariant and backend == "pallas":
         from jaxllm.attention.pallas import batch_invariant_ragged_paged_attention as ragged_paged_attention
     elif batch_invariant:
@@ -50,8 +64,10 @@ def attention_impl(backend: str, batch_invariant: bool = False):
         from jaxllm.attention.reference import ragged_paged_attention
     elif backend == "pallas":
         from jaxllm.attention.pallas import ragged_paged_attention
+    elif backend == "cpu":
+        from jaxllm.attention.cpu import ragged_paged_attention
     else:
-        raise ValueError(f"attention_backend must be 'reference' or 'pallas', got {backend!r}")
+        raise ValueError(f"attention_backend must be 'auto', 'reference', 'pallas' or 'cpu', got {backend!r}")
     return ragged_paged_attention
 
 
@@ -327,7 +343,7 @@ class ModelRunner:
 
             self.config, self.params = runtime.shard(model, mesh)
             self._attention_fn = runtime.wrap_attention(
-                self._attention_fn, resolved.engine.attention_backend, mesh
+                self._attention_fn, resolve_attention_backend(resolved.engine.attention_backend), mesh
             )
             kv_sharding = runtime.kv_cache_sharding(mesh)
             jit_kwargs = runtime.jit_shardings(mesh, self.config.num_layers)

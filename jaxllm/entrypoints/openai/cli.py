@@ -51,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     engine.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True)
     engine.add_argument("--preemption-mode", default="recompute", choices=["recompute", "swap"])
     engine.add_argument("--swap-space", type=float, default=4, help="GiB of host memory for swapped KV blocks")
-    engine.add_argument("--attention-backend", default="reference", choices=["reference", "pallas"])
+    engine.add_argument("--attention-backend", default="auto", choices=["auto", "reference", "pallas", "cpu"])
     engine.add_argument("--token-buckets", type=int, nargs="+", default=None,
                         help="token counts a step is padded to (default: powers of two up to "
                              "--max-num-batched-tokens); each compiles once")
