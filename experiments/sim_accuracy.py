@@ -1,7 +1,7 @@
 """Does the simulator predict a real run it was not fitted on? Throughput and mean / p90 TTFT,
 measured on this CPU against jaxllm.sim's prediction.
 
-    python experiments/sim_accuracy.py            # ~1.5 min on 2 quiet cores; prints the error table
+    python experiments/sim_accuracy.py            # ~2 min on 2 quiet cores; prints the error table
     python experiments/sim_accuracy.py --quick    # smoke run: tiny model, few requests
     python experiments/sim_accuracy.py --record runs.pkl; ... --from-record runs.pkl   # refit without re-measuring
 
@@ -138,8 +138,10 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny model, a quarter of the requests (smoke run)")
     ap.add_argument("--no-roofline", action="store_true", help="skip the roofline micro-benchmark column")
-    ap.add_argument("--repeats", type=int, default=3,
+    ap.add_argument("--repeats", type=int, default=5,
                     help="timed runs of each workload (round-robin); predictions are compared with their median")
+    ap.add_argument("--huber-delta", type=float, default=1.0,
+                    help="the fit's Huber loss delta, in mean step times (jaxllm.sim.fit); <= 0: squared error")
     ap.add_argument("--record", default=None, help="also pickle the measured runs here (for --from-record)")
     ap.add_argument("--from-record", default=None,
                     help="skip measuring: fit and predict on runs pickled by an earlier --record (same --quick)")
@@ -174,8 +176,9 @@ def main(argv=None) -> dict:
     resolved = engine.resolved
     fit_steps = [s for spec, _, reps in runs.values() if spec[1] == "fit" for run in reps for s in run.steps]
     t = time.perf_counter()
-    fitted = fit_cost_model(fit_steps, costs, resolved.bytes_per_block, max_num_seqs,
-                            meta={"machine": os.uname().nodename, "model": model_kwargs,
+    attention = engine.get_stats()["attention_backend"]
+    fitted = fit_cost_model(fit_steps, costs, resolved.bytes_per_block, max_num_seqs, attention_backend=attention,
+                            huber_delta=args.huber_delta if args.huber_delta > 0 else None, meta={"machine": os.uname().nodename, "model": model_kwargs,
                                   "fit_workloads": [s[0] for s in WORKLOADS if s[1] == "fit"]})
     print(f"fitted on {len(fit_steps)} steps in {time.perf_counter() - t:.1f} s: {fitted.describe()}")
     fitted.save(args.cost_model_out)
@@ -200,7 +203,8 @@ def main(argv=None) -> dict:
                "measured": measured, "measured_repeats": summaries, "measured_spread": spread}
         # How fast this machine ran this workload's steps, against the fitted model: the shared
         # machine's load drifts, and a run that saw more of it has slower steps than the fit's average.
-        X, targets = step_table([s for run in reps for s in run.steps], costs, resolved.bytes_per_block, max_num_seqs)
+        X, targets = step_table([s for run in reps for s in run.steps], costs, resolved.bytes_per_block, max_num_seqs,
+                                attention_backend=attention)
         pred = fitted.predict_table(X)
         ok = targets["device"][1]
         parts = ("host_before", "device", "host_after")

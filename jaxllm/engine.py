@@ -583,6 +583,8 @@ class Engine:
             "num_running": self.scheduler.num_running,
             "num_waiting": self.scheduler.num_waiting,
             "num_preemptions": self.scheduler.num_preemptions,
+            # The attention the steps run ("auto" resolved): what jaxllm.sim.fit needs to know.
+            "attention_backend": self.runner.attention_backend,
             # Step and copy executables this engine built; those loaded from the persistent
             # compilation cache (EngineConfig.compile_cache_dir) are counted again on their own.
             "num_compilations": self.runner.num_compilations,

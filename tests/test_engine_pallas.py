@@ -35,9 +35,12 @@ def _generate(model_dir, backend, dtype="float32"):
 
 def test_pallas_backend_matches_reference_greedy(model_dir):
     # Mixed batches: the 40-token prompt is chunked (32-token budget) while the others decode.
-    _, ref = _generate(model_dir, "reference")
-    _, pallas = _generate(model_dir, "pallas")
+    ref_llm, ref = _generate(model_dir, "reference")
+    pallas_llm, pallas = _generate(model_dir, "pallas")
     assert pallas == ref
+    # What ran, as step tables record it (jaxllm.sim.fit fits a cost model to that attention).
+    assert (ref_llm.get_stats()["attention_backend"], pallas_llm.get_stats()["attention_backend"]) == \
+        ("reference", "pallas")
 
 
 @pytest.mark.parametrize("batch_invariant", [False, True])

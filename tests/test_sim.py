@@ -47,9 +47,10 @@ HF_CONFIG = dict(  # the tiny test model's shape, as a transformers config.json 
 )
 
 
-def _config(model="unused", num_kv_blocks=14, token_buckets=(16,), **sched):
+def _config(model="unused", num_kv_blocks=14, token_buckets=(16,), attention_backend="auto", **sched):
     sched = {"max_num_seqs": 4, "max_num_batched_tokens": 16, "max_model_len": 128, **sched}
     return EngineConfig(model=model, skip_tokenizer_init=True, token_buckets=token_buckets,
+                        attention_backend=attention_backend,
                         cache=CacheConfig(block_size=4, num_kv_blocks=num_kv_blocks),
                         scheduler=SchedulerConfig(**sched))
 
@@ -213,12 +214,16 @@ def test_attention_tile_features_by_hand_and_from_the_record():
     # (whole blocks), more than 4 chunks of 32, so chunks of 128: 256 keys read each.
     q, c = [1, 1, 3, 40], [15, 16, 0, 100]
     # One token tile of 5, its longest: 1 chunk; two query tiles of 2 chunks each.
-    assert attention_tiles(q, c, 16) == (1 * 8 * 64, 2 * 256, 1 + 2 * 2, 2)
+    assert attention_tiles(q, c, 16) == (1 * 8 * 64, 2 * 256, 1 + 2 * 2, 2, 0, 0)
     # Nine more decodes needing 9 blocks: tiles [1,1,1,1,2,9,9,9] and [9 x 6], 3 chunks of 4 blocks each.
-    assert attention_tiles(q + [1] * 9, c + [130] * 9, 16) == (6 * 8 * 64, 2 * 256, 6 + 4, 2)
+    assert attention_tiles(q + [1] * 9, c + [130] * 9, 16) == (6 * 8 * 64, 2 * 256, 6 + 4, 2, 0, 0)
     # A 20-token first chunk: one tile needing 32 keys, one chunk of 32.
-    assert attention_tiles([20], [0], 16) == (0, 32, 1, 1)
-    assert attention_tiles([], [], 16) == (0, 0, 0, 0)
+    assert attention_tiles([20], [0], 16) == (0, 32, 1, 1, 0, 0)
+    assert attention_tiles([], [], 16) == (0, 0, 0, 0, 0, 0)
+    # The C++ per-token kernel (attention_backend "cpu") takes the decodes and the 3-token chunk
+    # instead of the token tiles and reads exactly their contexts: 16 + 17 + (1 + 2 + 3) keys,
+    # 5 queries; the 40-token chunk keeps its query tiles.
+    assert attention_tiles(q, c, 16, per_token_kernel=True) == (0, 2 * 256, 2 * 2, 2, 16 + 17 + 6, 5)
 
     model = LinearCostModel({"device": {"decode_rows": 1e-4, "token_tile_kv_bytes": 1e-9,
                                         "query_tile_kv_bytes": 2e-9, "attention_chunks": 3e-6,
@@ -236,6 +241,33 @@ def test_attention_tile_features_by_hand_and_from_the_record():
     assert 0 < switches.sum() < len(buckets)
     for s, x in zip(run.steps, X):
         assert s.device_time == pytest.approx(model.predict(x).device, rel=1e-9) and s.device_time > 0
+
+
+def test_the_cpu_kernel_attention_is_fitted_and_simulated_as_recorded():
+    """A cost model knows the attention it was fitted for: simulating with attention_backend="auto"
+    takes it (the "cpu" kernel's features: step_table over the run reproduces its device times), and
+    asking a model fitted to the kernel to simulate the reference is an error naming both."""
+    from jaxllm.sim.fit import fit_cost_model
+
+    model = LinearCostModel({"device": {"step": 1e-3, "kernel_kv_bytes": 1e-9, "kernel_tokens": 2e-5,
+                                        "query_tile_kv_bytes": 2e-9}}, {"attention_backend": "cpu"})
+    sim = _sim(model)
+    assert sim.get_stats()["attention_backend"] == "cpu"
+    run = run_workload(sim, _workload(num=12, spread=1e-3))
+    X, _ = step_table(run.steps, sim.costs, sim.resolved.bytes_per_block, 4, block_size=sim.config.cache.block_size,
+                      attention_backend="cpu")
+    assert X[:, FEATURES.index("kernel_tokens")].sum() > 0 and X[:, FEATURES.index("token_tile_kv_bytes")].sum() == 0
+    for s, x in zip(run.steps, X):
+        assert s.device_time == pytest.approx(model.predict(x).device, rel=1e-9)
+    fitted = fit_cost_model(run.steps, sim.costs, sim.resolved.bytes_per_block, 4, attention_backend="cpu")
+    assert fitted.attention_backend == "cpu"
+    with pytest.raises(ValueError, match="attention_backend='reference'.*fitted to an engine running 'cpu'"):
+        SimulatedEngine(_config(attention_backend="reference"), HF_CONFIG, model)
+    with pytest.raises(ValueError, match='"auto" must be resolved'):
+        step_table(run.steps, sim.costs, sim.resolved.bytes_per_block, 4, attention_backend="auto")
+    # Profiles and replay's zero model take any attention.
+    assert _sim(LinearCostModel.zeros()).get_stats()["attention_backend"] == "reference"
+    assert SimulatedEngine(_config(attention_backend="cpu"), HF_CONFIG, "tpu-v5e").get_stats()["attention_backend"] == "cpu"
 
 
 def test_hardware_what_if_scales_as_the_roofline():

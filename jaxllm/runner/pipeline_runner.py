@@ -36,7 +36,7 @@ from jaxllm.parallel.mesh import TP_AXIS
 from jaxllm.runner import compile_cache
 from jaxllm.runner import runner as runner_mod
 from jaxllm.runner.batch import BatchInputs, prepare_batch
-from jaxllm.runner.runner import ModelRunner, attention_impl, resolve_attention_backend
+from jaxllm.runner.runner import ModelRunner, attention_impl, attention_run, resolve_attention_backend
 from jaxllm.runner.sampling_inputs import GREEDY, SamplingInputs, build_sampling_inputs
 from jaxllm.runner.step_io import StepInputs, StepOutputs
 
@@ -90,6 +90,7 @@ class PipelineRunner(ModelRunner):
         # attention_backend="cpu" asks for it explicitly.
         backend = "reference" if resolved.engine.attention_backend == "auto" else resolved.engine.attention_backend
         self._attention_fn = attention_impl(backend, resolved.engine.batch_invariant)
+        self.attention_backend = attention_run(backend, resolved.engine.batch_invariant)
         if resolve_attention_backend(backend) in ("pallas", "cpu"):
             # A kernel is opaque to GSPMD: inside the tick (manual over "pp") it runs per device
             # over its own KV heads under a nested shard_map over "tp", as in tensor parallelism.

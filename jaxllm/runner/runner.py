@@ -53,6 +53,13 @@ def resolve_attention_backend(backend: str) -> str:
     return "reference"
 
 
+def attention_run(backend: str, batch_invariant: bool = False) -> str:
+    """The attention a runner runs, by name ("auto" resolved; "batch_invariant" for the
+    batch-invariant reference): what a step table was recorded with (jaxllm.sim.fit)."""
+    backend = resolve_attention_backend(backend)
+    return "batch_invariant" if batch_invariant and backend != "pallas" else backend
+
+
 def attention_impl(backend: str, batch_invariant: bool = False):
     """The ragged paged attention function of a backend (same signature for all)."""
     backend = resolve_attention_backend(backend)
@@ -333,6 +340,7 @@ class ModelRunner:
         self.step_variants_used: set[tuple[int, str, bool, bool]] = set()
         self.gather_variants_used: set[tuple[int, int]] = set()
         self._attention_fn = attention_impl(resolved.engine.attention_backend, resolved.engine.batch_invariant)
+        self.attention_backend = attention_run(resolved.engine.attention_backend, resolved.engine.batch_invariant)
         self.params = model.params
         self.mesh = mesh
         jit_kwargs, jit_key, kv_sharding = {}, None, None

@@ -27,6 +27,10 @@ features in physical units by `step_features`:
                      two small matmuls and a few elementwise ops, whose fixed cost dominates at
                      small chunks (a 20-token prompt chunk next to decodes)
     query_tiles      query tiles run (each selects a chunk width and writes its rows back)
+    kernel_kv_bytes  K/V bytes the C++ per-token kernel reads (attention_backend "cpu", the CPU
+                     default: jaxllm/attention/cpu): it takes the per-token queries instead of the
+                     tiles above and reads each one's context exactly, row by row in place
+    kernel_tokens    queries that kernel takes (each is a task with its own softmax state)
     bucket_switch    1 when the step runs another token bucket's executable than the step before
                      (or is the first): measured here, such a step takes ~1 ms more, most visible
                      on a small prompt chunk between decodes (an executable that did not just run
@@ -52,7 +56,8 @@ from jaxllm.runner.batch import padded_shape
 from jaxllm.sim.model_costs import ModelCosts
 
 FEATURES = ("step", "matmul_flops", "lm_head_flops", "kv_bytes", "attention_flops", "swap_bytes", "rows", "tokens",
-            "decode_rows", "token_tile_kv_bytes", "query_tile_kv_bytes", "attention_chunks", "query_tiles", "bucket_switch")
+            "decode_rows", "token_tile_kv_bytes", "query_tile_kv_bytes", "attention_chunks", "query_tiles", "bucket_switch",
+            "kernel_kv_bytes", "kernel_tokens")
 _F = {name: i for i, name in enumerate(FEATURES)}
 
 # The tiling of jaxllm/attention/reference.py (its _SHARED_MIN_Q_LEN, _TOKEN_TILE,
@@ -68,12 +73,17 @@ class AttentionReads(NamedTuple):
     query_tile_kv: int  # K/V tokens the query tiles read
     chunks: int  # online-softmax chunk iterations, both kinds of tile
     query_tiles: int  # query tiles run
+    kernel_kv: int = 0  # K/V tokens the per-token kernel reads (per_token_kernel only)
+    kernel_tokens: int = 0  # queries the per-token kernel takes (per_token_kernel only)
 
 
-def attention_tiles(q_lens, num_computed, block_size: int) -> AttentionReads:
+def attention_tiles(q_lens, num_computed, block_size: int, per_token_kernel: bool = False) -> AttentionReads:
     """What the reference attention reads and loops over for rows with q_lens[i] new tokens after
-    num_computed[i] cached ones (see the module docstring)."""
+    num_computed[i] cached ones (see the module docstring). per_token_kernel: the per-token
+    queries go to the C++ kernel (attention_backend "cpu"), which reads exactly each query's
+    context, instead of to the per-token tiles."""
     needs = []  # blocks each per-token query reads (its context rounded up to blocks)
+    kernel_kv = kernel_tokens = 0
     query_kv = query_chunks = query_tiles = 0
     for q, c in zip(q_lens, num_computed):
         if q >= SHARED_MIN_Q_LEN:
@@ -88,6 +98,9 @@ def attention_tiles(q_lens, num_computed, block_size: int) -> AttentionReads:
                 query_kv += -(-need // chunk) * chunk
                 query_chunks += -(-need // chunk)
                 query_tiles += 1
+        elif per_token_kernel:
+            kernel_kv += q * c + q * (q + 1) // 2  # query j attends to c + j + 1 keys
+            kernel_tokens += q
         elif q == 1:
             needs.append(-(-(c + 1) // block_size))
         else:
@@ -98,7 +111,7 @@ def attention_tiles(q_lens, num_computed, block_size: int) -> AttentionReads:
     # A tile of TOKEN_TILE sorted tokens loops over as many chunks as its last (longest) needs.
     token_chunks = sum(-(-needs[min(i + TOKEN_TILE, n) - 1] // chunk_blocks) for i in range(0, n, TOKEN_TILE))
     return AttentionReads(token_chunks * TOKEN_TILE * chunk_blocks * block_size, query_kv,
-                          token_chunks + query_chunks, query_tiles)
+                          token_chunks + query_chunks, query_tiles, kernel_kv, kernel_tokens)
 
 
 # Which features each part of a step may depend on (a coefficient outside its part is fixed at 0).
@@ -106,7 +119,7 @@ PARTS = {
     "host_before": ("step", "rows", "tokens"),
     "device": ("step", "matmul_flops", "lm_head_flops", "kv_bytes", "attention_flops", "swap_bytes",
                "decode_rows", "token_tile_kv_bytes", "query_tile_kv_bytes", "attention_chunks", "query_tiles",
-               "bucket_switch"),
+               "bucket_switch", "kernel_kv_bytes", "kernel_tokens"),
     "host_after": ("step", "rows"),
     "between": ("step",),
 }
@@ -146,13 +159,17 @@ class StepShape:
     query_tile_kv_tokens: int = 0  # attention_tiles: the query tiles' KV reads (tokens)
     attention_chunks: int = 0  # attention_tiles: chunk iterations of both kinds of tile
     query_tiles: int = 0  # attention_tiles: query tiles run
+    kernel_kv_tokens: int = 0  # attention_tiles: the per-token kernel's KV reads (tokens)
+    kernel_tokens: int = 0  # attention_tiles: queries the per-token kernel takes
     bucket_switch: int = 1  # 1: the step before ran another bucket (or there was none)
 
     @classmethod
     def from_plan(cls, scheduled, token_buckets: tuple[int, ...], max_num_seqs: int, swap_blocks: int = 0,
-                  block_size: int = 16, previous_padded_tokens: int | None = None) -> "StepShape":
+                  block_size: int = 16, previous_padded_tokens: int | None = None,
+                  per_token_kernel: bool = False) -> "StepShape":
         """From the scheduler's ScheduledRequest items (batch order), as the engine would run them;
-        previous_padded_tokens: the bucket of the step before (None: this is the first)."""
+        previous_padded_tokens: the bucket of the step before (None: this is the first);
+        per_token_kernel: the engine's attention is the "cpu" backend (see attention_tiles)."""
         num_tokens = context = chunk_sq = decode = 0
         q_lens, computed = [], []
         for item in scheduled:
@@ -166,15 +183,16 @@ class StepShape:
             q_lens.append(n)
             computed.append(item.num_computed_tokens)
         t_pad, s_pad = padded_shape(num_tokens, token_buckets, max_num_seqs) if scheduled else (0, 0)
-        reads = attention_tiles(q_lens, computed, block_size)
+        reads = attention_tiles(q_lens, computed, block_size, per_token_kernel)
         return cls(num_tokens, t_pad, len(scheduled), s_pad, decode, context, chunk_sq, swap_blocks, *reads,
                    bucket_switch=int(t_pad != previous_padded_tokens))
 
     @classmethod
     def from_stats(cls, stats, max_num_seqs: int, block_size: int = 16,
-                   previous_padded_tokens: int | None = None) -> "StepShape":
+                   previous_padded_tokens: int | None = None, per_token_kernel: bool = False) -> "StepShape":
         """From a StepStats record (or its dataclasses.asdict / DataFrame row dict);
-        previous_padded_tokens as for from_plan (step_table passes the record before). A record
+        previous_padded_tokens and per_token_kernel as for from_plan (step_table passes the record
+        before). A record
         without row_num_computed_tokens (older tables) spreads the context the way
         bench.roofline.ModelCost.step_cost_from_stats does: prefill rows attend to their own
         chunk, one-token rows share the rest evenly."""
@@ -190,7 +208,7 @@ class StepShape:
             ones = sum(n == 1 for n in q_lens)
             rest = max(int(get("num_context_tokens")) - sum(n for n in q_lens if n > 1) - ones, 0)
             computed = [rest // ones if n == 1 else 0 for n in q_lens] if ones else [0] * len(q_lens)
-        reads = attention_tiles(q_lens, computed, block_size)
+        reads = attention_tiles(q_lens, computed, block_size, per_token_kernel)
         return cls(
             num_tokens=int(get("num_batched_tokens")),
             padded_tokens=t_pad,
@@ -204,8 +222,18 @@ class StepShape:
             query_tile_kv_tokens=reads.query_tile_kv,
             attention_chunks=reads.chunks,
             query_tiles=reads.query_tiles,
+            kernel_kv_tokens=reads.kernel_kv,
+            kernel_tokens=reads.kernel_tokens,
             bucket_switch=int(t_pad != previous_padded_tokens),
         )
+
+
+def uses_per_token_kernel(attention_backend: str) -> bool:
+    """Whether an engine with this (resolved) attention backend runs the C++ per-token kernel."""
+    if attention_backend == "auto":
+        raise ValueError('attention_backend "auto" must be resolved first (the backend the engine ran: '
+                         'jaxllm.runner.resolve_attention_backend, or a LinearCostModel\'s attention_backend)')
+    return attention_backend == "cpu"
 
 
 def step_features(shape: StepShape, costs: ModelCosts, bytes_per_block: int) -> np.ndarray:
@@ -225,6 +253,8 @@ def step_features(shape: StepShape, costs: ModelCosts, bytes_per_block: int) -> 
         float(shape.attention_chunks),
         float(shape.query_tiles),
         float(shape.bucket_switch),
+        shape.kernel_kv_tokens * float(costs.kv_bytes_per_token),
+        float(shape.kernel_tokens),
     ])
 
 
@@ -236,8 +266,9 @@ def _records(steps) -> list[dict]:
 
 
 def step_table(steps, costs: ModelCosts, bytes_per_block: int, max_num_seqs: int,
-               block_size: int | None = None) -> tuple[np.ndarray, dict]:
-    """Features and measured times of recorded steps.
+               block_size: int | None = None, attention_backend: str = "reference") -> tuple[np.ndarray, dict]:
+    """Features and measured times of recorded steps; attention_backend: the one the recorded
+    engine ran, resolved ("auto" is not known here: jaxllm.runner.resolve_attention_backend).
 
     Returns X [N, len(FEATURES)] and {part: (y [N] seconds, valid [N] bool)} for the PARTS.
     A step that compiled is invalid for every part; `between` is only valid when the loop went
@@ -249,7 +280,8 @@ def step_table(steps, costs: ModelCosts, bytes_per_block: int, max_num_seqs: int
     # The bucket of the record before, where it is the step before (tables may join several runs).
     previous = [rows[i - 1]["num_padded_tokens"] if i and rows[i]["step"] == rows[i - 1]["step"] + 1 else None
                 for i in range(len(rows))]
-    X = np.stack([step_features(StepShape.from_stats(r, max_num_seqs, block_size, prev), costs, bytes_per_block)
+    kernel = uses_per_token_kernel(attention_backend)
+    X = np.stack([step_features(StepShape.from_stats(r, max_num_seqs, block_size, prev, kernel), costs, bytes_per_block)
                   for r, prev in zip(rows, previous)]) \
         if rows else np.zeros((0, len(FEATURES)))
     col = lambda k: np.array([float(r[k]) for r in rows])  # noqa: E731
@@ -293,8 +325,15 @@ class LinearCostModel:
 
     @classmethod
     def zeros(cls) -> "LinearCostModel":
-        """Every step takes no time (replay without a cost model)."""
-        return cls({})
+        """Every step takes no time (replay without a cost model), whatever the attention."""
+        return cls({}, {"attention_backend": None})
+
+    @property
+    def attention_backend(self) -> str:
+        """The attention backend of the engine whose steps this model was fitted to (its
+        per-token attention features are only fitted for that one); older models: "reference";
+        None: any (zeros)."""
+        return self.meta.get("attention_backend", "reference")
 
     def scaled(self, factor: float) -> "LinearCostModel":
         """Every step `factor` times as long (a what-if: a machine that much slower or faster)."""

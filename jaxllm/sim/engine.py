@@ -25,7 +25,7 @@ from jaxllm.engine import Engine, _DeviceTiming
 from jaxllm.outputs import make_output
 from jaxllm.sampling_params import SamplingParams
 from jaxllm.sim.clock import VirtualClock
-from jaxllm.sim.cost_model import LinearCostModel, StepShape, StepTime, step_features
+from jaxllm.sim.cost_model import LinearCostModel, StepShape, StepTime, step_features, uses_per_token_kernel
 from jaxllm.sim.hardware import HardwareProfile, RooflineCostModel
 from jaxllm.sim.model_costs import ModelCosts, model_config_from
 
@@ -42,6 +42,7 @@ class SimulatedRunner:
         self._engine = engine
         self.step_variants_used: set = set()
         self.gather_variants_used: set = set()
+        self.attention_backend = engine._attention_backend(engine.config, engine.cost_model)
 
     def swap(self, blocks_to_swap_out, blocks_to_swap_in) -> None:
         n = len(blocks_to_swap_out) + len(blocks_to_swap_in)
@@ -100,12 +101,25 @@ class SimulatedEngine(Engine):
         self.cost_model = cost_model
         self.stream_outputs = stream_outputs
         self.runner = SimulatedRunner(self)
+        self._per_token_kernel = uses_per_token_kernel(self.runner.attention_backend)
         self._init_host(model_config, tokenizer)
         self._scripts: dict[str, list[int]] = {}  # request_id -> tokens to "sample" (replay)
         self._fillers: dict[str, int] = {}  # request_id -> its stand-in token
         self._filler_ids = itertools.count(3)
         self._pending: StepTime | None = None  # this step's host_after / between, charged later
         self._previous_bucket: int | None = None  # the token bucket the last step ran in
+
+    @staticmethod
+    def _attention_backend(config: EngineConfig, cost_model) -> str:
+        """The attention the simulated engine runs: the config's, where "auto" means the one a
+        fitted cost model was measured with (its machine's default), else the reference. A fitted
+        model only knows the per-token attention it was measured with."""
+        fitted = getattr(cost_model, "attention_backend", None)
+        backend = config.attention_backend if config.attention_backend != "auto" else (fitted or "reference")
+        if fitted is not None and uses_per_token_kernel(backend) != uses_per_token_kernel(fitted):
+            raise ValueError(f"attention_backend={backend!r}, but the cost model was fitted to an engine running "
+                             f"{fitted!r}: fit one to steps of that backend, or simulate with attention_backend='auto'")
+        return backend
 
     # ------------------------------------------------------------------ requests
 
@@ -158,7 +172,8 @@ class SimulatedEngine(Engine):
     def _execute(self, plan, timing: _DeviceTiming) -> dict[str, int]:
         shape = StepShape.from_plan(plan.scheduled, self.resolved.token_buckets, self.config.scheduler.max_num_seqs,
                                     block_size=self.config.cache.block_size,
-                                    previous_padded_tokens=self._previous_bucket)
+                                    previous_padded_tokens=self._previous_bucket,
+                                    per_token_kernel=self._per_token_kernel)
         self._previous_bucket = shape.padded_tokens
         t = self.cost_model.predict(step_features(shape, self.costs, self.resolved.bytes_per_block))
         self.clock.advance(t.host_before)
