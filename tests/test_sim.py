@@ -78,7 +78,10 @@ def test_replay_reproduces_a_real_engine_run(tmp_path):
     config = _config(path)
     engine = Engine(config)
     engine.warmup(step_variants=((GREEDY, False),))  # compile first, so arrivals meet running steps
-    run = run_workload(engine, _workload(spread=0.3))
+    # Arrivals over half of what the whole workload takes at once on this machine: spread over
+    # many steps, yet close enough to fill the small cache, however fast the steps are.
+    at_once = run_workload(engine, _workload(spread=0.0))
+    run = run_workload(engine, _workload(spread=0.5 * at_once.duration))
     steps = run.steps_frame()
     assert len(run.requests) == 10
     assert steps.num_preempted.sum() > 0  # the cache is small enough to preempt
@@ -220,10 +223,16 @@ def test_attention_tile_features_by_hand_and_from_the_record():
     # A 20-token first chunk: one tile needing 32 keys, one chunk of 32.
     assert attention_tiles([20], [0], 16) == (0, 32, 1, 1, 0, 0)
     assert attention_tiles([], [], 16) == (0, 0, 0, 0, 0, 0)
-    # The C++ per-token kernel (attention_backend "cpu") takes the decodes and the 3-token chunk
-    # instead of the token tiles and reads exactly their contexts: 16 + 17 + (1 + 2 + 3) keys,
-    # 5 queries; the 40-token chunk keeps its query tiles.
-    assert attention_tiles(q, c, 16, per_token_kernel=True) == (0, 2 * 256, 2 * 2, 2, 16 + 17 + 6, 5)
+    # The C++ kernel (attention_backend "cpu") takes every row of up to 64 new tokens instead of
+    # the tiles and reads exactly their contexts: 16 + 17 + (1 + 2 + 3) + (40 x 100 + 40 x 41 / 2)
+    # keys, 45 queries; a 70-token chunk keeps its query tiles (3 of 32 needing keys 32, 64 and
+    # 70 -> 80 in whole blocks, read in chunks of 32: 32 + 64 + 96).
+    assert attention_tiles(q, c, 16, per_token_kernel=True) == (0, 0, 0, 0, 16 + 17 + 6 + 4000 + 820, 45)
+    assert attention_tiles([70], [0], 16, per_token_kernel=True) == (0, 32 + 64 + 96, 1 + 2 + 3, 3, 0, 0)
+    from jaxllm.attention import cpu
+    from jaxllm.sim import cost_model
+
+    assert cost_model.KERNEL_MAX_Q_LEN == cpu.KERNEL_MAX_Q_LEN
 
     model = LinearCostModel({"device": {"decode_rows": 1e-4, "token_tile_kv_bytes": 1e-9,
                                         "query_tile_kv_bytes": 2e-9, "attention_chunks": 3e-6,

@@ -84,9 +84,10 @@ def _softcap(s, soft_cap):
     return soft_cap * jnp.tanh(s / soft_cap)
 
 
-@functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "q_tile", "per_token_kernel"))
+@functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "q_tile", "shared_min_q_len"))
 def ragged_paged_attention(q, k_cache, v_cache, kv_lens, block_tables, cu_q_lens, *, sm_scale,
-                           sliding_window=None, soft_cap=None, q_tile=32, per_token_kernel=None):
+                           sliding_window=None, soft_cap=None, q_tile=32, shared_min_q_len=_SHARED_MIN_Q_LEN,
+                           per_token_out=None):
     """Causal attention of a ragged batch of query tokens over a paged KV cache.
 
     Args:
@@ -101,10 +102,11 @@ def ragged_paged_attention(q, k_cache, v_cache, kv_lens, block_tables, cu_q_lens
         only. soft_cap: scores -> soft_cap * tanh(scores / soft_cap) (after sm_scale).
       q_tile: tokens per shared-KV tile, and at most the per-token tile size (static tuning knob;
         results do not depend on it).
-      per_token_kernel: None, or a function doing step 2 below (the per-token tokens) instead of
-        the jnp loop: (q, k_cache, v_cache, block_tables, seq, lo, hi, *, sm_scale, soft_cap) ->
-        [T, nH, D] f32, token t attending to positions [lo[t], hi[t]) of sequence seq[t] (hi = 0
-        for the tokens it must leave alone). jaxllm.attention.cpu passes its C++ kernel.
+      shared_min_q_len: sequences with at least this many query tokens take the shared-KV tiles
+        (step 1 below), the others the per-token tiles (static; results do not depend on it).
+      per_token_out: None, or [T, nH, D] f32 outputs of the per-token tokens computed elsewhere
+        (step 2 below is then skipped and these rows taken from it): jaxllm.attention.cpu passes
+        its C++ kernel's, and leaves only long prefill chunks to the shared tiles.
     Returns:
       [T, nH, D] in q.dtype; padding tokens get zeros.
     """
@@ -198,7 +200,7 @@ def ragged_paged_attention(q, k_cache, v_cache, kv_lens, block_tables, cu_q_lens
         return jnp.swapaxes(o, 0, 1) if shared else o
 
     # ---- 1. Shared-KV tiles: ceil(q_len / tq) tiles per long-enough sequence, in order.
-    shared_seq = q_lens >= _SHARED_MIN_Q_LEN  # [S]
+    shared_seq = q_lens >= shared_min_q_len  # [S]
     tiles_per_seq = jnp.where(shared_seq, -(-q_lens // tq), 0)
     cu_tiles = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(tiles_per_seq).astype(jnp.int32)])
 
@@ -232,11 +234,8 @@ def ragged_paged_attention(q, k_cache, v_cache, kv_lens, block_tables, cu_q_lens
     per_token = valid & ~shared_seq[seq]
     need = jnp.where(per_token, -(-hi // bs) - lo // bs, 0)
     order = jnp.argsort(jnp.where(per_token, need, 2**30)).astype(jnp.int32)  # per-token ones first
-    if per_token_kernel is not None:
-        o = per_token_kernel(q.astype(jnp.float32), k_cache, v_cache, block_tables, seq,
-                             jnp.where(per_token, lo, 0), jnp.where(per_token, hi, 0),
-                             sm_scale=sm_scale, soft_cap=soft_cap)
-        o = jnp.where(per_token[:, None, None], o, out[:T].reshape(T, nH, D))
+    if per_token_out is not None:
+        o = jnp.where(per_token[:, None, None], per_token_out, out[:T].reshape(T, nH, D))
         return o.astype(q.dtype)
     num_per_token = per_token.sum()
     # Sorted rank -> token; ranks past the per-token tokens point at the spare row T.

@@ -1,21 +1,29 @@
-// Paged attention on the CPU for query tokens that each read their own keys (decode tokens, short
-// chunks): jaxllm/attention/cpu/__init__.py calls it through the XLA FFI from inside a jitted step.
+// Ragged paged attention on the CPU, every token of a step (prefill chunks and decodes) in one
+// call: jaxllm/attention/cpu/__init__.py calls it through the XLA FFI from inside a jitted step.
 //
 // Why a kernel: in jnp (jaxllm/attention/reference.py) every KV chunk is first gathered out of the
 // paged cache into a new array, and XLA:CPU's gathers, transposes and tiny [g, D] x [D, C] dots run
-// at 3-7 GB/s there. This reads each key and value row where it lies in its block, once, and only
-// the rows in [lo, hi): unused or stale blocks (NaN in the tests) are never touched.
+// at 3-7 GB/s there; its per-step bookkeeping (which token belongs to which sequence, the tile
+// schedule) is dozens of small ops, repeated in every layer. This reads each key and value row
+// where it lies in its block, once per query tile, and only the rows a query may see: unused or
+// stale blocks (NaN in the tests) are never touched.
 //
-// Layout: q [T, nH, D]; k, v [num_blocks, block_size, nKV, D]; block_tables [S, max_blocks];
-// per token t: seq[t] (its block-table row), key positions [lo[t], hi[t]) (hi <= lo: zeros out).
-// Query head h reads KV head h / (nH / nKV). Work is split over (token, KV head) pairs between
-// the calling thread and XLA's intra-op thread pool. f32 throughout; online softmax per block.
+// Layout: q [T, nH, D]; k, v [num_blocks, block_size, nKV, D]; kv_lens [S]; block_tables
+// [S, max_blocks]; cu_q_lens [S + 1]. Sequence s owns tokens [cu_q_lens[s], cu_q_lens[s + 1]),
+// its last q_len of kv_lens[s] positions; tokens past cu_q_lens[S] are padding (zeros out).
+// Query head h reads KV head h / (nH / nKV). Sequences of more than max_q_len tokens (long
+// prefill chunks) may be left to the caller (zeros out). A work item is a tile of up to kTileTokens
+// consecutive tokens of one sequence and one KV head: the tile's g * tokens query rows share
+// every K/V row read (a decode is a tile of one token). Items are claimed one at a time from a
+// shared counter by the calling thread and by tasks on XLA's intra-op pool. f32 throughout;
+// online softmax per block.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <memory>
 #include <thread>
+#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -23,126 +31,255 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int kMaxGroup = 16;   // query heads per KV head
+constexpr int kMaxRows = 64;      // query rows (tokens x heads of one KV head) of a work item
+constexpr int kTileTokens = 16;   // tokens of a prefill tile, at most (kMaxRows / group)
+constexpr int kMaxGroup = 16;     // query heads per KV head
 constexpr int kMaxHeadDim = 256;
-constexpr int kMaxBlock = 64;   // positions per cache block
+constexpr int kMaxBlock = 64;     // positions per cache block
+
+// Eight floats as one GCC/Clang vector (AVX2 registers with -march=native; the compiler splits
+// it where the CPU has narrower ones). Loads and stores go through memcpy: rows need not be aligned.
+typedef float V8 __attribute__((vector_size(32)));
+inline V8 Load(const float* x) {
+  V8 v;
+  __builtin_memcpy(&v, x, sizeof v);
+  return v;
+}
+inline void Store(float* x, V8 v) { __builtin_memcpy(x, &v, sizeof v); }
+inline V8 Splat(float x) { return V8{x, x, x, x, x, x, x, x}; }
+inline float Sum(V8 v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
+
+// q . k over D floats. kD > 0 (a multiple of 8): D / 8 independent products summed as a tree, so
+// the reduction is not one chain of dependent adds (a loop's single accumulator made each 64-wide
+// dot wait on eight FMA latencies).
+// q . k over D floats. kD > 0 (a multiple of 8): four independent accumulators, so the sum is
+// not one chain of dependent FMAs (a loop's single accumulator made each 64-wide dot wait on
+// eight FMA latencies).
+template <int kD>
+inline float Dot(const float* q, const float* k, int64_t D) {
+  if constexpr (kD > 0) {
+    V8 a0 = Load(q) * Load(k), a1 = Load(q + 8) * Load(k + 8);
+    V8 a2 = Splat(0.0f), a3 = Splat(0.0f);
+    if constexpr (kD >= 32) {
+      a2 = Load(q + 16) * Load(k + 16);
+      a3 = Load(q + 24) * Load(k + 24);
+    }
+#pragma GCC unroll 8
+    for (int d = 32; d < kD; d += 32) {
+      a0 += Load(q + d) * Load(k + d);
+      a1 += Load(q + d + 8) * Load(k + d + 8);
+      a2 += Load(q + d + 16) * Load(k + d + 16);
+      a3 += Load(q + d + 24) * Load(k + d + 24);
+    }
+    return Sum((a0 + a1) + (a2 + a3));
+  } else {
+    float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+    for (int64_t d = 0; d < D; ++d) dot += q[d] * k[d];
+    return dot;
+  }
+}
+
+// Scores of one query row against a block's n keys held transposed (kt [D][kMaxBlock], key j in
+// column j): s[j] = q . k_j for j < n, eight keys per vector and no horizontal sums. Worth it
+// when a tile has many rows to share the transpose (prefill tiles), not for a decode's g rows.
+template <int kD>
+inline void ScoresTransposed(const float* q, const float* kt, int64_t n, float* s) {
+  V8 acc[kMaxBlock / 8];
+  const int64_t nv = (n + 7) / 8;
+  for (int64_t c = 0; c < nv; ++c) acc[c] = Splat(0.0f);
+  for (int d = 0; d < kD; ++d) {
+    const V8 qd = Splat(q[d]);
+    for (int64_t c = 0; c < nv; ++c) acc[c] += qd * Load(kt + d * kMaxBlock + 8 * c);
+  }
+  for (int64_t c = 0; c < nv; ++c) Store(s + 8 * c, acc[c]);
+}
+
+// acc = alpha * acc + sum_j e[j] * v_j over n value rows `stride` floats apart (acc: D floats).
+// kD > 0: acc is held in registers over the rows.
+template <int kD>
+inline void Accumulate(float* acc, float alpha, const float* e, const float* v, int64_t stride, int64_t n,
+                       int64_t D) {
+  if constexpr (kD > 0) {
+    V8 a[kD / 8];
+    const V8 al = Splat(alpha);
+    for (int d = 0; d < kD / 8; ++d) a[d] = Load(acc + 8 * d) * al;
+    for (int64_t j = 0; j < n; ++j) {
+      const V8 ej = Splat(e[j]);
+      const float* vr = v + j * stride;
+      for (int d = 0; d < kD / 8; ++d) a[d] += ej * Load(vr + 8 * d);
+    }
+    for (int d = 0; d < kD / 8; ++d) Store(acc + 8 * d, a[d]);
+  } else {
+    for (int64_t d = 0; d < D; ++d) acc[d] *= alpha;
+    for (int64_t j = 0; j < n; ++j) {
+      const float* vr = v + j * stride;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) acc[d] += e[j] * vr[d];
+    }
+  }
+}
 
 struct Problem {
-  const float* q;        // [T, nH, D]
-  const float* k;        // [NB, bs, nKV, D]
+  const float* q;             // [T, nH, D]
+  const float* k;             // [NB, bs, nKV, D]
   const float* v;
+  const int32_t* kv_lens;     // [S]
   const int32_t* block_tables;  // [S, MB]
-  const int32_t* seq;    // [T]
-  const int32_t* lo;     // [T]
-  const int32_t* hi;     // [T]
-  float* out;            // [T, nH, D]
-  int64_t T, nH, nKV, D, bs, MB, NB;
+  const int32_t* cu_q_lens;   // [S + 1]
+  float* out;                 // [T, nH, D]
+  int64_t T, nH, nKV, D, bs, MB, NB, S;
   float sm_scale, soft_cap;
+  int64_t window;             // sliding window (keys at positions > pos - window); 0: none
 };
 
-// Online softmax of one token's g query heads of KV head kh over key positions [lo, hi).
+struct Item {
+  int32_t seq, first_token, num_tokens, kv_head;
+};
+
+// Online softmax of one item's rows (token i, head h of KV head kh: row i * g + h) over the keys
+// each token may see: positions [lo_i, hi_i), hi_i = pos_i + 1 (causal), lo_i from the window.
 // Block tables are clamped into range, as the jnp reference clamps them.
-void AttendOne(const Problem& p, int64_t t, int64_t kh) {
-  const int64_t g = p.nH / p.nKV, D = p.D, bs = p.bs;
-  float* o = p.out + (t * p.nH + kh * g) * D;
-  const int32_t lo = p.lo[t], hi = p.hi[t];
-  if (hi <= lo) {
-    std::fill(o, o + g * D, 0.0f);
-    return;
+template <int kD>
+void AttendTile(const Problem& p, const Item& it) {
+  const int64_t g = p.nH / p.nKV, D = p.D, bs = p.bs, nt = it.num_tokens, kh = it.kv_head;
+  const int64_t q_len = p.cu_q_lens[it.seq + 1] - p.cu_q_lens[it.seq];
+  const int64_t kv_len = p.kv_lens[it.seq];
+  const int64_t pos0 = kv_len - q_len + (it.first_token - p.cu_q_lens[it.seq]);  // token 0's position
+  int64_t lo[kTileTokens], hi[kTileTokens];
+  for (int64_t i = 0; i < nt; ++i) {
+    hi[i] = std::clamp<int64_t>(pos0 + i + 1, 0, kv_len);
+    lo[i] = p.window > 0 ? std::clamp<int64_t>(pos0 + i - p.window + 1, 0, hi[i]) : 0;
   }
-  const float* q = p.q + (t * p.nH + kh * g) * D;
-  float acc[kMaxGroup][kMaxHeadDim];
-  float m[kMaxGroup], l[kMaxGroup], s[kMaxGroup][kMaxBlock];
-  for (int64_t i = 0; i < g; ++i) {
-    m[i] = -INFINITY;
-    l[i] = 0.0f;
-    std::fill(acc[i], acc[i] + D, 0.0f);
+  const int64_t lo_min = lo[0], hi_max = hi[nt - 1];  // both grow with i
+  float acc[kMaxRows][kMaxHeadDim];
+  float m[kMaxRows], l[kMaxRows], s[kMaxRows][kMaxBlock];
+  static thread_local float kt[kMaxHeadDim * kMaxBlock];  // a block's keys, transposed
+  const int64_t rows = nt * g;
+  for (int64_t r = 0; r < rows; ++r) {
+    m[r] = -INFINITY;
+    l[r] = 0.0f;
+    std::fill(acc[r], acc[r] + D, 0.0f);
   }
-  const int32_t* table = p.block_tables + int64_t(p.seq[t]) * p.MB;
-  for (int64_t b = lo / bs; b * bs < hi; ++b) {
-    const int64_t first = std::max<int64_t>(lo, b * bs), last = std::min<int64_t>(hi, (b + 1) * bs);
+  const int32_t* table = p.block_tables + int64_t(it.seq) * p.MB;
+  const int64_t stride = p.nKV * D;  // floats between positions
+  auto q_row = [&](int64_t i, int64_t h) { return p.q + ((it.first_token + i) * p.nH + kh * g + h) * D; };
+  for (int64_t b = lo_min / bs; b * bs < hi_max; ++b) {
+    const int64_t first = std::max<int64_t>(lo_min, b * bs), last = std::min<int64_t>(hi_max, (b + 1) * bs);
     const int64_t block = std::clamp<int64_t>(table[std::min<int64_t>(b, p.MB - 1)], 0, p.NB - 1);
-    const int64_t n = last - first;
-    const float* kb = p.k + ((block * bs + (first - b * bs)) * p.nKV + kh) * D;
+    const float* kb = p.k + ((block * bs + (first - b * bs)) * p.nKV + kh) * D;  // position `first`
     const float* vb = p.v + ((block * bs + (first - b * bs)) * p.nKV + kh) * D;
-    const int64_t stride = p.nKV * D;  // between positions
-    for (int64_t i = 0; i < g; ++i) {
-      float mx = m[i];
-      for (int64_t j = 0; j < n; ++j) {
-        const float* kr = kb + j * stride;
-        float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-        for (int64_t d = 0; d < D; ++d) dot += q[i * D + d] * kr[d];
-        dot *= p.sm_scale;
-        if (p.soft_cap > 0.0f) dot = p.soft_cap * std::tanh(dot / p.soft_cap);
-        s[i][j] = dot;
-        mx = std::max(mx, dot);
-      }
-      const float alpha = std::exp(m[i] - mx);
-      m[i] = mx;
-      l[i] *= alpha;
-      for (int64_t d = 0; d < D; ++d) acc[i][d] *= alpha;
-      for (int64_t j = 0; j < n; ++j) {
-        const float e = std::exp(s[i][j] - mx);
-        l[i] += e;
-        const float* vr = vb + j * stride;
-#pragma omp simd
-        for (int64_t d = 0; d < D; ++d) acc[i][d] += e * vr[d];
+    const int64_t n = last - first;
+    const bool transposed = kD > 0 && rows >= 8;
+    if (transposed) {
+      for (int64_t j = 0; j < n; ++j)
+        for (int64_t d = 0; d < D; ++d) kt[d * kMaxBlock + j] = kb[j * stride + d];
+    }
+    for (int64_t i = 0; i < nt; ++i) {
+      // The keys of this block token i sees, as offsets from `first`.
+      const int64_t j0 = std::max<int64_t>(lo[i], first) - first, j1 = std::min<int64_t>(hi[i], last) - first;
+      if (j1 <= j0) continue;
+      for (int64_t h = 0; h < g; ++h) {
+        const int64_t r = i * g + h;
+        const float* qr = q_row(i, h);
+        float mx = m[r];
+        if constexpr (kD > 0) {
+          if (transposed) ScoresTransposed<kD>(qr, kt, n, s[r]);
+        }
+        for (int64_t j = j0; j < j1; ++j) {
+          float dot = (transposed ? s[r][j] : Dot<kD>(qr, kb + j * stride, D)) * p.sm_scale;
+          if (p.soft_cap > 0.0f) dot = p.soft_cap * std::tanh(dot / p.soft_cap);
+          s[r][j] = dot;
+          mx = std::max(mx, dot);
+        }
+        const float alpha = std::exp(m[r] - mx);
+        m[r] = mx;
+        float sum = 0.0f;
+        for (int64_t j = j0; j < j1; ++j) {
+          s[r][j] = std::exp(s[r][j] - mx);
+          sum += s[r][j];
+        }
+        l[r] = alpha * l[r] + sum;
+        Accumulate<kD>(acc[r], alpha, s[r] + j0, vb + j0 * stride, stride, j1 - j0, D);
       }
     }
   }
-  for (int64_t i = 0; i < g; ++i) {
-    const float inv = 1.0f / l[i];
-    for (int64_t d = 0; d < D; ++d) o[i * D + d] = acc[i][d] * inv;
+  for (int64_t i = 0; i < nt; ++i) {
+    for (int64_t h = 0; h < g; ++h) {
+      const int64_t r = i * g + h;
+      float* o = p.out + ((it.first_token + i) * p.nH + kh * g + h) * D;
+      const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;  // a token that sees no key: zeros
+      for (int64_t d = 0; d < D; ++d) o[d] = acc[r][d] * inv;
+    }
   }
 }
 
-void AttendRange(const Problem& p, int64_t begin, int64_t end) {
-  for (int64_t w = begin; w < end; ++w) AttendOne(p, w / p.nKV, w % p.nKV);
-}
-
 ffi::Error Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> block_tables,
-                ffi::Buffer<ffi::S32> seq, ffi::Buffer<ffi::S32> lo, ffi::Buffer<ffi::S32> hi,
-                float sm_scale, float soft_cap, ffi::ResultBuffer<ffi::F32> out) {
+                ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> kv_lens,
+                ffi::Buffer<ffi::S32> block_tables, ffi::Buffer<ffi::S32> cu_q_lens,
+                float sm_scale, float soft_cap, int64_t window, int64_t max_q_len,
+                ffi::ResultBuffer<ffi::F32> out) {
   auto qd = q.dimensions(), kd = k.dimensions(), bd = block_tables.dimensions();
-  Problem p{q.typed_data(), k.typed_data(), v.typed_data(), block_tables.typed_data(),
-            seq.typed_data(), lo.typed_data(), hi.typed_data(), out->typed_data(),
-            qd[0], qd[1], kd[2], qd[2], kd[1], bd[1], kd[0], sm_scale, soft_cap};
+  Problem p{q.typed_data(), k.typed_data(), v.typed_data(), kv_lens.typed_data(),
+            block_tables.typed_data(), cu_q_lens.typed_data(), out->typed_data(),
+            qd[0], qd[1], kd[2], qd[2], kd[1], bd[1], kd[0], bd[0], sm_scale, soft_cap, window};
   if (p.nH % p.nKV || p.nH / p.nKV > kMaxGroup || p.D > kMaxHeadDim || p.bs > kMaxBlock)
-    return ffi::Error::InvalidArgument("paged_attention: unsupported shape");
-  // Chunks of (token, KV head) pairs are claimed from a shared counter by the calling thread and
-  // by helper tasks on XLA's pool. The caller never waits for a task to *start* (the pool's
-  // threads may all be busy, e.g. running other devices' steps, which would deadlock), only for
-  // chunks a running thread has claimed to finish; the state is shared-owned, so a task that
-  // starts after the call returned finds no work and touches nothing freed.
+    return ffi::Error::InvalidArgument("ragged_paged_attention: unsupported shape");
+  const int64_t g = p.nH / p.nKV;
+  const int32_t tile = static_cast<int32_t>(std::max<int64_t>(1, std::min<int64_t>(kTileTokens, kMaxRows / g)));
+  // Work items; zeros for the padding tokens after the last sequence's and for the sequences of
+  // more than max_q_len tokens (> 0), which the caller computes otherwise.
+  auto items = std::make_shared<std::vector<Item>>();
+  const int64_t used = std::clamp<int64_t>(p.cu_q_lens[p.S], 0, p.T);
+  for (int64_t s = 0; s < p.S; ++s) {
+    const int32_t begin = std::clamp<int32_t>(p.cu_q_lens[s], 0, used);
+    const int32_t end = std::clamp<int32_t>(p.cu_q_lens[s + 1], begin, used);
+    if (max_q_len > 0 && end - begin > max_q_len) {
+      std::fill(p.out + begin * p.nH * p.D, p.out + end * p.nH * p.D, 0.0f);
+      continue;
+    }
+    for (int32_t t = begin; t < end; t += tile)
+      for (int32_t kh = 0; kh < p.nKV; ++kh)
+        items->push_back({static_cast<int32_t>(s), t, std::min<int32_t>(tile, end - t), kh});
+  }
+  std::fill(p.out + used * p.nH * p.D, p.out + p.T * p.nH * p.D, 0.0f);
+  // Items are claimed from a shared counter by the calling thread and by helper tasks on XLA's
+  // pool. The caller never waits for a task to *start* (the pool's threads may all be busy, e.g.
+  // running other devices' steps, which would deadlock), only for items a running thread has
+  // claimed to finish; the state is shared-owned, so a task that starts after the call returned
+  // finds no work and touches nothing freed.
   struct Shared {
     Problem p;
-    int64_t work, per, chunks;
+    std::shared_ptr<std::vector<Item>> items;
     std::atomic<int64_t> next{0}, done{0};
   };
-  const int64_t work = p.T * p.nKV;
-  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), work));
   auto shared = std::make_shared<Shared>();
   shared->p = p;
-  shared->work = work;
-  shared->chunks = std::min<int64_t>(work, threads * 4);
-  shared->per = shared->chunks ? (work + shared->chunks - 1) / shared->chunks : 0;
-  auto run = [](Shared& s) {
-    for (int64_t c; (c = s.next.fetch_add(1)) < s.chunks;) {
-      AttendRange(s.p, c * s.per, std::min(s.work, (c + 1) * s.per));
-      s.done.fetch_add(1, std::memory_order_release);
+  shared->items = items;
+  const int64_t work = static_cast<int64_t>(items->size());
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), work));
+  auto run = [](Shared& sh) {
+    const int64_t n = static_cast<int64_t>(sh.items->size());
+    for (int64_t w; (w = sh.next.fetch_add(1)) < n;) {
+      switch (sh.p.D) {  // head dims of common models unrolled; others take the generic loops
+        case 32: AttendTile<32>(sh.p, (*sh.items)[w]); break;
+        case 64: AttendTile<64>(sh.p, (*sh.items)[w]); break;
+        case 128: AttendTile<128>(sh.p, (*sh.items)[w]); break;
+        case 256: AttendTile<256>(sh.p, (*sh.items)[w]); break;
+        default: AttendTile<0>(sh.p, (*sh.items)[w]);
+      }
+      sh.done.fetch_add(1, std::memory_order_release);
     }
   };
   for (int64_t i = 1; i < threads; ++i) pool.Schedule([shared, run] { run(*shared); });
   run(*shared);
-  while (shared->done.load(std::memory_order_acquire) < shared->chunks) std::this_thread::yield();
+  while (shared->done.load(std::memory_order_acquire) < work) std::this_thread::yield();
   return ffi::Error::Success();
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllmPagedAttentionF32, Impl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllmRaggedPagedAttentionF32, Impl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
@@ -151,7 +288,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllmPagedAttentionF32, Impl,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Attr<float>("sm_scale")
                                   .Attr<float>("soft_cap")
+                                  .Attr<int64_t>("window")
+                                  .Attr<int64_t>("max_q_len")
                                   .Ret<ffi::Buffer<ffi::F32>>());
