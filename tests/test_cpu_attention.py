@@ -34,16 +34,15 @@ def test_decode_lengths(kv_len):
 
 @pytest.mark.parametrize("group", [1, 3, 8])
 def test_mixed_batch_prefill_shared_decode_by_kernel(group):
-    # Chunks, short and long (up to KERNEL_MAX_Q_LEN), and decodes in one kernel call.
+    # Chunks, short and long, and decodes in one kernel call.
     seqs = [(40, 90), (1, 33), (3, 17), (7, 7), (1, 1), (12, 12)]
     _check(make_case(seqs, block_size=BS, group=group, head_dim=32, seed=group))
 
 
 @pytest.mark.parametrize("window", [None, 7])
-def test_long_chunks_take_the_shared_tiles_beside_the_kernel(window):
-    # Chunks of more than KERNEL_MAX_Q_LEN tokens go to the reference's shared tiles (under a
-    # lax.cond), everything else in the same step to the kernel.
-    n = cpu.KERNEL_MAX_Q_LEN
+def test_long_chunks_beside_decodes(window):
+    # Chunks of several 16-token tiles (the last one partial), after cached context and not.
+    n = 64
     _check(make_case([(n + 1, n + 1), (1, 70), (n, n + 30), (2 * n + 3, 3 * n), (1, 2)], block_size=BS, seed=5),
            sliding_window=window)
 

@@ -223,16 +223,9 @@ def test_attention_tile_features_by_hand_and_from_the_record():
     # A 20-token first chunk: one tile needing 32 keys, one chunk of 32.
     assert attention_tiles([20], [0], 16) == (0, 32, 1, 1, 0, 0)
     assert attention_tiles([], [], 16) == (0, 0, 0, 0, 0, 0)
-    # The C++ kernel (attention_backend "cpu") takes every row of up to 64 new tokens instead of
-    # the tiles and reads exactly their contexts: 16 + 17 + (1 + 2 + 3) + (40 x 100 + 40 x 41 / 2)
-    # keys, 45 queries; a 70-token chunk keeps its query tiles (3 of 32 needing keys 32, 64 and
-    # 70 -> 80 in whole blocks, read in chunks of 32: 32 + 64 + 96).
+    # The C++ kernel (attention_backend "cpu") takes every row instead of the tiles and reads
+    # exactly each query's context: 16 + 17 + (1 + 2 + 3) + (40 x 100 + 40 x 41 / 2) keys, 45 queries.
     assert attention_tiles(q, c, 16, per_token_kernel=True) == (0, 0, 0, 0, 16 + 17 + 6 + 4000 + 820, 45)
-    assert attention_tiles([70], [0], 16, per_token_kernel=True) == (0, 32 + 64 + 96, 1 + 2 + 3, 3, 0, 0)
-    from jaxllm.attention import cpu
-    from jaxllm.sim import cost_model
-
-    assert cost_model.KERNEL_MAX_Q_LEN == cpu.KERNEL_MAX_Q_LEN
 
     model = LinearCostModel({"device": {"decode_rows": 1e-4, "token_tile_kv_bytes": 1e-9,
                                         "query_tile_kv_bytes": 2e-9, "attention_chunks": 3e-6,

@@ -84,10 +84,9 @@ def _softcap(s, soft_cap):
     return soft_cap * jnp.tanh(s / soft_cap)
 
 
-@functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "q_tile", "shared_min_q_len"))
+@functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "q_tile"))
 def ragged_paged_attention(q, k_cache, v_cache, kv_lens, block_tables, cu_q_lens, *, sm_scale,
-                           sliding_window=None, soft_cap=None, q_tile=32, shared_min_q_len=_SHARED_MIN_Q_LEN,
-                           per_token_out=None):
+                           sliding_window=None, soft_cap=None, q_tile=32):
     """Causal attention of a ragged batch of query tokens over a paged KV cache.
 
     Args:
@@ -102,11 +101,6 @@ def ragged_paged_attention(q, k_cache, v_cache, kv_lens, block_tables, cu_q_lens
         only. soft_cap: scores -> soft_cap * tanh(scores / soft_cap) (after sm_scale).
       q_tile: tokens per shared-KV tile, and at most the per-token tile size (static tuning knob;
         results do not depend on it).
-      shared_min_q_len: sequences with at least this many query tokens take the shared-KV tiles
-        (step 1 below), the others the per-token tiles (static; results do not depend on it).
-      per_token_out: None, or [T, nH, D] f32 outputs of the per-token tokens computed elsewhere
-        (step 2 below is then skipped and these rows taken from it): jaxllm.attention.cpu passes
-        its C++ kernel's, and leaves only long prefill chunks to the shared tiles.
     Returns:
       [T, nH, D] in q.dtype; padding tokens get zeros.
     """
@@ -200,7 +194,7 @@ def ragged_paged_attention(q, k_cache, v_cache, kv_lens, block_tables, cu_q_lens
         return jnp.swapaxes(o, 0, 1) if shared else o
 
     # ---- 1. Shared-KV tiles: ceil(q_len / tq) tiles per long-enough sequence, in order.
-    shared_seq = q_lens >= shared_min_q_len  # [S]
+    shared_seq = q_lens >= _SHARED_MIN_Q_LEN  # [S]
     tiles_per_seq = jnp.where(shared_seq, -(-q_lens // tq), 0)
     cu_tiles = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(tiles_per_seq).astype(jnp.int32)])
 
@@ -234,9 +228,6 @@ def ragged_paged_attention(q, k_cache, v_cache, kv_lens, block_tables, cu_q_lens
     per_token = valid & ~shared_seq[seq]
     need = jnp.where(per_token, -(-hi // bs) - lo // bs, 0)
     order = jnp.argsort(jnp.where(per_token, need, 2**30)).astype(jnp.int32)  # per-token ones first
-    if per_token_out is not None:
-        o = jnp.where(per_token[:, None, None], per_token_out, out[:T].reshape(T, nH, D))
-        return o.astype(q.dtype)
     num_per_token = per_token.sum()
     # Sorted rank -> token; ranks past the per-token tokens point at the spare row T.
     order = jnp.pad(order, (0, td), constant_values=T)

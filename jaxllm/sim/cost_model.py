@@ -28,9 +28,8 @@ features in physical units by `step_features`:
                      small chunks (a 20-token prompt chunk next to decodes)
     query_tiles      query tiles run (each selects a chunk width and writes its rows back)
     kernel_kv_bytes  (query, key) pairs of the C++ kernel (attention_backend "cpu", the CPU
-                     default: jaxllm/attention/cpu) as K/V bytes: it takes every row of up to
-                     KERNEL_MAX_Q_LEN new tokens instead of the tiles above (longer chunks keep the
-                     query tiles) and reads keys in place, each query over exactly its context
+                     default: jaxllm/attention/cpu) as K/V bytes: it takes every row instead of the
+                     tiles above and reads keys in place, each query over exactly its context
     kernel_tokens    queries that kernel takes
     bucket_switch    1 when the step runs another token bucket's executable than the step before
                      (or is the first): measured here, such a step takes ~1 ms more, most visible
@@ -64,7 +63,6 @@ _F = {name: i for i, name in enumerate(FEATURES)}
 # The tiling of jaxllm/attention/reference.py (its _SHARED_MIN_Q_LEN, _TOKEN_TILE,
 # _TOKEN_CHUNK_TOKENS and q_tile defaults), which the features above follow.
 SHARED_MIN_Q_LEN, TOKEN_TILE, TOKEN_CHUNK, Q_TILE = 8, 8, 64, 32
-KERNEL_MAX_Q_LEN = 64  # jaxllm/attention/cpu's: longer chunks go to the query tiles beside its kernel
 QUERY_CHUNK_TOKENS, CHUNKS_PER_WIDTH = (32, 128, 512), 4  # its _SEQ_CHUNK_TOKENS, _CHUNKS_PER_WIDTH
 
 
@@ -81,14 +79,14 @@ class AttentionReads(NamedTuple):
 
 def attention_tiles(q_lens, num_computed, block_size: int, per_token_kernel: bool = False) -> AttentionReads:
     """What the reference attention reads and loops over for rows with q_lens[i] new tokens after
-    num_computed[i] cached ones (see the module docstring). per_token_kernel: rows of up to
-    KERNEL_MAX_Q_LEN new tokens go to the C++ kernel (attention_backend "cpu"), which reads
-    exactly each query's context, instead of to the tiles."""
+    num_computed[i] cached ones (see the module docstring). per_token_kernel: every row goes to
+    the C++ kernel (attention_backend "cpu"), which reads exactly each query's context, instead of
+    to the tiles."""
     needs = []  # blocks each per-token query reads (its context rounded up to blocks)
     kernel_kv = kernel_tokens = 0
     query_kv = query_chunks = query_tiles = 0
     for q, c in zip(q_lens, num_computed):
-        if per_token_kernel and q <= KERNEL_MAX_Q_LEN:
+        if per_token_kernel:
             kernel_kv += q * c + q * (q + 1) // 2  # query j attends to c + j + 1 keys
             kernel_tokens += q
         elif q >= SHARED_MIN_Q_LEN:

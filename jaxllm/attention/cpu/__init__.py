@@ -1,14 +1,11 @@
-"""Ragged paged attention on the CPU: a C++ kernel through the XLA FFI for every sequence of up to
-KERNEL_MAX_Q_LEN query tokens (decodes, short and medium prefill chunks), the jnp reference's
-shared-KV tiles for longer chunks.
+"""Ragged paged attention on the CPU: a C++ kernel through the XLA FFI for every token of a step
+(decodes and prefill chunks alike).
 
 Same contract and arguments as jaxllm.attention.reference.ragged_paged_attention. The reference
 serves decode tokens by gathering KV chunks out of the paged cache (3-7 GB/s on XLA:CPU) and spends
 dozens of small ops per layer on bookkeeping; paged_attention.cc reads each key and value where it
-lies and does its bookkeeping in the call. Long prompt chunks keep the reference's tiles (XLA's
-matmuls beat the kernel's loops there), under a lax.cond, so steps without one (decodes) run the
-kernel alone. Used by `attention_backend="cpu"`, and by the default "auto" on a CPU backend when
-the kernel builds.
+lies, shares each K/V row between a tile's queries, and does its bookkeeping in the call. Used by
+`attention_backend="cpu"`, and by the default "auto" on a CPU backend when the kernel builds.
 
 The kernel is compiled on first use with the system's C++ compiler (`$CXX`, else c++ / g++) into
 ~/.cache/jaxllm/cpu_kernels/<hash>/ (`JAXLLM_CPU_KERNEL_DIR` moves it), keyed by the source, the
@@ -47,10 +44,6 @@ _SYMBOL = "JaxllmRaggedPagedAttentionF32"
 _FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC", "-w"]
 # The kernel's fixed per-thread scratch (paged_attention.cc kMax*): larger shapes use the reference.
 _MAX_GROUP, _MAX_HEAD_DIM, _MAX_BLOCK = 16, 256, 64
-# Longer prefill chunks go to the reference's shared tiles (XLA's matmuls): per layer of SmolLM2's
-# shape, the kernel took 0.99 ms for 7 chunks of 64 against the tiles' 1.04, but 2.0 against 1.4
-# for a 128-token chunk after 256 cached and 8.0 against 5.3 for a 512-token prompt.
-KERNEL_MAX_Q_LEN = 64
 
 _state: dict = {}  # "ok": bool, "reason": str, "path": str
 
@@ -135,26 +128,14 @@ def supported(q, k_cache) -> bool:
 
 
 def kernel_attention(q, k_cache, v_cache, kv_lens, block_tables, cu_q_lens, *, sm_scale,
-                     sliding_window=None, soft_cap=None, max_q_len=0):
+                     sliding_window=None, soft_cap=None):
     """The kernel call, same arguments and result as ragged_paged_attention (f32 only): q
     [T, nH, D], caches [num_blocks, block_size, nKV, D], kv_lens [S], block_tables [S, max_blocks],
-    cu_q_lens [S + 1] -> [T, nH, D] f32, zeros for padding tokens and, with max_q_len > 0, for
-    the sequences of more query tokens than that."""
+    cu_q_lens [S + 1] -> [T, nH, D] f32, zeros for padding tokens."""
     call = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32))
     return call(q, k_cache, v_cache, kv_lens.astype(jnp.int32), block_tables.astype(jnp.int32),
                 cu_q_lens.astype(jnp.int32), sm_scale=np.float32(sm_scale), soft_cap=np.float32(soft_cap or 0.0),
-                window=np.int64(sliding_window or 0), max_q_len=np.int64(max_q_len))
-
-
-def _on_cpu(q, k_cache, v_cache, kv_lens, block_tables, cu_q_lens, **kw):
-    """The kernel for every sequence of up to KERNEL_MAX_Q_LEN query tokens; longer prefill chunks,
-    when the step has any (lax.cond: decode steps skip it all), by the reference's shared tiles."""
-    args = (q, k_cache, v_cache, kv_lens, block_tables, cu_q_lens)
-    out = kernel_attention(*args, max_q_len=KERNEL_MAX_Q_LEN, **kw)
-    q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
-    with_tiles = functools.partial(reference.ragged_paged_attention, *args, shared_min_q_len=KERNEL_MAX_Q_LEN + 1, **kw)
-    return lax.cond(jnp.any(q_lens > KERNEL_MAX_Q_LEN), lambda o: with_tiles(per_token_out=o),
-                    lambda o: o.astype(q.dtype), out)
+                window=np.int64(sliding_window or 0))
 
 
 def ragged_paged_attention(q, k_cache, v_cache, kv_lens, block_tables, cu_q_lens, *, sm_scale,
@@ -166,5 +147,5 @@ def ragged_paged_attention(q, k_cache, v_cache, kv_lens, block_tables, cu_q_lens
     args = (q, k_cache, v_cache, kv_lens, block_tables, cu_q_lens)
     if not (supported(q, k_cache) and available()):
         return reference.ragged_paged_attention(*args, **kw)
-    return lax.platform_dependent(*args, cpu=functools.partial(_on_cpu, **kw),
-                                  default=functools.partial(reference.ragged_paged_attention, **kw))
+    on_cpu = lambda *a: kernel_attention(*a, **kw).astype(q.dtype)  # noqa: E731
+    return lax.platform_dependent(*args, cpu=on_cpu, default=functools.partial(reference.ragged_paged_attention, **kw))
