@@ -225,7 +225,7 @@ def test_attention_tile_features_by_hand_and_from_the_record():
     assert attention_tiles([], [], 16) == (0, 0, 0, 0, 0, 0)
     # The C++ kernel (attention_backend "cpu") takes every row instead of the tiles and reads
     # exactly each query's context: 16 + 17 + (1 + 2 + 3) + (40 x 100 + 40 x 41 / 2) keys, 45 queries.
-    assert attention_tiles(q, c, 16, per_token_kernel=True) == (0, 0, 0, 0, 16 + 17 + 6 + 4000 + 820, 45)
+    assert attention_tiles(q, c, 16, cpu_kernel=True) == (0, 0, 0, 0, 16 + 17 + 6 + 4000 + 820, 45)
 
     model = LinearCostModel({"device": {"decode_rows": 1e-4, "token_tile_kv_bytes": 1e-9,
                                         "query_tile_kv_bytes": 2e-9, "attention_chunks": 3e-6,

@@ -73,20 +73,20 @@ class AttentionReads(NamedTuple):
     query_tile_kv: int  # K/V tokens the query tiles read
     chunks: int  # online-softmax chunk iterations, both kinds of tile
     query_tiles: int  # query tiles run
-    kernel_kv: int = 0  # K/V tokens the per-token kernel reads (per_token_kernel only)
-    kernel_tokens: int = 0  # queries the per-token kernel takes (per_token_kernel only)
+    kernel_kv: int = 0  # (query, key) pairs of the C++ kernel (cpu_kernel only)
+    kernel_tokens: int = 0  # queries the C++ kernel takes (cpu_kernel only)
 
 
-def attention_tiles(q_lens, num_computed, block_size: int, per_token_kernel: bool = False) -> AttentionReads:
+def attention_tiles(q_lens, num_computed, block_size: int, cpu_kernel: bool = False) -> AttentionReads:
     """What the reference attention reads and loops over for rows with q_lens[i] new tokens after
-    num_computed[i] cached ones (see the module docstring). per_token_kernel: every row goes to
+    num_computed[i] cached ones (see the module docstring). cpu_kernel: every row goes to
     the C++ kernel (attention_backend "cpu"), which reads exactly each query's context, instead of
     to the tiles."""
     needs = []  # blocks each per-token query reads (its context rounded up to blocks)
     kernel_kv = kernel_tokens = 0
     query_kv = query_chunks = query_tiles = 0
     for q, c in zip(q_lens, num_computed):
-        if per_token_kernel:
+        if cpu_kernel:
             kernel_kv += q * c + q * (q + 1) // 2  # query j attends to c + j + 1 keys
             kernel_tokens += q
         elif q >= SHARED_MIN_Q_LEN:
@@ -159,17 +159,17 @@ class StepShape:
     query_tile_kv_tokens: int = 0  # attention_tiles: the query tiles' KV reads (tokens)
     attention_chunks: int = 0  # attention_tiles: chunk iterations of both kinds of tile
     query_tiles: int = 0  # attention_tiles: query tiles run
-    kernel_kv_tokens: int = 0  # attention_tiles: the per-token kernel's KV reads (tokens)
-    kernel_tokens: int = 0  # attention_tiles: queries the per-token kernel takes
+    kernel_kv_tokens: int = 0  # attention_tiles: the C++ kernel's (query, key) pairs
+    kernel_tokens: int = 0  # attention_tiles: queries the C++ kernel takes
     bucket_switch: int = 1  # 1: the step before ran another bucket (or there was none)
 
     @classmethod
     def from_plan(cls, scheduled, token_buckets: tuple[int, ...], max_num_seqs: int, swap_blocks: int = 0,
                   block_size: int = 16, previous_padded_tokens: int | None = None,
-                  per_token_kernel: bool = False) -> "StepShape":
+                  cpu_kernel: bool = False) -> "StepShape":
         """From the scheduler's ScheduledRequest items (batch order), as the engine would run them;
         previous_padded_tokens: the bucket of the step before (None: this is the first);
-        per_token_kernel: the engine's attention is the "cpu" backend (see attention_tiles)."""
+        cpu_kernel: the engine's attention is the "cpu" backend (see attention_tiles)."""
         num_tokens = context = chunk_sq = decode = 0
         q_lens, computed = [], []
         for item in scheduled:
@@ -183,15 +183,15 @@ class StepShape:
             q_lens.append(n)
             computed.append(item.num_computed_tokens)
         t_pad, s_pad = padded_shape(num_tokens, token_buckets, max_num_seqs) if scheduled else (0, 0)
-        reads = attention_tiles(q_lens, computed, block_size, per_token_kernel)
+        reads = attention_tiles(q_lens, computed, block_size, cpu_kernel)
         return cls(num_tokens, t_pad, len(scheduled), s_pad, decode, context, chunk_sq, swap_blocks, *reads,
                    bucket_switch=int(t_pad != previous_padded_tokens))
 
     @classmethod
     def from_stats(cls, stats, max_num_seqs: int, block_size: int = 16,
-                   previous_padded_tokens: int | None = None, per_token_kernel: bool = False) -> "StepShape":
+                   previous_padded_tokens: int | None = None, cpu_kernel: bool = False) -> "StepShape":
         """From a StepStats record (or its dataclasses.asdict / DataFrame row dict);
-        previous_padded_tokens and per_token_kernel as for from_plan (step_table passes the record
+        previous_padded_tokens and cpu_kernel as for from_plan (step_table passes the record
         before). A record
         without row_num_computed_tokens (older tables) spreads the context the way
         bench.roofline.ModelCost.step_cost_from_stats does: prefill rows attend to their own
@@ -208,7 +208,7 @@ class StepShape:
             ones = sum(n == 1 for n in q_lens)
             rest = max(int(get("num_context_tokens")) - sum(n for n in q_lens if n > 1) - ones, 0)
             computed = [rest // ones if n == 1 else 0 for n in q_lens] if ones else [0] * len(q_lens)
-        reads = attention_tiles(q_lens, computed, block_size, per_token_kernel)
+        reads = attention_tiles(q_lens, computed, block_size, cpu_kernel)
         return cls(
             num_tokens=int(get("num_batched_tokens")),
             padded_tokens=t_pad,
@@ -228,8 +228,9 @@ class StepShape:
         )
 
 
-def uses_per_token_kernel(attention_backend: str) -> bool:
-    """Whether an engine with this (resolved) attention backend runs the C++ per-token kernel."""
+def uses_cpu_kernel(attention_backend: str) -> bool:
+    """Whether an engine with this (resolved) attention backend runs the C++ kernel
+    (jaxllm/attention/cpu) instead of the reference's tiles."""
     if attention_backend == "auto":
         raise ValueError('attention_backend "auto" must be resolved first (the backend the engine ran: '
                          'jaxllm.runner.resolve_attention_backend, or a LinearCostModel\'s attention_backend)')
@@ -280,7 +281,7 @@ def step_table(steps, costs: ModelCosts, bytes_per_block: int, max_num_seqs: int
     # The bucket of the record before, where it is the step before (tables may join several runs).
     previous = [rows[i - 1]["num_padded_tokens"] if i and rows[i]["step"] == rows[i - 1]["step"] + 1 else None
                 for i in range(len(rows))]
-    kernel = uses_per_token_kernel(attention_backend)
+    kernel = uses_cpu_kernel(attention_backend)
     X = np.stack([step_features(StepShape.from_stats(r, max_num_seqs, block_size, prev, kernel), costs, bytes_per_block)
                   for r, prev in zip(rows, previous)]) \
         if rows else np.zeros((0, len(FEATURES)))
@@ -329,9 +330,9 @@ class LinearCostModel:
         return cls({}, {"attention_backend": None})
 
     @property
-    def attention_backend(self) -> str:
+    def attention_backend(self) -> str | None:
         """The attention backend of the engine whose steps this model was fitted to (its
-        per-token attention features are only fitted for that one); older models: "reference";
+        attention features are only fitted for that one); older models: "reference";
         None: any (zeros)."""
         return self.meta.get("attention_backend", "reference")
 

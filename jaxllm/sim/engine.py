@@ -25,7 +25,7 @@ from jaxllm.engine import Engine, _DeviceTiming
 from jaxllm.outputs import make_output
 from jaxllm.sampling_params import SamplingParams
 from jaxllm.sim.clock import VirtualClock
-from jaxllm.sim.cost_model import LinearCostModel, StepShape, StepTime, step_features, uses_per_token_kernel
+from jaxllm.sim.cost_model import LinearCostModel, StepShape, StepTime, step_features, uses_cpu_kernel
 from jaxllm.sim.hardware import HardwareProfile, RooflineCostModel
 from jaxllm.sim.model_costs import ModelCosts, model_config_from
 
@@ -38,11 +38,11 @@ class SimulatedRunner:
     num_compile_cache_hits = 0
     num_executables = 0
 
-    def __init__(self, engine: "SimulatedEngine"):
+    def __init__(self, engine: "SimulatedEngine", attention_backend: str):
         self._engine = engine
         self.step_variants_used: set = set()
         self.gather_variants_used: set = set()
-        self.attention_backend = engine._attention_backend(engine.config, engine.cost_model)
+        self.attention_backend = attention_backend  # what get_stats reports, as a real runner's
 
     def swap(self, blocks_to_swap_out, blocks_to_swap_in) -> None:
         n = len(blocks_to_swap_out) + len(blocks_to_swap_in)
@@ -100,8 +100,9 @@ class SimulatedEngine(Engine):
                              f"profile name, got {cost_model!r}")
         self.cost_model = cost_model
         self.stream_outputs = stream_outputs
-        self.runner = SimulatedRunner(self)
-        self._per_token_kernel = uses_per_token_kernel(self.runner.attention_backend)
+        attention_backend = self._attention_backend(config, cost_model)
+        self.runner = SimulatedRunner(self, attention_backend)
+        self._cpu_kernel = uses_cpu_kernel(attention_backend)
         self._init_host(model_config, tokenizer)
         self._scripts: dict[str, list[int]] = {}  # request_id -> tokens to "sample" (replay)
         self._fillers: dict[str, int] = {}  # request_id -> its stand-in token
@@ -113,10 +114,10 @@ class SimulatedEngine(Engine):
     def _attention_backend(config: EngineConfig, cost_model) -> str:
         """The attention the simulated engine runs: the config's, where "auto" means the one a
         fitted cost model was measured with (its machine's default), else the reference. A fitted
-        model only knows the per-token attention it was measured with."""
+        model only knows the attention it was measured with."""
         fitted = getattr(cost_model, "attention_backend", None)
         backend = config.attention_backend if config.attention_backend != "auto" else (fitted or "reference")
-        if fitted is not None and uses_per_token_kernel(backend) != uses_per_token_kernel(fitted):
+        if fitted is not None and uses_cpu_kernel(backend) != uses_cpu_kernel(fitted):
             raise ValueError(f"attention_backend={backend!r}, but the cost model was fitted to an engine running "
                              f"{fitted!r}: fit one to steps of that backend, or simulate with attention_backend='auto'")
         return backend
@@ -173,7 +174,7 @@ class SimulatedEngine(Engine):
         shape = StepShape.from_plan(plan.scheduled, self.resolved.token_buckets, self.config.scheduler.max_num_seqs,
                                     block_size=self.config.cache.block_size,
                                     previous_padded_tokens=self._previous_bucket,
-                                    per_token_kernel=self._per_token_kernel)
+                                    cpu_kernel=self._cpu_kernel)
         self._previous_bucket = shape.padded_tokens
         t = self.cost_model.predict(step_features(shape, self.costs, self.resolved.bytes_per_block))
         self.clock.advance(t.host_before)
