@@ -180,6 +180,7 @@ def main(argv=None) -> dict:
     fitted = fit_cost_model(fit_steps, costs, resolved.bytes_per_block, max_num_seqs, attention_backend=attention,
                             huber_delta=args.huber_delta if args.huber_delta > 0 else None,
                             meta={"machine": os.uname().nodename, "model": model_kwargs,
+                                  "matmul_backend": engine.get_stats()["matmul_backend"],
                                   "fit_workloads": [s[0] for s in WORKLOADS if s[1] == "fit"]})
     print(f"fitted on {len(fit_steps)} steps in {time.perf_counter() - t:.1f} s: {fitted.describe()}")
     fitted.save(args.cost_model_out)

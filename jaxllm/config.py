@@ -15,6 +15,9 @@ from jaxllm.models.model_config import ModelConfig
 DTYPES = ("float32", "bfloat16")
 # "auto": the CPU kernel (jaxllm/attention/cpu) on a CPU backend where it builds, else "reference".
 ATTENTION_BACKENDS = ("auto", "reference", "pallas", "cpu")
+# "auto": the CPU matmul kernel (jaxllm/models/packed.py) on one CPU device with f32 weights
+# (not batch-invariant) where it builds, else "xla" (XLA's dots).
+MATMUL_BACKENDS = ("auto", "xla", "cpu")
 PREEMPTION_MODES = ("recompute", "swap")
 # How a step is compiled (EngineConfig.compilation).
 COMPILATION_MODES = ("fused", "layered")
@@ -168,6 +171,10 @@ class EngineConfig:
     dtype: str = "float32"
     seed: int = 0  # seeds requests whose SamplingParams.seed is None
     attention_backend: str = "auto"
+    # Who multiplies the decoder layers' projections: "xla" (XLA's dots), "cpu" (a C++ kernel
+    # over weights packed at start-up, jaxllm/models/packed.py; one device, f32, not
+    # batch-invariant), "auto" (the kernel where "cpu" is allowed and builds on a CPU backend).
+    matmul_backend: str = "auto"
     cache: CacheConfig = CacheConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     parallel: ParallelConfig = ParallelConfig()
@@ -229,6 +236,15 @@ class EngineConfig:
             self.attention_backend in ATTENTION_BACKENDS,
             f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}",
         )
+        _require(self.matmul_backend in MATMUL_BACKENDS,
+                 f"matmul_backend must be one of {MATMUL_BACKENDS}, got {self.matmul_backend!r}")
+        _require(self.matmul_backend != "cpu" or (
+            self.dtype == "float32" and not self.batch_invariant and self.parallel.pipeline_parallel_size == 1
+            and self.parallel.tensor_parallel_size == 1),
+            f"matmul_backend='cpu' needs dtype='float32', batch_invariant=False and one device "
+            f"(tensor_parallel_size = pipeline_parallel_size = 1); got dtype={self.dtype!r}, "
+            f"batch_invariant={self.batch_invariant}, tensor_parallel_size={self.parallel.tensor_parallel_size}, "
+            f"pipeline_parallel_size={self.parallel.pipeline_parallel_size}")
         _require(
             self.compile_cache_dir is None or (isinstance(self.compile_cache_dir, str) and self.compile_cache_dir),
             f"compile_cache_dir must be a directory path or None, got {self.compile_cache_dir!r}",

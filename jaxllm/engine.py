@@ -108,6 +108,7 @@ class Engine:
             self.batch_queue = BatchQueue(stage_plan.num_stages)
         else:
             self.runner = ModelRunner(self.model, self.resolved, mesh=self.mesh)
+            self.model = self.runner.model  # its projections packed with matmul_backend "cpu"
         self._async = config.overlaps_steps
 
     def _init_host(self, model_config, tokenizer) -> None:
@@ -585,6 +586,8 @@ class Engine:
             "num_preemptions": self.scheduler.num_preemptions,
             # The attention the steps run ("auto" resolved): what jaxllm.sim.fit needs to know.
             "attention_backend": self.runner.attention_backend,
+            # Who multiplied the decoder projections ("auto" resolved): "xla" or "cpu".
+            "matmul_backend": self.runner.matmul_backend,
             # Step and copy executables this engine built; those loaded from the persistent
             # compilation cache (EngineConfig.compile_cache_dir) are counted again on their own.
             "num_compilations": self.runner.num_compilations,

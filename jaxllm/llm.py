@@ -38,6 +38,7 @@ class LLM:
         enable_chunked_prefill: bool = True,
         seed: int = 0,
         attention_backend: str = "auto",
+        matmul_backend: str = "auto",
         tensor_parallel_size: int = 1,
         pipeline_parallel_size: int = 1,
         pipeline_layer_partition: tuple[int, ...] | None = None,
@@ -58,6 +59,7 @@ class LLM:
             dtype=dtype,
             seed=seed,
             attention_backend=attention_backend,
+            matmul_backend=matmul_backend,
             cache=CacheConfig(
                 block_size=block_size,
                 num_kv_blocks=num_kv_blocks,

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxllm.attention.dense import make_dense_attention
-from jaxllm.models import registry, weights
+from jaxllm.models import packed, registry, weights
 from jaxllm.models.model_config import ModelConfig, RopeConfig
 
 _CONFIG_FILE = "jaxllm_config.json"
@@ -50,8 +50,8 @@ class Model:
 
         directory = os.path.abspath(os.fspath(directory))
         os.makedirs(directory, exist_ok=True)
-        with ocp.StandardCheckpointer() as ckptr:
-            ckptr.save(os.path.join(directory, _PARAMS_DIR), self.params)
+        with ocp.StandardCheckpointer() as ckptr:  # unpacked: a checkpoint never holds PackedWeights
+            ckptr.save(os.path.join(directory, _PARAMS_DIR), packed.unpack_params(self.params))
         meta = {"config": dataclasses.asdict(self.config), "dtype": self.dtype, "path": self.path}
         with open(os.path.join(directory, _CONFIG_FILE), "w") as f:
             json.dump(meta, f, indent=1)

@@ -57,6 +57,7 @@ class EngineArgs:
     swap_space: float = 4.0
     token_buckets: tuple[int, ...] | None = None
     attention_backend: str = "auto"
+    matmul_backend: str = "auto"
 
     def __post_init__(self):
         if isinstance(self.token_buckets, list):

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxllm.models import packed
 from jaxllm.models.model_config import RopeConfig
 
 
@@ -153,12 +154,16 @@ def row_tiled(fn, *xs, row_tile: int | None):
     return jax.tree.map(lambda o: o[:n], jax.lax.fori_loop(0, trips, body, out))
 
 
-def linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:
+def linear(x: jax.Array, w, b: jax.Array | None = None) -> jax.Array:
     """x [..., IN] @ w [IN, OUT] (+ b [OUT]) -> [..., OUT] in x.dtype.
 
-    Accumulates in f32 (free on CPU/TPU for bf16, exact for f32) and casts back once.
+    Accumulates in f32 (free on CPU/TPU for bf16, exact for f32) and casts back once. w may be a
+    packed.PackedWeight (matmul_backend="cpu"): the CPU matmul kernel then does the product.
     """
-    y = jnp.matmul(x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+    if isinstance(w, packed.PackedWeight):
+        y = packed.packed_matmul(x, w)
+    else:
+        y = jnp.matmul(x, w.astype(x.dtype), preferred_element_type=jnp.float32)
     if b is not None:
         y = y + b.astype(jnp.float32)
     return y.astype(x.dtype)

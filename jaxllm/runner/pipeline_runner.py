@@ -91,6 +91,7 @@ class PipelineRunner(ModelRunner):
         backend = "reference" if resolved.engine.attention_backend == "auto" else resolved.engine.attention_backend
         self._attention_fn = attention_impl(backend, resolved.engine.batch_invariant)
         self.attention_backend = attention_run(backend, resolved.engine.batch_invariant)
+        self.matmul_backend = "xla"  # the CPU kernel's packed weights are for one device only
         if resolve_attention_backend(backend) in ("pallas", "cpu"):
             # A kernel is opaque to GSPMD: inside the tick (manual over "pp") it runs per device
             # over its own KV heads under a nested shard_map over "tp", as in tensor parallelism.

@@ -29,7 +29,7 @@ import numpy as np
 
 from jaxllm.attention.metadata import AttentionMetadata
 from jaxllm.config import ResolvedEngineConfig
-from jaxllm.models import layers, registry
+from jaxllm.models import layers, packed, registry
 from jaxllm.models.model_config import ModelConfig
 from jaxllm.runner import instruments
 from jaxllm.runner.sampling_inputs import GENERAL, SamplingInputs
@@ -51,6 +51,26 @@ def resolve_attention_backend(backend: str) -> str:
         if cpu.available():
             return "cpu"
     return "reference"
+
+
+def resolve_matmul_backend(resolved: ResolvedEngineConfig, model_dtype: str, mesh=None) -> str:
+    """EngineConfig.matmul_backend with "auto" resolved: "cpu" (the packed-weight kernel,
+    jaxllm/models/packed.py) on one CPU device with f32 weights, not batch-invariant, where the
+    kernel builds; else "xla". An explicit "cpu" that cannot run raises, saying why."""
+    engine = resolved.engine
+    backend = engine.matmul_backend
+    if backend == "xla":
+        return backend
+    allowed = mesh is None and not engine.batch_invariant and model_dtype == "float32"
+    on_cpu = jax.default_backend() == "cpu"
+    if backend == "cpu":
+        if not (allowed and on_cpu):
+            raise ValueError(f"matmul_backend='cpu' needs the CPU backend (have {jax.default_backend()!r}), one "
+                             f"device, f32 weights (have {model_dtype!r}) and batch_invariant=False")
+        if not packed.available():
+            raise ValueError(f"matmul_backend='cpu': {packed.unavailable_reason()}")
+        return backend
+    return "cpu" if allowed and on_cpu and packed.available() else "xla"
 
 
 def attention_run(backend: str, batch_invariant: bool = False) -> str:
@@ -356,6 +376,12 @@ class ModelRunner:
             kv_sharding = runtime.kv_cache_sharding(mesh)
             jit_kwargs = runtime.jit_shardings(mesh, self.config.num_layers)
             jit_key = (mesh, self.config.num_layers)
+        self.matmul_backend = resolve_matmul_backend(resolved, model.dtype, mesh)
+        if self.matmul_backend == "cpu":
+            # The projections packed for the kernel replace the plain weights, in the model too
+            # (Engine.model is this), so a loaded model's weights are held once.
+            self.params = packed.pack_params(self.params)
+            self.model = model = dataclasses.replace(model, params=self.params)
         if resolved.engine.batch_invariant:  # a jit static: its own executables
             self.config = dataclasses.replace(self.config, batch_invariant=True)
         self._kv_sharding = kv_sharding

@@ -43,6 +43,10 @@ class SimulatedRunner:
         self.step_variants_used: set = set()
         self.gather_variants_used: set = set()
         self.attention_backend = attention_backend  # what get_stats reports, as a real runner's
+        # The projections' backend of the engine a fitted cost model was measured on (its
+        # coefficients include it; a profile's model knows none: None).
+        meta = getattr(engine.cost_model, "meta", None) or {}
+        self.matmul_backend = meta.get("matmul_backend")
 
     def swap(self, blocks_to_swap_out, blocks_to_swap_in) -> None:
         n = len(blocks_to_swap_out) + len(blocks_to_swap_in)

@@ -14,16 +14,14 @@
 // Query head h reads KV head h / (nH / nKV). A work item is a tile of up to kTileTokens
 // consecutive tokens of one sequence and one KV head: the tile's g * tokens query rows share
 // every K/V row read (a decode is a tile of one token). Items are claimed one at a time from a
-// shared counter by the calling thread and by tasks on XLA's intra-op pool. f32 throughout;
+// shared counter by the calling thread and by tasks on XLA's intra-op pool (parallel_for.h). f32 throughout;
 // online softmax per block.
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
-#include <memory>
-#include <thread>
 #include <vector>
 
+#include "parallel_for.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -257,46 +255,27 @@ ffi::Error Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::
     return ffi::Error::InvalidArgument("ragged_paged_attention: unsupported shape");
   const int64_t g = p.nH / p.nKV;
   const int32_t tile = static_cast<int32_t>(std::max<int64_t>(1, std::min<int64_t>(kTileTokens, kMaxRows / g)));
-  // Items are claimed from a shared counter by the calling thread and by helper tasks on XLA's
-  // pool. The caller never waits for a task to *start* (the pool's threads may all be busy, e.g.
-  // running other devices' steps, which would deadlock), only for items a running thread has
-  // claimed to finish; the state is shared-owned, so a task that starts after the call returned
-  // finds no work and touches nothing freed.
-  struct Shared {
-    Problem p;
-    std::vector<Item> items;
-    std::atomic<int64_t> next{0}, done{0};
-  };
-  auto shared = std::make_shared<Shared>();
-  shared->p = p;
   // Work items, and zeros for the padding tokens after the last sequence's.
+  std::vector<Item> items;
   const int64_t used = std::clamp<int64_t>(p.cu_q_lens[p.S], 0, p.T);
   for (int64_t s = 0; s < p.S; ++s) {
     const int32_t begin = std::clamp<int32_t>(p.cu_q_lens[s], 0, used);
     const int32_t end = std::clamp<int32_t>(p.cu_q_lens[s + 1], begin, used);
     for (int32_t t = begin; t < end; t += tile)
       for (int32_t kh = 0; kh < p.nKV; ++kh)
-        shared->items.push_back({static_cast<int32_t>(s), t, std::min<int32_t>(tile, end - t), kh});
+        items.push_back({static_cast<int32_t>(s), t, std::min<int32_t>(tile, end - t), kh});
   }
   std::fill(p.out + used * p.nH * p.D, p.out + p.T * p.nH * p.D, 0.0f);
-  const int64_t work = static_cast<int64_t>(shared->items.size());
-  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), work));
-  auto run = [](Shared& sh) {
-    const int64_t n = static_cast<int64_t>(sh.items.size());
-    for (int64_t w; (w = sh.next.fetch_add(1)) < n;) {
-      switch (sh.p.D) {  // head dims of common models unrolled; others take the generic loops
-        case 32: AttendTile<32>(sh.p, sh.items[w]); break;
-        case 64: AttendTile<64>(sh.p, sh.items[w]); break;
-        case 128: AttendTile<128>(sh.p, sh.items[w]); break;
-        case 256: AttendTile<256>(sh.p, sh.items[w]); break;
-        default: AttendTile<0>(sh.p, sh.items[w]);
-      }
-      sh.done.fetch_add(1, std::memory_order_release);
+  const int64_t work = static_cast<int64_t>(items.size());
+  jaxllm::ParallelFor(pool, work, [p, items = std::move(items)](int64_t w) {
+    switch (p.D) {  // head dims of common models unrolled; others take the generic loops
+      case 32: AttendTile<32>(p, items[w]); break;
+      case 64: AttendTile<64>(p, items[w]); break;
+      case 128: AttendTile<128>(p, items[w]); break;
+      case 256: AttendTile<256>(p, items[w]); break;
+      default: AttendTile<0>(p, items[w]);
     }
-  };
-  for (int64_t i = 1; i < threads; ++i) pool.Schedule([shared, run] { run(*shared); });
-  run(*shared);
-  while (shared->done.load(std::memory_order_acquire) < work) std::this_thread::yield();
+  });
   return ffi::Error::Success();
 }
 

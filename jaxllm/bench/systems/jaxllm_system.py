@@ -21,6 +21,7 @@ def engine_kwargs(cfg, workload) -> dict:
               scheduling_policy=e.scheduling_policy, enable_chunked_prefill=e.enable_chunked_prefill,
               enable_prefix_caching=e.enable_prefix_caching, preemption_mode=e.preemption_mode,
               swap_space=e.swap_space, token_buckets=e.token_buckets, attention_backend=e.attention_backend,
+              matmul_backend=e.matmul_backend,
               seed=cfg.workload.seed, skip_tokenizer_init=True)
     return kw
 

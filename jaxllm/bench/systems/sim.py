@@ -38,6 +38,7 @@ def engine_config(model_dir: str, cfg, workload):
     kw = engine_kwargs(cfg, workload)
     return EngineConfig(
         model=model_dir, dtype=kw["dtype"], seed=kw["seed"], attention_backend=kw["attention_backend"],
+        matmul_backend=kw["matmul_backend"],
         cache=CacheConfig(**{k: kw[k] for k in ("block_size", "num_kv_blocks", "kv_cache_memory_bytes",
                                                  "enable_prefix_caching", "swap_space")}),
         scheduler=SchedulerConfig(**{k: kw[k] for k in ("max_num_seqs", "max_num_batched_tokens", "max_model_len",

@@ -52,6 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     engine.add_argument("--preemption-mode", default="recompute", choices=["recompute", "swap"])
     engine.add_argument("--swap-space", type=float, default=4, help="GiB of host memory for swapped KV blocks")
     engine.add_argument("--attention-backend", default="auto", choices=["auto", "reference", "pallas", "cpu"])
+    engine.add_argument("--matmul-backend", default="auto", choices=["auto", "xla", "cpu"],
+                        help="the decoder projections: XLA's dots, or the CPU kernel over packed weights")
     engine.add_argument("--token-buckets", type=int, nargs="+", default=None,
                         help="token counts a step is padded to (default: powers of two up to "
                              "--max-num-batched-tokens); each compiles once")
@@ -68,7 +70,8 @@ def build_engine(args: argparse.Namespace):
         kv_cache_memory_bytes=args.kv_cache_memory_bytes, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
         scheduling_policy=args.scheduling_policy, enable_chunked_prefill=args.enable_chunked_prefill,
-        attention_backend=args.attention_backend, tensor_parallel_size=args.tensor_parallel_size,
+        attention_backend=args.attention_backend, matmul_backend=args.matmul_backend,
+        tensor_parallel_size=args.tensor_parallel_size,
         token_buckets=tuple(args.token_buckets) if args.token_buckets else None,
         skip_tokenizer_init=args.skip_tokenizer_init, enable_prefix_caching=args.enable_prefix_caching,
         preemption_mode=args.preemption_mode, swap_space=args.swap_space,
