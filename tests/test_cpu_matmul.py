@@ -62,17 +62,19 @@ def test_each_row_is_bitwise_the_same_whatever_the_row_count_and_position():
         np.testing.assert_array_equal(got[17 - rows.start], alone[0])
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return make_tiny_model(tmp_path_factory.mktemp("cpu_matmul"), arch="qwen2", hidden_size=96,
-                           intermediate_size=200, num_attention_heads=6, num_key_value_heads=2)
+@pytest.fixture(scope="module", params=[False, True], ids=["lm_head", "tied"])
+def model_dir(tmp_path_factory, request):
+    # vocab 500: the head's last panel is partly padding; tied: the packed table serves lookups.
+    return make_tiny_model(tmp_path_factory.mktemp("cpu_matmul"), arch="qwen2", hidden_size=96, vocab_size=500,
+                           intermediate_size=200, num_attention_heads=6, num_key_value_heads=2,
+                           tie_word_embeddings=request.param)
 
 
 def _generate(model_dir, matmul_backend, **kw):
     llm = LLM(model_dir, matmul_backend=matmul_backend, block_size=8, num_kv_blocks=160, max_num_seqs=4,
               max_num_batched_tokens=64, skip_tokenizer_init=True, **kw)
     # 230 tokens, chunked over several 64-token steps beside the others' decodes.
-    prompts = [{"prompt_token_ids": random_prompt(n, 512, seed=n)} for n in (230, 5, 37)]
+    prompts = [{"prompt_token_ids": random_prompt(n, 500, seed=n)} for n in (230, 5, 37)]
     params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=3)
     return llm, llm.generate(prompts, params, use_tqdm=False)
 
@@ -93,8 +95,10 @@ def test_engine_cpu_matmul_matches_xla(model_dir):
     # The engine's model holds the packed projections (once); the dense reference forward and a
     # checkpoint still see plain weights.
     model = cpu_llm.engine.model
+    head = "embed" if model.config.tie_word_embeddings else "lm_head"
     assert isinstance(model.params["layers"][0]["q_proj"], packed.PackedWeight)
-    prompt = random_prompt(21, 512, seed=4)
+    assert isinstance(model.params[head], packed.PackedWeight)
+    prompt = random_prompt(21, 500, seed=4)
     np.testing.assert_allclose(np.asarray(model.forward(prompt)), np.asarray(xla_llm.engine.model.forward(prompt)),
                                atol=1e-5, rtol=1e-5)
 
@@ -105,8 +109,11 @@ def test_checkpoint_of_a_packed_model_is_plain(model_dir, tmp_path):
     llm, _ = _generate(model_dir, "cpu")
     llm.engine.model.save(str(tmp_path / "ckpt"))
     restored = Model.restore(str(tmp_path / "ckpt"))
-    q = restored.params["layers"][1]["q_proj"]
-    np.testing.assert_array_equal(np.asarray(q), np.asarray(packed.unpack(llm.engine.model.params["layers"][1]["q_proj"])))
+    plain = packed.unpack_params(llm.engine.model.params)
+    assert jax.tree.structure(restored.params) == jax.tree.structure(plain)
+    for a, b in zip(jax.tree.leaves(restored.params), jax.tree.leaves(plain)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert restored.params["embed"].shape == (500, 96)
 
 
 def test_bad_matmul_backend_is_named():

@@ -16,7 +16,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from jaxllm.models import layers
+from jaxllm.models import layers, packed
 from jaxllm.models.model_config import ModelConfig
 
 # attention(layer_idx: int | layers.LayerChoice, q, k, v, kv_cache_layer) -> (out, kv_cache_layer)
@@ -70,11 +70,14 @@ def _norm(config: ModelConfig):
 
 def embed(table: jax.Array, config: ModelConfig, token_ids: jax.Array) -> jax.Array:
     """token_ids [T] -> embeddings [T, H] from `table` [V, H] (Gemma 3: scaled by sqrt(H))."""
-    x = jnp.take(table, token_ids, axis=0)
+    if isinstance(table, packed.PackedWeight):  # a tied table packed for the LM head (packed.py)
+        x = packed.embedding_rows(table, token_ids)
+    else:
+        x = jnp.take(table, token_ids, axis=0)
     if config.scale_embeddings:
         # The scale is rounded to the model dtype first, as transformers does (bf16: 25.25 for
         # sqrt(640) = 25.30); the rounding is part of what the checkpoint was trained with.
-        x = x * jnp.asarray(config.hidden_size**0.5, table.dtype)
+        x = x * jnp.asarray(config.hidden_size**0.5, x.dtype)
     return x
 
 
@@ -138,6 +141,9 @@ def _attention_output_and_mlp(lp: dict, config: ModelConfig, norm, x: jax.Array,
 def compute_logits(params: dict, config: ModelConfig, hidden: jax.Array) -> jax.Array:
     """hidden [N, H] -> logits [N, V] float32 (lm_head, or the embedding when tied; soft-capped
     when config.final_logit_softcap is set; row-tiled in batch-invariant mode)."""
+    w = params["embed"] if config.tie_word_embeddings else params["lm_head"]
+    if isinstance(w, packed.PackedWeight):  # matmul_backend "cpu": the kernel over the packed head
+        return layers.softcap(packed.packed_matmul(hidden, w), config.final_logit_softcap)
     if config.tie_word_embeddings:
         w = params["embed"].astype(hidden.dtype)  # [V, H]
         # Batch-invariant mode keeps the [N, V] dot: its bitwise equality across TP / PP

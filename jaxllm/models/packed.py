@@ -1,10 +1,11 @@
 """Projection weights packed for the CPU matmul kernel (jaxllm/models/matmul.cc).
 
 EngineConfig.matmul_backend="cpu" (the default "auto" on one CPU device with f32 weights) has the
-runner replace each decoder layer's projection weights w [IN, OUT] by a PackedWeight: the same
-numbers in panels of `panel_width()` columns, [P, IN, panel] with P = ceil(OUT / panel) and the
-last panel's spare columns zero, so the kernel reads every weight sequentially. layers.linear
-calls `packed_matmul` for a PackedWeight; nothing else in the model changes.
+runner replace each decoder layer's projection weights w [IN, OUT], and the LM head, by a
+PackedWeight: the same numbers in panels of `panel_width()` columns, [P, IN, panel] with
+P = ceil(OUT / panel) and the last panel's spare columns zero, so the kernel reads every weight
+sequentially. layers.linear and llama.compute_logits call `packed_matmul` for a PackedWeight,
+llama.embed reads a packed tied table with `embedding_rows`; nothing else in the model changes.
 
 Measured on this 2-core VM (30 SmolLM2-shaped layers of projections, best of 15, one process;
 the README has the table): 1.2-1.35x XLA's dots at 3-77 rows, 1.06x at 512.
@@ -49,27 +50,39 @@ def panel_width() -> int:
 
 @dataclasses.dataclass(frozen=True)
 class PackedWeight:
-    """w [IN, OUT] packed: panels [P, IN, panel] f32, column p * panel + j of w in panels[p, :, j]."""
+    """w [IN, OUT] packed: panels [P, IN, panel] f32, column p * panel + j of w in panels[p, :, j].
+
+    transposed: the param this replaces is w.T [OUT, IN] (a tied embedding table [V, H], whose
+    rows `embedding_rows` reads back out of the panels); `unpack_params` returns it that way."""
 
     panels: jax.Array  # [P, IN, panel] float32
     out_features: int  # OUT (static): the last panel's columns past it are zero padding
+    transposed: bool = False
 
     @property
     def in_features(self) -> int:
         return self.panels.shape[1]
 
 
-jax.tree_util.register_dataclass(PackedWeight, data_fields=["panels"], meta_fields=["out_features"])
+jax.tree_util.register_dataclass(PackedWeight, data_fields=["panels"], meta_fields=["out_features", "transposed"])
 
 
-def pack(w: jax.Array, panel: int | None = None) -> PackedWeight:
-    """w [IN, OUT] f32 -> PackedWeight (on w's device). panel: columns per panel (default this
-    machine's build)."""
+def pack(w: jax.Array, panel: int | None = None, transposed: bool = False) -> PackedWeight:
+    """w [IN, OUT] f32 (transposed: w is [OUT, IN], an embedding table) -> PackedWeight (on w's
+    device). panel: columns per panel (default this machine's build)."""
     panel = panel or panel_width()
+    w = w.T if transposed else w
     k, n = w.shape
     num_panels = -(-n // panel)
     padded = jnp.pad(w.astype(jnp.float32), ((0, 0), (0, num_panels * panel - n)))
-    return PackedWeight(jnp.transpose(padded.reshape(k, num_panels, panel), (1, 0, 2)), n)
+    return PackedWeight(jnp.transpose(padded.reshape(k, num_panels, panel), (1, 0, 2)), n, transposed)
+
+
+def embedding_rows(w: PackedWeight, ids: jax.Array) -> jax.Array:
+    """Rows `ids` [T] int of the table w packs (transposed: column v of the packed w is row v of
+    the table [V, H]) -> [T, H] f32: a gather of H floats a panel apart per id."""
+    panel = w.panels.shape[2]
+    return w.panels[ids // panel, :, ids % panel]
 
 
 def unpack(w: PackedWeight) -> jax.Array:
@@ -103,16 +116,27 @@ def packed_matmul(x: jax.Array, w: PackedWeight) -> jax.Array:
 
 
 def pack_params(params: dict) -> dict:
-    """The params pytree with every decoder layer's projections packed (PACKED_PROJECTIONS);
-    everything else is shared with `params`, unchanged. Packs on the weights' devices."""
-    pack_jit = jax.jit(pack, static_argnums=1)
+    """The params pytree with every decoder layer's projections packed (PACKED_PROJECTIONS) and
+    the LM head: "lm_head" [H, V], or when the embeddings are tied (no "lm_head") the table
+    "embed" [V, H] itself, packed transposed; lookups then read it out of the panels (one copy,
+    not two). Everything else is shared with `params`. Packs on the weights' devices."""
+    pack_jit = jax.jit(pack, static_argnums=(1, 2))
     panel = panel_width()
     layers = [{name: pack_jit(w, panel) if name in PACKED_PROJECTIONS else w for name, w in lp.items()}
               for lp in params["layers"]]
-    return {**params, "layers": layers}
+    out = {**params, "layers": layers}
+    if "lm_head" in params:
+        out["lm_head"] = pack_jit(params["lm_head"], panel)
+    else:
+        out["embed"] = pack_jit(params["embed"], panel, True)
+    return out
 
 
 def unpack_params(params: dict) -> dict:
     """The inverse of `pack_params` (checkpoints are written unpacked)."""
-    return jax.tree.map(lambda w: unpack(w) if isinstance(w, PackedWeight) else w, params,
-                        is_leaf=lambda w: isinstance(w, PackedWeight))
+    def plain(w):
+        if not isinstance(w, PackedWeight):
+            return w
+        return unpack(w).T if w.transposed else unpack(w)
+
+    return jax.tree.map(plain, params, is_leaf=lambda w: isinstance(w, PackedWeight))
