@@ -150,6 +150,12 @@ def worker_jaxllm(spec: dict) -> dict:
     """Runs inside a fresh process whose PYTHONPATH points at the jaxllm source to measure."""
     t0 = time.perf_counter()
     import jaxllm
+
+    # The source this worker was started to measure (a --baseline-ref export, or this checkout):
+    # anything else on sys.path that shadows it would make the comparison a self-comparison.
+    here = os.path.realpath(os.path.dirname(jaxllm.__file__))
+    if spec.get("jaxllm_src") and here != os.path.realpath(os.path.join(spec["jaxllm_src"], "jaxllm")):
+        raise RuntimeError(f"imported jaxllm from {here}, not from {spec['jaxllm_src']}")
     from jaxllm import LLM, SamplingParams
     from jaxllm.runner.sampling_inputs import GREEDY
 
@@ -407,7 +413,7 @@ def main(argv=None) -> dict:
             kw = dict(spec["llm_kwargs"], compile_cache_dir=cache)
             for name in ("jaxllm_cold_cache", "jaxllm_second_process"):
                 print(f"{name} ...", flush=True)
-                systems[name] = _run_worker("jaxllm", dict(spec, llm_kwargs=kw, startup_only=True), pythonpath=ROOT)
+                systems[name] = _run_worker("jaxllm", dict(spec, llm_kwargs=kw, startup_only=True, jaxllm_src=ROOT), pythonpath=ROOT)
                 print(json.dumps(systems[name])[:600], flush=True)
         out = args.out or os.path.join(HERE, "results", "bench_vs_vllm_startup_cpu.json")
         with open(out, "w") as f:
@@ -419,9 +425,9 @@ def main(argv=None) -> dict:
             commit = export_git_ref(args.baseline_ref, src)
             print(f"jaxllm @ {args.baseline_ref} ({commit}) ...", flush=True)
             base_spec = dict(spec, llm_kwargs={})  # an older LLM may not know the new arguments
-            systems[f"jaxllm@{commit}"] = _run_worker("jaxllm", base_spec, pythonpath=src)
+            systems[f"jaxllm@{commit}"] = _run_worker("jaxllm", dict(base_spec, jaxllm_src=src), pythonpath=src)
     print("jaxllm ...", flush=True)
-    systems["jaxllm"] = _run_worker("jaxllm", spec, pythonpath=ROOT)
+    systems["jaxllm"] = _run_worker("jaxllm", dict(spec, jaxllm_src=ROOT), pythonpath=ROOT)
     if args.skip_vllm or quick:
         systems["vllm"] = {"skipped": "--quick" if quick else "--skip-vllm"}
     else:

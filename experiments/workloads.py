@@ -7,7 +7,9 @@ from __future__ import annotations
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Appended, not inserted first: a benchmark worker measuring another checkout of jaxllm (bench_vs_vllm's
+# --baseline-ref puts it on PYTHONPATH) must import that one, not this repository's.
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from jaxllm.bench.workloads import SHAREGPT_OUTPUT, SHAREGPT_PROMPT, SPECIAL_IDS, LengthDist, Workload, random_workload  # noqa: E402,F401
 
