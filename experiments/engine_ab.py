@@ -9,7 +9,7 @@ The benchmark workload of experiments/bench_vs_vllm.py (SmolLM2-135M-Instruct fp
 ShareGPT-like prompts and output lengths, greedy, ignore_eos, all submitted at t=0,
 max_num_seqs=32, max_num_batched_tokens=512); --quick: the tiny random Llama and 8 short
 requests. Both engines warm up the greedy step variant, run one untimed pass, then alternate
-`rounds` timed passes. Printed: output tok/s of each pass, the best per mode, B/A, whether
+`rounds` timed passes; the prefix cache is emptied after every pass, so each one prefills. Printed: output tok/s of each pass, the best per mode, B/A, whether
 the tokens are identical, and per step (from the step records, the timed passes): host_time,
 host_time_overlapped (host work done while a dispatched step was outstanding), fetch_wait_time
 and device_time, plus the load average before and after (compare ratios measured in one run).
@@ -65,6 +65,9 @@ def main(argv=None) -> dict:
                             "skip_tokenizer_init": True, "compilation": args.compilation, **kwargs})
         llm.engine.warmup(step_variants=((GREEDY, False),))
         llm.generate(prompts, params, use_tqdm=False)  # untimed
+        # Every pass prefills its prompts, as bench_vs_vllm's one pass does: without this the
+        # timed passes found every prompt in the prefix cache the untimed one filled.
+        assert llm.reset_prefix_cache()
         records[mode] = []
         llm.engine.add_step_observer(records[mode].append)
         llms[mode] = llm
@@ -75,6 +78,7 @@ def main(argv=None) -> dict:
             t = time.perf_counter()
             outs = llm.generate(prompts, params, use_tqdm=False)
             wall = time.perf_counter() - t
+            assert llm.reset_prefix_cache()
             assert llm.get_stats()["num_compilations"] == before, "compiled in steady state"
             tokens[mode] = [o.outputs[0].token_ids for o in outs]
             passes[mode].append(sum(map(len, tokens[mode])) / wall)
