@@ -216,18 +216,35 @@ void AttendTile(const Problem& p, const Item& it) {
         if constexpr (kD > 0) {
           if (transposed) ScoresTransposed<kD>(qr, kt, n, s[r]);
         }
-        for (int64_t j = j0; j < j1; ++j) {
+        int64_t j = j0;
+        if (transposed && p.soft_cap == 0.0f) {  // scale and max eight at a time (a scalar loop was ~11%)
+          V8 vmx = Splat(mx);
+          for (; j + 8 <= j1; j += 8) {
+            const V8 dot = Load(s[r] + j) * Splat(p.sm_scale);
+            Store(s[r] + j, dot);
+            vmx = vmx > dot ? vmx : dot;
+          }
+          for (int u = 0; u < 8; ++u) mx = std::max(mx, vmx[u]);
+        }
+        for (; j < j1; ++j) {
           float dot = (transposed ? s[r][j] : Dot<kD>(qr, kb + j * stride, D)) * p.sm_scale;
           if (p.soft_cap > 0.0f) dot = p.soft_cap * std::tanh(dot / p.soft_cap);
           s[r][j] = dot;
           mx = std::max(mx, dot);
         }
-        const float alpha = std::exp(m[r] - mx);
+        // The running max mostly stays put after the first blocks: alpha is then exactly 1, and
+        // libm's exp (~9% of a prefill tile, once per row and block) is skipped.
+        const float alpha = mx == m[r] ? 1.0f : std::exp(m[r] - mx);
         m[r] = mx;
         // Eight at a time from j0; lanes past j1 compute garbage into s's spare columns.
-        for (int64_t j = j0; j < j1; j += 8) Store(s[r] + j, ExpNonPositive(Load(s[r] + j) - Splat(mx)));
-        float sum = 0.0f;
-        for (int64_t j = j0; j < j1; ++j) sum += s[r][j];
+        V8 vsum = Splat(0.0f);
+        for (j = j0; j < j1; j += 8) {
+          const V8 e = ExpNonPositive(Load(s[r] + j) - Splat(mx));
+          Store(s[r] + j, e);
+          if (j + 8 <= j1) vsum += e;
+        }
+        float sum = Sum(vsum);
+        for (j = j0 + (j1 - j0) / 8 * 8; j < j1; ++j) sum += s[r][j];
         l[r] = alpha * l[r] + sum;
         Accumulate<kD>(acc[r], alpha, s[r] + j0, vb + j0 * stride, stride, j1 - j0, D);
       }
