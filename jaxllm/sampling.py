@@ -50,6 +50,17 @@ class SamplerOutput:
     top_token_ids: jax.Array  # [S, K] int32: their token ids
 
 
+def argmax_last(x: jax.Array) -> jax.Array:
+    """jnp.argmax(x, axis=-1) as int32, [..., V] -> [...]: the first index of the row's max, the
+    first NaN's if the row has one (argmax's own rules), as two plain reductions. XLA:CPU runs
+    argmax as a variadic (value, index) reduction that it does not vectorise: 3.5 ms for
+    [32, 49152] against 0.55 ms this way, a third of a 32-row decode step's head."""
+    mx = jnp.max(x, axis=-1, keepdims=True)
+    hit = (x == mx) | jnp.isnan(x)
+    iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+    return jnp.min(jnp.where(hit, iota, x.shape[-1]), axis=-1)
+
+
 def sample(logits: jax.Array, inputs: SamplingInputs, sampler: str) -> SamplerOutput:
     """Sample one token per row. logits: [S, V] (any float; computed in f32).
 
@@ -62,7 +73,7 @@ def sample(logits: jax.Array, inputs: SamplingInputs, sampler: str) -> SamplerOu
     s = logits.shape[0]
 
     if sampler == GREEDY:
-        token_ids = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        token_ids = argmax_last(logits)
         top_logprobs, top_ids = jnp.zeros((s, 0), jnp.float32), jnp.zeros((s, 0), jnp.int32)
     elif sampler == GENERAL:
         logits = jnp.where(inputs.stop_token_mask, -jnp.inf, logits)  # min_tokens
@@ -77,7 +88,7 @@ def sample(logits: jax.Array, inputs: SamplingInputs, sampler: str) -> SamplerOu
             logits,
         )
         # Greedy rows see penalties and min_tokens but nothing temperature-dependent (as vLLM).
-        greedy_ids = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        greedy_ids = argmax_last(logits)
         token_ids = jax.lax.cond(
             jnp.any(inputs.temperature >= SAMPLING_EPS),
             lambda: _sample_random_rows(logits, inputs, greedy_ids),
@@ -107,7 +118,7 @@ def _sample_random_rows(logits, inputs: SamplingInputs, greedy_ids):
     scaled = jax.lax.cond(jnp.any(inputs.min_p > 0), _min_p_mask, lambda x, _: x, scaled, inputs.min_p)
     scaled = _top_k_top_p_mask(scaled, inputs.top_k, inputs.top_p)
     gumbel = _row_gumbels(inputs.rng_keys, inputs.steps, logits.shape[-1])
-    sampled = jnp.argmax(scaled + gumbel, axis=-1).astype(jnp.int32)
+    sampled = argmax_last(scaled + gumbel)
     return jnp.where(is_greedy, greedy_ids, sampled)
 
 

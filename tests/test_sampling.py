@@ -364,3 +364,17 @@ def test_bisection_thresholds_match_sort_reference():
             x = np.where(probs < sp[n_keep - 1], -np.inf, x)
         np.testing.assert_array_equal(np.isfinite(got[i]), np.isfinite(x), err_msg=f"row {i}")
         np.testing.assert_array_equal(got[i][np.isfinite(x)], logits[i][np.isfinite(x)])
+
+
+def test_argmax_last_follows_jnp_argmax_ties_nan_and_infinities():
+    """argmax_last (two plain reductions, fast on XLA:CPU) gives jnp.argmax's index exactly:
+    the first of tied maxima, the first NaN, rows of -inf or of +inf, bf16."""
+    from jaxllm.sampling import argmax_last
+
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((9, 1000)).astype(np.float32))
+    x = (x.at[3, 100].set(jnp.nan).at[3, 50].set(jnp.nan).at[5, 7].set(jnp.max(x[5]))
+         .at[6].set(-jnp.inf).at[7].set(jnp.inf).at[7, 3].set(-1.0).at[8, 999].set(99.0))
+    for a in (x, x.astype(jnp.bfloat16)):
+        got = np.asarray(jax.jit(argmax_last)(a))
+        np.testing.assert_array_equal(got, np.asarray(jnp.argmax(a, axis=-1)))
+        assert got.dtype == np.int32
