@@ -9,7 +9,7 @@ Two programs per row count M, each jitted:
           layers keeps the values in range), with 30 distinct weight sets so the 425 MB of
           weights stream from DRAM as in a decode step;
   head    the tied LM head, x [M, 576] against the table [49152, 576] (XLA: the engine's
-          table @ x^T form up to 64 rows; the kernel: the table packed transposed).
+          llama._tied_head, table @ x^T up to 64 rows; the kernel: the table packed transposed).
 Printed per M: best-of-reps ms of XLA and of the kernel, weight GB/s and GFLOP/s, the ratio, and
 the largest relative difference of the outputs. This machine's roofline is measured first
 (jaxllm/bench/roofline.py): compare the ratios, measured side by side, not absolute times.
@@ -19,14 +19,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.bench.roofline import measure_roofline
-from jaxllm.models import packed
+from jaxllm.models import llama, packed
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from profile_step import best_ms  # noqa: E402
 
 H, I, Q, KV, V, LAYERS = 576, 1536, 576, 192, 49152, 30
 SHAPES = dict(q=(H, Q), k=(H, KV), v=(H, KV), o=(Q, H), g=(H, I), u=(H, I), d=(I, H))
@@ -40,22 +44,6 @@ def layer_stack(linear, weights, h):
         h = h + 0.1 * linear(jax.nn.silu(linear(h, w, "g")) * linear(h, w, "u"), w, "d")
         h = h / jnp.sqrt(jnp.mean(h * h, -1, keepdims=True))
     return h
-
-
-def xla_head(table, x):
-    if x.shape[0] > 64:
-        return jnp.einsum("nh,vh->nv", x, table)
-    return jax.lax.optimization_barrier(jnp.einsum("vh,nh->vn", table, x)).T
-
-
-def best_ms(fn, *args, reps: int) -> float:
-    jax.block_until_ready(fn(*args))
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        best = min(best, time.perf_counter() - t0)
-    return best * 1e3
 
 
 def main(argv=None) -> dict:
@@ -79,7 +67,7 @@ def main(argv=None) -> dict:
         "layers": (jax.jit(lambda ws, h: layer_stack(lambda x, w, n: x @ w[n], ws, h)),
                    jax.jit(lambda ws, h: layer_stack(lambda x, w, n: packed.packed_matmul(x, w[n]), ws, h)),
                    plain, packed_w, sum(w.size for ws in plain for w in ws.values()) * 4),
-        "head": (jax.jit(xla_head), jax.jit(lambda w, x: packed.packed_matmul(x, w)), table, table_packed, V * H * 4),
+        "head": (jax.jit(llama._tied_head), jax.jit(lambda w, x: packed.packed_matmul(x, w)), table, table_packed, V * H * 4),
     }
     rows = []
     for name, (xla_fn, kernel_fn, xla_w, kernel_w, weight_bytes) in programs.items():
@@ -87,7 +75,8 @@ def main(argv=None) -> dict:
             x = jnp.asarray(rng.standard_normal((m, H), dtype=np.float32))
             a, b = np.asarray(xla_fn(xla_w, x)), np.asarray(kernel_fn(kernel_w, x))
             rel = float(np.max(np.abs(a - b)) / np.max(np.abs(a)))
-            t_xla, t_kernel = best_ms(xla_fn, xla_w, x, reps=args.reps), best_ms(kernel_fn, kernel_w, x, reps=args.reps)
+            t_xla = best_ms(lambda: xla_fn(xla_w, x), args.reps)
+            t_kernel = best_ms(lambda: kernel_fn(kernel_w, x), args.reps)
             flops = 2 * m * weight_bytes / 4
             row = {"program": name, "rows": m, "xla_ms": t_xla, "kernel_ms": t_kernel, "speedup": t_xla / t_kernel,
                    "kernel_gbps": weight_bytes / t_kernel / 1e6, "kernel_gflops": flops / t_kernel / 1e6,

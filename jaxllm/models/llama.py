@@ -144,13 +144,12 @@ def compute_logits(params: dict, config: ModelConfig, hidden: jax.Array) -> jax.
     w = params["embed"] if config.tie_word_embeddings else params["lm_head"]
     if isinstance(w, packed.PackedWeight):  # matmul_backend "cpu": the kernel over the packed head
         return layers.softcap(packed.packed_matmul(hidden, w), config.final_logit_softcap)
+    w = w.astype(hidden.dtype)  # tied: the table [V, H]; else lm_head [H, V]
     if config.tie_word_embeddings:
-        w = params["embed"].astype(hidden.dtype)  # [V, H]
         # Batch-invariant mode keeps the [N, V] dot: its bitwise equality across TP / PP
         # layouts was verified with that form only.
         head = functools.partial(_tied_head, w, allow_transposed=not config.batch_invariant and jax.default_backend() == "cpu")
     else:
-        w = params["lm_head"].astype(hidden.dtype)
         head = lambda x: jnp.matmul(x, w, preferred_element_type=jnp.float32)  # noqa: E731
     logits = layers.row_tiled(head, hidden, row_tile=layers.ROW_TILE if config.batch_invariant else None)
     return layers.softcap(logits, config.final_logit_softcap)

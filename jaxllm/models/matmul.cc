@@ -10,8 +10,8 @@
 // rows (the chunk's x stays in L2, the panel too), spread over the calling thread and XLA's
 // intra-op pool by ParallelFor (jaxllm/cpu_include/parallel_for.h). Inside an item a micro-tile
 // keeps a kMR x kNR block of the result in registers over the whole K loop: each packed weight
-// row, loaded once, meets kMR broadcast activations. Each output row is summed over k in order, alone, so a row's result
-// does not depend on how many rows the call has or where the row sits.
+// row, loaded once, meets kMR broadcast activations. Each output row is summed over k in order,
+// alone, so a row's result does not depend on how many rows the call has or where the row sits.
 #include <algorithm>
 #include <cstdint>
 #include <cstring>

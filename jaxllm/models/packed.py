@@ -59,10 +59,6 @@ class PackedWeight:
     out_features: int  # OUT (static): the last panel's columns past it are zero padding
     transposed: bool = False
 
-    @property
-    def in_features(self) -> int:
-        return self.panels.shape[1]
-
 
 jax.tree_util.register_dataclass(PackedWeight, data_fields=["panels"], meta_fields=["out_features", "transposed"])
 

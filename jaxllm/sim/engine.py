@@ -38,15 +38,12 @@ class SimulatedRunner:
     num_compile_cache_hits = 0
     num_executables = 0
 
-    def __init__(self, engine: "SimulatedEngine", attention_backend: str):
+    def __init__(self, engine: "SimulatedEngine", attention_backend: str, matmul_backend: str | None):
         self._engine = engine
         self.step_variants_used: set = set()
         self.gather_variants_used: set = set()
         self.attention_backend = attention_backend  # what get_stats reports, as a real runner's
-        # The projections' backend of the engine a fitted cost model was measured on (its
-        # coefficients include it; a profile's model knows none: None).
-        meta = getattr(engine.cost_model, "meta", None) or {}
-        self.matmul_backend = meta.get("matmul_backend")
+        self.matmul_backend = matmul_backend
 
     def swap(self, blocks_to_swap_out, blocks_to_swap_in) -> None:
         n = len(blocks_to_swap_out) + len(blocks_to_swap_in)
@@ -105,7 +102,10 @@ class SimulatedEngine(Engine):
         self.cost_model = cost_model
         self.stream_outputs = stream_outputs
         attention_backend = self._attention_backend(config, cost_model)
-        self.runner = SimulatedRunner(self, attention_backend)
+        # The projections' backend of the engine a fitted cost model was measured on (its
+        # coefficients include it); a profile's model knows none: None.
+        matmul_backend = (getattr(cost_model, "meta", None) or {}).get("matmul_backend")
+        self.runner = SimulatedRunner(self, attention_backend, matmul_backend)
         self._cpu_kernel = uses_cpu_kernel(attention_backend)
         self._init_host(model_config, tokenizer)
         self._scripts: dict[str, list[int]] = {}  # request_id -> tokens to "sample" (replay)

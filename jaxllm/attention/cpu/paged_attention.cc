@@ -14,8 +14,8 @@
 // Query head h reads KV head h / (nH / nKV). A work item is a tile of up to kTileTokens
 // consecutive tokens of one sequence and one KV head: the tile's g * tokens query rows share
 // every K/V row read (a decode is a tile of one token). Items are claimed one at a time from a
-// shared counter by the calling thread and by tasks on XLA's intra-op pool (parallel_for.h). f32 throughout;
-// online softmax per block.
+// shared counter by the calling thread and by tasks on XLA's intra-op pool (parallel_for.h).
+// f32 throughout; online softmax per block.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
