@@ -57,7 +57,7 @@ inline void MicroTile(const float* __restrict x, int64_t ldx, const float* __res
 #pragma GCC unroll 3
     for (int j = 0; j < kNV; ++j) {
       b[j] = Load(w + j * kVec);
-#if !defined(__AVX512F__)
+#if defined(__x86_64__) && !defined(__AVX512F__)
       // Pin the weight vector in a register: with 16 ymm registers GCC otherwise folds the load
       // into each FMA, reloading every weight vector kMR times (16 loads per 12 FMAs on AVX2, a
       // load-port bound loop); pinned, the 4 x 24 tile runs 1.15-1.35x faster at 8-64 rows.
